@@ -1,0 +1,45 @@
+// The one file that registers fmn's compiled kernels as torch ops (namespace `fmn`).
+// Schemas live here; fake (meta) kernels and autograd are registered in Python
+// (fmn_kernels/feature_mask.py, fmn_kernels/rerank.py). CPU kernels take at::Tensor
+// (csrc/cpu); CUDA kernels take raw pointers and a stream (csrc/cuda) and are wrapped here.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/feature_mask.h"
+
+#ifdef FMN_WITH_CUDA
+#include "cuda/feature_mask_launch.h"
+#endif
+
+extern "C" {
+// Importing fmn_kernels._C runs the static registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fmn, m) {
+  // o = f * act(logits)                          (f_other absent)
+  // o = f + (f_other - f) * act(logits)          (f_other present: spatial_mix)
+  // f, f_other: (B, C, H, W); logits: (B, H*W); act in {exp_relu, sigmoid, identity};
+  // max_logit clamps logits from above before act.
+  m.def("spatial_mask_mul(Tensor f, Tensor logits, Tensor? f_other, str activation, float? max_logit) -> Tensor");
+  // Returns (df, dlogits, df_other); df is empty unless need_df, df_other empty unless
+  // f_other is given and need_dother.
+  m.def(
+      "spatial_mask_mul_backward(Tensor grad_out, Tensor f, Tensor logits, Tensor? f_other, str activation, "
+      "float? max_logit, bool need_df, bool need_dother) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fmn, CPU, m) {
+  m.impl("spatial_mask_mul", &fmn::cpu::spatial_mask_mul);
+  m.impl("spatial_mask_mul_backward", &fmn::cpu::spatial_mask_mul_backward);
+}
+
+#ifdef FMN_WITH_CUDA
+TORCH_LIBRARY_IMPL(fmn, CUDA, m) {
+  m.impl("spatial_mask_mul", &fmn::cuda::spatial_mask_mul);
+  m.impl("spatial_mask_mul_backward", &fmn::cuda::spatial_mask_mul_backward);
+}
+#endif
