@@ -1,0 +1,321 @@
+"""k-reciprocal re-ranking (Zhong et al., CVPR 2017), exact and sparse.
+
+Public functions:
+  rerank(query_feats, gallery_feats, k1=20, k2=6, lambda_value=0.3, *, topk=None, ...)
+  rerank_from_distances(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3, *, topk=None, ...)
+  rerank_ref(...), rerank_from_distances_ref(...)   dense float64 oracles (small N only)
+
+Semantics (DESIGN.md section 3), N = q + g, queries first:
+  d2      squared Euclidean distance over the full N x N problem (query-query pairs included)
+  dn      d2[i, j] / max_k d2[i, k], the max over all N columns (0 where a row's max is 0)
+  order   each row ranked ascending, ties broken by column index
+  T(i)    the first k1 + 1 of row i (self included);  Th(i) the first h = round_half_even(k1/2) + 1
+  R(i)    {j in T(i) : i in T(j)};  Rh(c) the same with Th
+  R*(i)   R(i) united with every Rh(c), c in R(i), for which 3 |Rh(c) & R(i)| > 2 |Rh(c)|
+  V[i,j]  exp(-dn[i, j]) / sum_{j' in R*(i)} exp(-dn[i, j'])  for j in R*(i), else 0
+  Vqe[i]  mean of V[j] over the first k2 of row i (self included); Vqe = V when k2 = 1
+  S(i,j)  sum_c min(Vqe[i, c], Vqe[j, c]);   J = 1 - S / (2 - S)
+  final   (1 - lambda) J + lambda dn, for query rows and gallery columns (a q x g result)
+Lists longer than the problem are cut at N (k1 + 1 > N takes every item).
+
+Variants (off by default; each changes the result, use them only to reproduce other code):
+  squared_input=True   the torchreid / layumi convention that squares an already squared
+                       distance: the working distance is d2**2 = |x - y|**4 (ranking is unchanged,
+                       dn and the weights change).
+  faiss_compat=True    the faiss-based ports (SpCL, OpenUnReID, fast-reid): neighbour lists of k1
+                       items (the item itself counts as its own first neighbour, no extra slot),
+                       Th of min(round_half_even(k1/2) + 1, k1) items, V = softmax(-w) over R*(i)
+                       on the raw working distance w (not divided by the row max), and J clamped
+                       at 0. The final mix (1 - lambda) J + lambda dn keeps the row-normalised dn.
+
+Output: float32 on the input's device. Dense: a (q, g) tensor. topk=m: (values, indices), each
+(q, m), the m smallest of each query row in (value, gallery index) order, computed one chunk of
+query rows at a time; it equals the first m of the dense result (same chunked arithmetic).
+
+Backends: "cpu" (C++ in csrc/cpu/rerank.cpp), "torch" (the sparse pipeline of
+fmn_kernels/rerank_sparse.py in torch ops, any device), "triton" (the same pipeline with the
+Triton kernels of fmn_kernels/triton/rerank.py), "auto" (cpu on CPU when built; triton on CUDA
+when Triton is installed; else torch). No path builds a dense N x N matrix; the dense output is
+the only q x g allocation.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from fmn_kernels import backend as _backend
+from fmn_kernels import rerank_sparse as _sparse
+
+__all__ = ["rerank", "rerank_from_distances", "rerank_ref", "rerank_from_distances_ref"]
+
+_OP = "rerank"
+
+
+# --------------------------------------------------------------------------------------------
+# parameters and validation
+# --------------------------------------------------------------------------------------------
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"fmn.rerank: {name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"fmn.rerank: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_params(k1, k2, lambda_value, topk, g: int):
+    k1 = _check_int("k1", k1, 1)
+    k2 = _check_int("k2", k2, 1)
+    if isinstance(lambda_value, bool) or not isinstance(lambda_value, numbers.Real):
+        raise ValueError(f"fmn.rerank: lambda_value must be a number in [0, 1], got {lambda_value!r}")
+    lam = float(lambda_value)
+    if not (0.0 <= lam <= 1.0):  # also rejects NaN
+        raise ValueError(f"fmn.rerank: lambda_value must lie in [0, 1], got {lambda_value}")
+    if topk is not None:
+        topk = _check_int("topk", topk, 1)
+        if topk > g:
+            raise ValueError(f"fmn.rerank: topk={topk} exceeds the gallery size {g}")
+    return k1, k2, lam, topk
+
+
+def _check_matrix(name: str, t, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"fmn.rerank: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"fmn.rerank: {name} must be 2-D ({what}), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"fmn.rerank: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"fmn.rerank: {name} contains NaN or Inf")
+
+
+def _check_features(query_feats, gallery_feats) -> None:
+    _check_matrix("query_feats", query_feats, "(q, d)")
+    _check_matrix("gallery_feats", gallery_feats, "(g, d)")
+    if query_feats.shape[0] == 0:
+        raise ValueError("fmn.rerank: query_feats is empty (q = 0)")
+    if gallery_feats.shape[0] == 0:
+        raise ValueError("fmn.rerank: gallery_feats is empty (g = 0)")
+    if query_feats.shape[1] != gallery_feats.shape[1]:
+        raise ValueError(
+            "fmn.rerank: query and gallery feature dims differ: "
+            f"{query_feats.shape[1]} vs {gallery_feats.shape[1]}"
+        )
+    if query_feats.shape[1] == 0:
+        raise ValueError("fmn.rerank: features have dimension 0")
+    if query_feats.device != gallery_feats.device:
+        raise ValueError(
+            f"fmn.rerank: query_feats is on {query_feats.device}, gallery_feats on {gallery_feats.device}"
+        )
+    _check_finite("query_feats", query_feats)
+    _check_finite("gallery_feats", gallery_feats)
+
+
+def _check_distances(q_g, q_q, g_g) -> None:
+    _check_matrix("q_g", q_g, "(q, g)")
+    _check_matrix("q_q", q_q, "(q, q)")
+    _check_matrix("g_g", g_g, "(g, g)")
+    q, g = q_g.shape
+    if q == 0:
+        raise ValueError("fmn.rerank: q_g has no query rows (q = 0)")
+    if g == 0:
+        raise ValueError("fmn.rerank: q_g has no gallery columns (g = 0)")
+    if tuple(q_q.shape) != (q, q):
+        raise ValueError(f"fmn.rerank: q_q must be ({q}, {q}) to match q_g {tuple(q_g.shape)}, got {tuple(q_q.shape)}")
+    if tuple(g_g.shape) != (g, g):
+        raise ValueError(f"fmn.rerank: g_g must be ({g}, {g}) to match q_g {tuple(q_g.shape)}, got {tuple(g_g.shape)}")
+    if not (q_g.device == q_q.device == g_g.device):
+        raise ValueError("fmn.rerank: q_g, q_q and g_g must be on the same device")
+    for name, t in (("q_g", q_g), ("q_q", q_q), ("g_g", g_g)):
+        _check_finite(name, t)
+        if bool((t < 0).any()):
+            raise ValueError(f"fmn.rerank: {name} holds negative distances")
+
+
+def _variant(k1: int, faiss_compat: bool) -> tuple[int, int, bool, bool]:
+    """(forward list length, half list length, raw weights, clamp J) before capping at N."""
+    half = int(round(k1 / 2.0)) + 1  # Python's round is round-half-even, like numpy.around
+    if faiss_compat:
+        return k1, min(half, k1), True, True
+    return k1 + 1, half, False, False
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+
+def rerank(
+    query_feats: torch.Tensor,
+    gallery_feats: torch.Tensor,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    *,
+    topk: int | None = None,
+    backend: str | None = "auto",
+    squared_input: bool = False,
+    faiss_compat: bool = False,
+):
+    """k-reciprocal re-ranked distance between queries (q, d) and gallery (g, d).
+
+    Returns a float32 (q, g) tensor on the inputs' device, or with ``topk=m`` a pair
+    ``(values, indices)`` of shape (q, m): the m smallest re-ranked distances of each query in
+    ascending (value, gallery index) order. Exact DESIGN section 3 semantics (see the module
+    docstring); memory O(N (k1 + k2) ) besides the output and one chunk of rows.
+    """
+    _check_features(query_feats, gallery_feats)
+    q, g = query_feats.shape[0], gallery_feats.shape[0]
+    k1, k2, lam, topk = _check_params(k1, k2, lambda_value, topk, g)
+    k_fwd, k_half, raw, clamp = _variant(k1, faiss_compat)
+    name = _backend.resolve(_OP, backend, query_feats.device, triton_ok=True)
+    cfg = _sparse.Config(
+        k_forward=k_fwd, k_half=k_half, k_qe=k2, lambda_value=lam, square_twice=bool(squared_input),
+        raw_weights=raw, clamp_jaccard=clamp,
+    )
+    if name == "cpu":
+        values, indices = torch.ops.fmn.rerank(
+            query_feats.detach().float().contiguous(), gallery_feats.detach().float().contiguous(),
+            cfg.k_forward, cfg.k_half, cfg.k_qe, cfg.lambda_value, cfg.square_twice, cfg.raw_weights,
+            cfg.clamp_jaccard, 0 if topk is None else topk,
+        )
+        return values if topk is None else (values, indices)
+    source = _sparse.FeatureDistances(query_feats, gallery_feats, square_twice=cfg.square_twice,
+                                      use_triton=(name == "triton"))
+    return _sparse.rerank_sparse(source, cfg, topk=topk)
+
+
+def rerank_from_distances(
+    q_g: torch.Tensor,
+    q_q: torch.Tensor,
+    g_g: torch.Tensor,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    *,
+    topk: int | None = None,
+    backend: str | None = "auto",
+    squared_input: bool = False,
+    faiss_compat: bool = False,
+):
+    """Re-ranking from Euclidean distance blocks: q_g (q, g), q_q (q, q), g_g (g, g).
+
+    The blocks hold Euclidean distances (not squared); the squared distance of section 3 is
+    ``d2 = block**2``, so ``rerank_from_distances(cdist(Q, G), cdist(Q, Q), cdist(G, G))`` equals
+    ``rerank(Q, G)`` up to float32 rounding. With ``squared_input=True`` the working distance is
+    ``block**4`` (the torchreid / layumi convention), equal to ``rerank(Q, G, squared_input=True)``.
+    Code that feeds *squared* Euclidean blocks to the original re_ranking() gets the same result
+    from this function with those blocks and ``squared_input=False``.
+
+    The blocks are used as given (the g x q block is ``q_g.T``). The work runs in the sparse
+    torch pipeline on the blocks' device (the C++ backend takes features only).
+    """
+    _check_distances(q_g, q_q, g_g)
+    q, g = q_g.shape
+    k1, k2, lam, topk = _check_params(k1, k2, lambda_value, topk, g)
+    _backend.requested(backend)
+    k_fwd, k_half, raw, clamp = _variant(k1, faiss_compat)
+    cfg = _sparse.Config(
+        k_forward=k_fwd, k_half=k_half, k_qe=k2, lambda_value=lam, square_twice=bool(squared_input),
+        raw_weights=raw, clamp_jaccard=clamp,
+    )
+    source = _sparse.BlockDistances(q_g, q_q, g_g, square_twice=cfg.square_twice)
+    return _sparse.rerank_sparse(source, cfg, topk=topk)
+
+
+# --------------------------------------------------------------------------------------------
+# dense float64 reference, written straight from section 3 (small N only: O(N^2) memory)
+# --------------------------------------------------------------------------------------------
+
+def _ref_core(w: torch.Tensor, q: int, k1: int, k2: int, lam: float, faiss_compat: bool) -> torch.Tensor:
+    """w: (N, N) float64 working distance (d2, or d2**2 for squared_input). Returns (q, g)."""
+    n = w.shape[0]
+    k_fwd, k_half, raw, clamp = _variant(k1, faiss_compat)
+    k_fwd, k_half, k_qe = min(k_fwd, n), min(k_half, n), min(k2, n)
+
+    # point 3: row-normalise by the max over all N columns
+    rowmax = w.max(dim=1, keepdim=True).values
+    dn = torch.where(rowmax > 0, w / torch.where(rowmax > 0, rowmax, torch.ones_like(rowmax)), torch.zeros_like(w))
+    # point 4: ascending, ties by index
+    order = torch.sort(dn, dim=1, stable=True).indices.tolist()
+
+    # points 5 and 6: k-reciprocal sets
+    top = [set(order[i][:k_fwd]) for i in range(n)]
+    top_h = [set(order[i][:k_half]) for i in range(n)]
+    recip = [[j for j in order[i][:k_fwd] if i in top[j]] for i in range(n)]
+    recip_h = [[j for j in order[i][:k_half] if i in top_h[j]] for i in range(n)]
+
+    # point 7: expansion against the original R(i)
+    v = torch.zeros_like(w)
+    for i in range(n):
+        r_i = set(recip[i])
+        expanded = set(r_i)
+        for c in recip[i]:
+            cand = recip_h[c]
+            if 3 * len(set(cand) & r_i) > 2 * len(cand):
+                expanded.update(cand)
+        members = torch.tensor(sorted(expanded), dtype=torch.long)
+        # point 8: weights from exact distances (faiss_compat: softmax of the raw distance)
+        x = w[i, members] if raw else dn[i, members]
+        e = torch.exp(-(x - x.min())) if raw else torch.exp(-x)
+        v[i, members] = e / e.sum()
+
+    # point 9: query expansion over the first k2 of each row
+    if k2 > 1:
+        first = torch.tensor([order[i][:k_qe] for i in range(n)], dtype=torch.long)
+        v = v[first].mean(dim=1)
+
+    # point 10: Jaccard distance of the query rows against every column
+    jac = torch.empty(q, n, dtype=torch.float64)
+    for i in range(q):
+        s = torch.minimum(v[i].unsqueeze(0), v).sum(dim=1)
+        jac[i] = 1.0 - s / (2.0 - s)
+    if clamp:
+        jac = jac.clamp_min(0.0)
+
+    # point 11
+    final = (1.0 - lam) * jac + lam * dn[:q]
+    return final[:, q:]
+
+
+def rerank_ref(
+    query_feats: torch.Tensor,
+    gallery_feats: torch.Tensor,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    *,
+    squared_input: bool = False,
+    faiss_compat: bool = False,
+) -> torch.Tensor:
+    """Dense float64 reference of :func:`rerank` (CPU, small N). Returns a float64 (q, g) tensor."""
+    _check_features(query_feats, gallery_feats)
+    k1, k2, lam, _ = _check_params(k1, k2, lambda_value, None, gallery_feats.shape[0])
+    x = torch.cat([query_feats, gallery_feats]).detach().to("cpu", torch.float64)
+    d2 = ((x.unsqueeze(1) - x.unsqueeze(0)) ** 2).sum(-1)  # point 2, directly
+    w = d2 * d2 if squared_input else d2
+    return _ref_core(w, query_feats.shape[0], k1, k2, lam, faiss_compat)
+
+
+def rerank_from_distances_ref(
+    q_g: torch.Tensor,
+    q_q: torch.Tensor,
+    g_g: torch.Tensor,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    *,
+    squared_input: bool = False,
+    faiss_compat: bool = False,
+) -> torch.Tensor:
+    """Dense float64 reference of :func:`rerank_from_distances` (Euclidean blocks)."""
+    _check_distances(q_g, q_q, g_g)
+    k1, k2, lam, _ = _check_params(k1, k2, lambda_value, None, q_g.shape[1])
+    qg, qq, gg = (t.detach().to("cpu", torch.float64) for t in (q_g, q_q, g_g))
+    dist = torch.cat([torch.cat([qq, qg], 1), torch.cat([qg.t(), gg], 1)], 0)
+    d2 = dist * dist
+    w = d2 * d2 if squared_input else d2
+    return _ref_core(w, q_g.shape[0], k1, k2, lam, faiss_compat)

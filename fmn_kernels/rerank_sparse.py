@@ -1,0 +1,385 @@
+"""The sparse k-reciprocal re-ranking pipeline in torch ops (any device, no loop per query).
+
+Stages (N = q + g items, K = forward list length, H = half list length, Q = min(k2, N)):
+  1. kNN with row maxima: row chunks of the working distance w (a GEMM per chunk), per row the
+     max over all N columns and the L = max(K, Q) smallest (value, index)-ordered columns.
+  2. reciprocal masks: recip[i, s] = i in nbr[nbr[i, s], :K]   (and the same for the first H)
+  3. expansion: R*(i) as a padded, sorted, duplicate-free list of columns (sentinel N)
+  4. weights: exact distances of every (i, j in R*(i)) pair, V = normalised exp(-dn)
+  5. query expansion: Vqe[i] = (1/Q) sum over the first Q of row i of V[j], merged per column
+  6. inverted index: for each column c, the gallery rows j with Vqe[j, c] != 0 and the values
+  7. output, a chunk of query rows at a time: S by expanding (query entry, index entry) pairs
+     sharing a column, summed per (row, gallery item) after a sort (deterministic); then
+     J = 1 - S / (2 - S) (1 where S = 0), final = (1 - lambda) J + lambda dn on a (rows, g)
+     chunk; dense output copies it, topk keeps the m smallest per row.
+Memory: O(N (K + K H + Q |R*|)) for the sparse stages, plus one chunk of rows.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Config", "FeatureDistances", "BlockDistances", "rerank_sparse", "smallest_stable"]
+
+
+@dataclass(frozen=True)
+class Config:
+    k_forward: int          # forward list length before capping at N (k1 + 1, or k1 for faiss_compat)
+    k_half: int             # half list length before capping
+    k_qe: int               # k2
+    lambda_value: float
+    square_twice: bool
+    raw_weights: bool       # softmax of the raw working distance (faiss_compat)
+    clamp_jaccard: bool     # J clamped at 0 (faiss_compat)
+
+
+def _element_budget(device: torch.device) -> int:
+    """Elements of one dense (rows x columns) float32 chunk."""
+    return 1 << 26 if device.type == "cuda" else 1 << 22
+
+
+def _rows_per_chunk(n_cols: int, device: torch.device, cap: int | None = None) -> int:
+    rows = max(1, _element_budget(device) // max(1, n_cols))
+    return rows if cap is None else max(1, min(rows, cap))
+
+
+@contextlib.contextmanager
+def _ieee_fp32(device: torch.device):
+    """Full fp32 GEMMs on CUDA (no TF32), whatever the caller's matmul precision setting."""
+    if device.type != "cuda":
+        yield
+        return
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def smallest_stable(d: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The m smallest of each row of d in (value, column index) order: (values, indices).
+
+    topk of m + 1 gives the candidates; where the m-th and (m+1)-th values differ the first m are
+    unique and only need a stable reorder; rows with a tie there take a full stable sort.
+    """
+    n_cols = d.shape[1]
+    if m >= n_cols:
+        v, i = torch.sort(d, dim=1, stable=True)
+        return v[:, :m], i[:, :m]
+    v, i = torch.topk(d, m + 1, dim=1, largest=False, sorted=True)
+    i, p = torch.sort(i, dim=1)
+    v = v.gather(1, p)
+    v, p = torch.sort(v, dim=1, stable=True)
+    i = i.gather(1, p)
+    tied = v[:, m - 1] == v[:, m]
+    v, i = v[:, :m].contiguous(), i[:, :m].contiguous()
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        fv, fi = torch.sort(d[rows], dim=1, stable=True)
+        v[rows], i[rows] = fv[:, :m], fi[:, :m]
+    return v, i
+
+
+# --------------------------------------------------------------------------------------------
+# distance sources
+# --------------------------------------------------------------------------------------------
+
+class FeatureDistances:
+    """Working distance from features: w = |x_i - x_j|^2 (squared again with square_twice).
+
+    Features are centred (distances are translation invariant) to shrink the norms that the
+    GEMM form n_i + n_j - 2 x_i.x_j cancels. Blocks use that form in fp32 (clamped at 0, exact 0
+    on the diagonal); pairs use sum_k (x_ik - x_jk)^2 directly.
+    """
+
+    def __init__(self, query: torch.Tensor, gallery: torch.Tensor, *, square_twice: bool, use_triton: bool = False):
+        x = torch.cat([query.detach(), gallery.detach()]).float()
+        x = (x - x.mean(dim=0, dtype=torch.float64).float()).contiguous()
+        self.x = x
+        self.sq = (x * x).sum(dim=1)
+        self.q, self.g, self.n = query.shape[0], gallery.shape[0], x.shape[0]
+        self.device = x.device
+        self.square_twice = square_twice
+        self.use_triton = use_triton
+
+    def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        with _ieee_fp32(self.device):
+            d = self.x[r0:r1] @ self.x[c0:c1].t()
+        d.mul_(-2.0).add_(self.sq[r0:r1, None]).add_(self.sq[None, c0:c1]).clamp_min_(0.0)
+        lo, hi = max(r0, c0), min(r1, c1)
+        if lo < hi:
+            k = torch.arange(lo, hi, device=self.device)
+            d[k - r0, k - c0] = 0.0
+        if self.square_twice:
+            d.mul_(d)
+        return d
+
+    def pairs(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        if self.use_triton:
+            from fmn_kernels.triton.rerank import pair_sqdist
+
+            out = pair_sqdist(self.x, rows, cols)
+        else:
+            out = torch.empty(rows.numel(), device=self.device, dtype=torch.float32)
+            step = max(1, _element_budget(self.device) // (2 * self.x.shape[1]))
+            for s in range(0, rows.numel(), step):
+                diff = self.x[rows[s:s + step]] - self.x[cols[s:s + step]]
+                out[s:s + step] = (diff * diff).sum(dim=1)
+        return out * out if self.square_twice else out
+
+
+class BlockDistances:
+    """Working distance from Euclidean blocks: w = D^2 (D^4 with square_twice), D the matrix
+    [[q_q, q_g], [q_g^T, g_g]] used as given."""
+
+    def __init__(self, q_g: torch.Tensor, q_q: torch.Tensor, g_g: torch.Tensor, *, square_twice: bool):
+        self.qg = q_g.detach().float().contiguous()
+        self.qq = q_q.detach().float().contiguous()
+        self.gg = g_g.detach().float().contiguous()
+        self.q, self.g = self.qg.shape
+        self.n = self.q + self.g
+        self.device = self.qg.device
+        self.square_twice = square_twice
+
+    def _power(self, d: torch.Tensor) -> torch.Tensor:
+        d = d * d
+        return d * d if self.square_twice else d
+
+    def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        q = self.q
+        parts = []
+        if r0 < q:
+            parts.append(torch.cat([self.qq[r0:min(r1, q)], self.qg[r0:min(r1, q)]], dim=1))
+        if r1 > q:
+            a, b = max(r0, q) - q, r1 - q
+            parts.append(torch.cat([self.qg[:, a:b].t(), self.gg[a:b]], dim=1))
+        rows = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return self._power(rows[:, c0:c1])
+
+    def pairs(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        q = self.q
+        rq, cq = rows < q, cols < q
+        rg, cg = (rows - q).clamp_min(0), (cols - q).clamp_min(0)
+        rqi, cqi = rows.clamp_max(q - 1), cols.clamp_max(q - 1)
+        val = torch.where(
+            rq,
+            torch.where(cq, self.qq[rqi, cqi], self.qg[rqi, cg]),
+            torch.where(cq, self.qg[cqi, rg], self.gg[rg, cg]),
+        )
+        return self._power(val)
+
+
+# --------------------------------------------------------------------------------------------
+# pipeline stages
+# --------------------------------------------------------------------------------------------
+
+def _knn(src, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row maxima over all N columns and the n_keep smallest columns of every row."""
+    n, dev = src.n, src.device
+    nbr = torch.empty(n, n_keep, dtype=torch.long, device=dev)
+    rowmax = torch.empty(n, dtype=torch.float32, device=dev)
+    step = _rows_per_chunk(n, dev)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        d = src.block(r0, r1, 0, n)
+        rowmax[r0:r1] = d.amax(dim=1)
+        nbr[r0:r1] = smallest_stable(d, n_keep)[1]
+    return nbr, rowmax
+
+
+def _reciprocal(lst: torch.Tensor) -> torch.Tensor:
+    """recip[i, s] = i appears in lst[lst[i, s]]   (lst: (N, K) neighbour lists)."""
+    n, k = lst.shape
+    out = torch.empty(n, k, dtype=torch.bool, device=lst.device)
+    step = max(1, _element_budget(lst.device) // (k * k))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        me = torch.arange(r0, r1, device=lst.device)[:, None, None]
+        out[r0:r1] = (lst[lst[r0:r1]] == me).any(dim=-1)
+    return out
+
+
+def _dedup_sorted(cols: torch.Tensor, sentinel: int) -> torch.Tensor:
+    """Rows of column ids -> sorted, duplicate-free rows, sentinel-padded at the end."""
+    s = torch.sort(cols, dim=1).values
+    dup = torch.zeros_like(s, dtype=torch.bool)
+    dup[:, 1:] = s[:, 1:] == s[:, :-1]
+    return torch.sort(s.masked_fill(dup, sentinel), dim=1).values
+
+
+def _pad_cat(chunks: list[torch.Tensor], fill) -> torch.Tensor:
+    width = max(1, max(c.shape[1] for c in chunks))
+    out = [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=fill) if c.shape[1] < width else c for c in chunks]
+    return torch.cat(out, dim=0)
+
+
+def _expand(fwd, recip, half, recip_h, n: int) -> torch.Tensor:
+    """R*(i): R(i) plus each Rh(c), c in R(i), with 3 |Rh(c) & R(i)| > 2 |Rh(c)|. Padded (N, W)."""
+    k, h = fwd.shape[1], half.shape[1]
+    step = max(1, _element_budget(fwd.device) // (k * h * k))
+    chunks = []
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        f, rf = fwd[r0:r1], recip[r0:r1]
+        m, vm = half[f], recip_h[f]                                           # (B, K, H)
+        in_r = ((m.unsqueeze(-1) == f[:, None, None, :]) & rf[:, None, None, :]).any(dim=-1)
+        size = vm.sum(dim=-1)
+        common = (vm & in_r).sum(dim=-1)
+        accept = rf & (3 * common > 2 * size)                                 # (B, K)
+        cand = torch.cat(
+            [f.masked_fill(~rf, n), m.masked_fill(~(accept.unsqueeze(-1) & vm), n).flatten(1)], dim=1
+        )
+        s = _dedup_sorted(cand, n)
+        width = int((s < n).sum(dim=1).max())
+        chunks.append(s[:, :width])
+    return _pad_cat(chunks, n)
+
+
+def _weights(src, members: torch.Tensor, rowmax: torch.Tensor, raw: bool) -> torch.Tensor:
+    """V on the padded member lists: exp(-dn) (or exp(-(w - min w)) when raw) normalised per row."""
+    n = src.n
+    valid = members < n
+    rows = torch.arange(n, device=members.device)[:, None].expand_as(members)[valid]
+    cols = members[valid]
+    w = src.pairs(rows, cols)
+    x = torch.full(members.shape, float("inf"), dtype=torch.float32, device=members.device)
+    if raw:
+        x[valid] = w
+        x = x - x.amin(dim=1, keepdim=True)
+    else:
+        scale = rowmax[rows]
+        x[valid] = torch.where(scale > 0, w / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(w))
+    e = torch.exp(-x)
+    return e / e.sum(dim=1, keepdim=True)
+
+
+def _query_expand(members, v, first, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vqe[i] = (1/Q) sum_{j in first[i]} V[j], merged per column. Returns padded (cols, vals)."""
+    qn = first.shape[1]
+    step = max(1, _element_budget(members.device) // (4 * qn * members.shape[1]))
+    col_chunks, val_chunks = [], []
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        nb = first[r0:r1]
+        c = members[nb].flatten(1)
+        val = v[nb].flatten(1)
+        c, p = torch.sort(c, dim=1, stable=True)
+        val = val.gather(1, p)
+        run = val.clone()
+        # a column occurs at most once per source row, so a run of equal columns is <= Q long
+        for t in range(1, qn):
+            run[:, t:] += torch.where(c[:, :-t] == c[:, t:], val[:, :-t], torch.zeros_like(val[:, t:]))
+        last = torch.ones_like(c, dtype=torch.bool)
+        last[:, :-1] = c[:, :-1] != c[:, 1:]
+        keep = last & (c < n)
+        c2, p2 = torch.sort(c.masked_fill(~keep, n), dim=1, stable=True)
+        run = run.gather(1, p2).masked_fill(c2 >= n, 0.0) * (1.0 / qn)
+        width = max(1, int((c2 < n).sum(dim=1).max()))
+        col_chunks.append(c2[:, :width])
+        val_chunks.append(run[:, :width])
+    return _pad_cat(col_chunks, n), _pad_cat(val_chunks, 0.0)
+
+
+def _inverted_index(cols, vals, q: int, n: int):
+    """Column -> (gallery item, Vqe value) lists over the gallery rows, CSR by column."""
+    gc, gv = cols[q:], vals[q:]
+    valid = gc < n
+    col = gc[valid]
+    item = torch.arange(n - q, device=cols.device)[:, None].expand_as(gc)[valid]
+    val = gv[valid]
+    col, p = torch.sort(col, stable=True)
+    item, val = item[p], val[p]
+    count = torch.bincount(col, minlength=n)
+    ptr = torch.zeros(n + 1, dtype=torch.long, device=cols.device)
+    ptr[1:] = torch.cumsum(count, 0)
+    return ptr, count, item, val
+
+
+def _overlap_chunk(qcols, qvals, r0, r1, index, g: int, n: int) -> torch.Tensor:
+    """S for query rows r0:r1 as a dense (r1 - r0, g) chunk: S(i, j) = sum_c min(Vqe[i,c], Vqe[j,c])."""
+    ptr, count, item, ival = index
+    ec, ev = qcols[r0:r1], qvals[r0:r1]
+    ok = ec < n
+    e_row = torch.arange(r1 - r0, device=ec.device)[:, None].expand_as(ec)[ok]
+    e_col, e_val = ec[ok], ev[ok]
+    cnt = count[e_col]
+    s = torch.zeros((r1 - r0) * g, dtype=torch.float32, device=ec.device)
+    total = int(cnt.sum())
+    if total == 0:
+        return s.view(r1 - r0, g)
+    ent = torch.repeat_interleave(torch.arange(e_col.numel(), device=ec.device), cnt, output_size=total)
+    excl = torch.cumsum(cnt, 0) - cnt
+    pos = ptr[e_col][ent] + (torch.arange(total, device=ec.device) - excl[ent])
+    key = e_row[ent] * g + item[pos]
+    contrib = torch.minimum(e_val[ent], ival[pos])
+    key, p = torch.sort(key, stable=True)
+    csum = torch.cumsum(contrib[p].double(), 0)
+    last = torch.ones_like(key, dtype=torch.bool)
+    last[:-1] = key[:-1] != key[1:]
+    ends = csum[last]
+    sums = torch.diff(ends, prepend=ends.new_zeros(1))
+    s[key[last]] = sums.float()
+    return s.view(r1 - r0, g)
+
+
+def rerank_sparse(src, cfg: Config, *, topk: int | None = None):
+    """Run the pipeline on a distance source (FeatureDistances or BlockDistances)."""
+    n, q, g, dev = src.n, src.q, src.g, src.device
+    k_fwd = min(cfg.k_forward, n)
+    k_half = min(cfg.k_half, k_fwd)
+    k_qe = min(cfg.k_qe, n)
+
+    nbr, rowmax = _knn(src, max(k_fwd, k_qe))
+    fwd, half = nbr[:, :k_fwd].contiguous(), nbr[:, :k_half].contiguous()
+    recip = _reciprocal(fwd)
+    recip_h = _reciprocal(half)
+    members = _expand(fwd, recip, half, recip_h, n)
+    del recip, recip_h
+    v = _weights(src, members, rowmax, cfg.raw_weights)
+    if k_qe > 1:
+        cols, vals = _query_expand(members, v, nbr[:, :k_qe].contiguous(), n)
+    else:
+        cols, vals = members, v
+    del members, v, fwd, half
+    index = _inverted_index(cols, vals, q, n)
+    qcols, qvals = cols[:q], vals[:q]
+
+    # pairs each query row will expand to, for chunking by work as well as by rows
+    count = index[1]
+    row_pairs = torch.where(qcols < n, count[qcols.clamp_max(n - 1)], torch.zeros_like(qcols)).sum(dim=1)
+    pair_budget = 1 << 25 if dev.type == "cuda" else 1 << 22
+    step = _rows_per_chunk(g, dev)
+    bounds = []
+    r0 = 0
+    row_pairs = row_pairs.tolist()
+    while r0 < q:
+        r1, acc = r0, 0
+        while r1 < q and r1 - r0 < step and (r1 == r0 or acc + row_pairs[r1] <= pair_budget):
+            acc += row_pairs[r1]
+            r1 += 1
+        bounds.append((r0, r1))
+        r0 = r1
+
+    lam = cfg.lambda_value
+    if topk is None:
+        out = torch.empty(q, g, dtype=torch.float32, device=dev)
+    else:
+        out_v = torch.empty(q, topk, dtype=torch.float32, device=dev)
+        out_i = torch.empty(q, topk, dtype=torch.long, device=dev)
+    for r0, r1 in bounds:
+        s = _overlap_chunk(qcols, qvals, r0, r1, index, g, n)
+        jac = 1.0 - s / (2.0 - s)
+        if cfg.clamp_jaccard:
+            jac.clamp_min_(0.0)
+        dn = src.block(r0, r1, q, n)
+        scale = rowmax[r0:r1, None]
+        dn = torch.where(scale > 0, dn / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(dn))
+        final = jac.mul_(1.0 - lam).add_(dn, alpha=lam)
+        if topk is None:
+            out[r0:r1] = final
+        else:
+            out_v[r0:r1], out_i[r0:r1] = smallest_stable(final, topk)
+    return out if topk is None else (out_v, out_i)
