@@ -1,0 +1,318 @@
+"""Run configuration: defaults (the paper's settings), YAML files, dotted overrides, validation.
+
+    cfg = load_config("configs/market1501.yaml", overrides=["train.stage1.lr=0.05", "data.root=/data/market"])
+
+A YAML file may hold any subset of the keys in ``DEFAULTS``; unknown keys and bad values raise
+``ConfigError`` naming the key, the value and what was expected. An override ``a.b.c=value``
+parses ``value`` as YAML (``0.05`` -> float, ``[20, 40]`` -> list, ``null`` -> None).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    "model": {
+        "name": "fmn",
+        "backbone": "resnet50",          # resnet18 | resnet34 | resnet50 | resnet101
+        "local_layer": "pool1",          # pool1 | res2 | res3 | res4 (paper Table 5)
+        "pretrained": None,              # path to a local torchvision ImageNet state dict
+        "base_width": 64,                # 64 = the standard ResNet; smaller is faster
+        "last_stride": 2,
+        "bnneck": False,
+        "dropout": 0.0,
+        "mask_max_logit": None,          # clamp of the mask logits before exp (paper: none)
+        "lan_init": "backbone",          # backbone: theta_o -> theta_l (Alg. 1); grn: copy trained GRN
+        "backend": None,                 # FusedFeatureMask backend; None = FMN_BACKEND or auto
+    },
+    "data": {
+        "name": "market1501",            # market1501 | dukemtmc | cuhk03 | msmt17 | custom | synthetic
+        "root": "data/market1501",
+        "options": {},                   # extra keyword arguments of fmn.data.build_dataset
+        "height": 256,
+        "width": 128,
+        "batch_size": 64,
+        "num_instances": 4,              # images per identity in a batch (PK sampling)
+        "workers": 4,
+        "cache": False,
+        "augment": True,                 # horizontal flip + random crop
+    },
+    "train": {
+        "seed": 0,
+        "device": "auto",                # auto | cpu | cuda | cuda:N
+        "amp": "auto",                   # auto (bf16 on a GPU that has it, else none) | none | bf16 | fp16
+        "channels_last": "auto",         # auto (on GPU) | true | false
+        "momentum": 0.9,
+        "weight_decay": 5.0e-4,
+        "nesterov": False,
+        "label_smoothing": 0.0,
+        "rank_margin": 0.05,             # m in eq. (5)
+        "rank_weight": 1.0,
+        "triplet_weight": 0.0,           # 0 = off (the paper uses none)
+        "triplet_margin": 0.3,
+        "grad_clip": None,
+        "stage1": {"epochs": 30, "lr": 0.1, "milestones": [20], "gamma": 0.1},
+        "stage2": {"epochs": 45, "lr": 0.1, "milestones": [35], "gamma": 0.1},
+        "warmup_epochs": 0,
+        "max_steps_per_epoch": None,     # cap on iterations per epoch (quick runs)
+        "log_every": 10,
+        "tensorboard": True,             # scalars under <output.dir>/tb when tensorboard is installed
+        "progress": True,
+    },
+    "eval": {
+        "alpha": 0.5,                    # D = [a g/|g|, (1-a) l/|l|], eq. (6)
+        "flip": True,
+        "rerank": True,
+        "batch_size": 128,
+    },
+    "output": {
+        "dir": "runs/market1501",
+    },
+}
+
+BACKBONE_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101")
+LOCAL_LAYER_CHOICES = ("pool1", "res2", "res3", "res4")
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+LAN_INIT_CHOICES = ("backbone", "grn")
+BACKEND_CHOICES = (None, "auto", "torch", "cpu", "cuda", "triton")
+
+
+class ConfigError(ValueError):
+    """A bad configuration file, key or value."""
+
+
+def _merge(base: dict, update: dict, path: str, strict: bool = True) -> dict:
+    for key, value in update.items():
+        where = f"{path}.{key}" if path else str(key)
+        if strict and key not in base:
+            known = ", ".join(sorted(base))
+            raise ConfigError(f"unknown config key '{where}'; known keys here: {known}")
+        if isinstance(base.get(key), dict) and key != "options":
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{where}' must be a mapping, got {value!r}")
+            _merge(base[key], value, where, strict)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.stage1.lr=0.05' -> (['train', 'stage1', 'lr'], 0.05)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value (e.g. train.stage1.lr=0.05)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': cannot parse value '{raw}': {exc}") from None
+    return key.split("."), value
+
+
+def apply_override(cfg: dict, text: str) -> dict:
+    parts, value = parse_override(text)
+    node = cfg
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if part not in node:
+            raise ConfigError(f"unknown config key '{where}' in override '{text}'; known keys: {', '.join(sorted(node))}")
+        node = node[part]
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{where}' is not a section; cannot set '{text}'")
+    last = parts[-1]
+    if last not in node and not (len(parts) >= 2 and parts[-2] == "options"):
+        raise ConfigError(
+            f"unknown config key '{'.'.join(parts)}' in override '{text}'; known keys: {', '.join(sorted(node))}"
+        )
+    if isinstance(node.get(last), dict) and parts[-1] != "options":
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{'.'.join(parts)}' is a section; give a sub-key (e.g. {'.'.join(parts)}.x=...)")
+        _merge(node[last], value, ".".join(parts))
+    else:
+        node[last] = value
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
+    """DEFAULTS <- the YAML file at ``path`` <- each ``key=value`` override; then ``validate``."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as fh:
+            try:
+                data = yaml.safe_load(fh)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        try:
+            _merge(cfg, data, "")
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    for text in overrides or []:
+        apply_override(cfg, text)
+    return validate(cfg)
+
+
+# ------------------------------------------------------------------------------ validation
+def _get(cfg: dict, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check(cond: bool, key: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise ConfigError(f"config value {key}={value!r} is invalid: expected {expected}")
+
+
+def _int(cfg, key, lo=None, hi=None, allow_none=False):
+    v = _get(cfg, key)
+    if allow_none and v is None:
+        return
+    desc = "an integer" + (f" >= {lo}" if lo is not None else "") + (f" <= {hi}" if hi is not None else "")
+    if allow_none:
+        desc += " or null"
+    _check(_is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi), key, v, desc)
+
+
+def _num(cfg, key, lo=None, hi=None, lo_open=False, hi_open=False, allow_none=False):
+    v = _get(cfg, key)
+    if allow_none and v is None:
+        return
+    ok = _is_num(v)
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    rng = ""
+    if lo is not None:
+        rng += f" {'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        rng += f"{' and' if rng else ''} {'<' if hi_open else '<='} {hi}"
+    _check(ok, key, v, "a number" + rng + (" or null" if allow_none else ""))
+
+
+def _bool(cfg, key):
+    v = _get(cfg, key)
+    _check(isinstance(v, bool), key, v, "true or false")
+
+
+def _choice(cfg, key, choices):
+    v = _get(cfg, key)
+    _check(v in choices, key, v, "one of " + ", ".join("null" if c is None else str(c) for c in choices))
+
+
+def _str(cfg, key, allow_none=False):
+    v = _get(cfg, key)
+    if allow_none and v is None:
+        return
+    _check(isinstance(v, str) and v != "", key, v, "a non-empty string" + (" or null" if allow_none else ""))
+
+
+def validate(cfg: dict) -> dict:
+    """Check every value; raise ``ConfigError`` on the first bad one. Returns ``cfg``."""
+    _str(cfg, "model.name")
+    _choice(cfg, "model.backbone", BACKBONE_CHOICES)
+    _choice(cfg, "model.local_layer", LOCAL_LAYER_CHOICES)
+    _str(cfg, "model.pretrained", allow_none=True)
+    _int(cfg, "model.base_width", lo=1)
+    _choice(cfg, "model.last_stride", (1, 2))
+    _bool(cfg, "model.bnneck")
+    _num(cfg, "model.dropout", lo=0.0, hi=1.0, hi_open=True)
+    _num(cfg, "model.mask_max_logit", lo=0.0, lo_open=True, allow_none=True)
+    _choice(cfg, "model.lan_init", LAN_INIT_CHOICES)
+    _choice(cfg, "model.backend", BACKEND_CHOICES)
+
+    _str(cfg, "data.name")
+    _str(cfg, "data.root")
+    _check(isinstance(cfg["data"]["options"], dict), "data.options", cfg["data"]["options"], "a mapping")
+    _int(cfg, "data.height", lo=32)
+    _int(cfg, "data.width", lo=32)
+    _int(cfg, "data.batch_size", lo=2)
+    _int(cfg, "data.num_instances", lo=1)
+    bs, k = cfg["data"]["batch_size"], cfg["data"]["num_instances"]
+    _check(bs % k == 0, "data.batch_size", bs, f"a multiple of data.num_instances ({k})")
+    _int(cfg, "data.workers", lo=0)
+    _bool(cfg, "data.cache")
+    _bool(cfg, "data.augment")
+
+    _int(cfg, "train.seed", lo=0)
+    dev = cfg["train"]["device"]
+    _check(isinstance(dev, str) and (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")),
+           "train.device", dev, "auto, cpu, cuda or cuda:N")
+    _choice(cfg, "train.amp", AMP_CHOICES)
+    _choice(cfg, "train.channels_last", ("auto", True, False))
+    _num(cfg, "train.momentum", lo=0.0, hi=1.0, hi_open=True)
+    _num(cfg, "train.weight_decay", lo=0.0)
+    _bool(cfg, "train.nesterov")
+    _num(cfg, "train.label_smoothing", lo=0.0, hi=1.0, hi_open=True)
+    _num(cfg, "train.rank_margin", lo=0.0, hi=1.0)
+    _num(cfg, "train.rank_weight", lo=0.0)
+    _num(cfg, "train.triplet_weight", lo=0.0)
+    _num(cfg, "train.triplet_margin", lo=0.0)
+    _num(cfg, "train.grad_clip", lo=0.0, lo_open=True, allow_none=True)
+    for stage in ("stage1", "stage2"):
+        sc = cfg["train"][stage]
+        unknown = set(sc) - {"epochs", "lr", "milestones", "gamma"}
+        if unknown:
+            raise ConfigError(f"unknown config key 'train.{stage}.{sorted(unknown)[0]}'; known keys: epochs, gamma, lr, milestones")
+        _int(cfg, f"train.{stage}.epochs", lo=0)
+        _num(cfg, f"train.{stage}.lr", lo=0.0, lo_open=True)
+        _num(cfg, f"train.{stage}.gamma", lo=0.0, lo_open=True, hi=1.0)
+        ms = sc["milestones"]
+        _check(isinstance(ms, list) and all(_is_int(m) and m >= 1 for m in ms) and ms == sorted(set(ms)),
+               f"train.{stage}.milestones", ms, "an increasing list of positive epoch numbers, e.g. [20]")
+    _check(cfg["train"]["stage1"]["epochs"] + cfg["train"]["stage2"]["epochs"] > 0,
+           "train.stage1.epochs", cfg["train"]["stage1"]["epochs"], "at least one epoch in stage 1 or stage 2")
+    _int(cfg, "train.warmup_epochs", lo=0)
+    _int(cfg, "train.max_steps_per_epoch", lo=1, allow_none=True)
+    _int(cfg, "train.log_every", lo=1)
+    _bool(cfg, "train.tensorboard")
+    _bool(cfg, "train.progress")
+
+    _num(cfg, "eval.alpha", lo=0.0, hi=1.0)
+    _bool(cfg, "eval.flip")
+    _bool(cfg, "eval.rerank")
+    _int(cfg, "eval.batch_size", lo=1)
+    _str(cfg, "output.dir")
+    return cfg
+
+
+def dump_config(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def model_kwargs(cfg: dict) -> dict:
+    """Keyword arguments of ``fmn.models.build_model`` for this config (the name excluded)."""
+    m = cfg["model"]
+    return {
+        "backbone": m["backbone"],
+        "local_layer": m["local_layer"],
+        "input_size": (cfg["data"]["height"], cfg["data"]["width"]),
+        "pretrained": m["pretrained"],
+        "base_width": m["base_width"],
+        "last_stride": m["last_stride"],
+        "bnneck": m["bnneck"],
+        "dropout": m["dropout"],
+        "mask_max_logit": m["mask_max_logit"],
+        "backend": m["backend"],
+    }

@@ -1,0 +1,56 @@
+"""Losses for FMN training (paper Sec. 3.3).
+
+- ``cross_entropy``: identity classification, eq. (4), with optional label smoothing.
+- ``ranking_loss``: eq. (5), ``max(0, p_t^G - p_t^L + margin)`` on the softmax probability of the
+  true class t; GRN's probability is a fixed reference (no gradient flows into GRN).
+- ``batch_hard_triplet``: optional metric loss (hardest positive / negative per anchor).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean softmax cross-entropy, computed in float32."""
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+
+def true_class_probability(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """p_t = softmax(logits)[t] for each row, in float32."""
+    return torch.softmax(logits.float(), dim=1).gather(1, targets.view(-1, 1)).squeeze(1)
+
+
+def ranking_loss(
+    grn_logits: torch.Tensor, lan_logits: torch.Tensor, targets: torch.Tensor, margin: float = 0.05
+) -> torch.Tensor:
+    """Mean over the batch of max(0, p_t^G - p_t^L + margin); p^G is detached."""
+    p_g = true_class_probability(grn_logits.detach(), targets)
+    p_l = true_class_probability(lan_logits, targets)
+    return torch.clamp(p_g - p_l + margin, min=0.0).mean()
+
+
+def batch_hard_triplet(feats: torch.Tensor, targets: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
+    """Batch-hard triplet loss on Euclidean distances (Hermans et al. 2017).
+
+    For each anchor: the farthest same-identity sample and the nearest other-identity sample;
+    loss = mean(relu(d_ap - d_an + margin)). Anchors without a positive or a negative are skipped.
+    """
+    x = feats.float()
+    sq = (x * x).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * x @ x.t()).clamp_min(1e-12)
+    dist = d2.sqrt()
+    same = targets[:, None] == targets[None, :]
+    eye = torch.eye(len(targets), dtype=torch.bool, device=feats.device)
+    pos = same & ~eye
+    neg = ~same
+    valid = pos.any(1) & neg.any(1)
+    if not bool(valid.any()):
+        return dist.sum() * 0.0
+    d_ap = dist.masked_fill(~pos, float("-inf")).amax(1)
+    d_an = dist.masked_fill(~neg, float("inf")).amin(1)
+    return F.relu(d_ap - d_an + margin)[valid].mean()
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return (logits.argmax(1) == targets).float().mean().item()
