@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "cpu/feature_mask.h"
+#include "cpu/rerank.h"
 
 #ifdef FMN_WITH_CUDA
 #include "cuda/feature_mask_launch.h"
@@ -20,6 +21,11 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fmn, m) {
+  // k-reciprocal re-ranking (DESIGN.md section 3): query (q, d), gallery (g, d) float32.
+  // topk = 0: ((q, g) re-ranked distances, empty); topk = m: ((q, m) values, (q, m) int64 indices).
+  m.def(
+      "rerank(Tensor query, Tensor gallery, int k_forward, int k_half, int k_qe, float lambda_value, "
+      "bool square_twice, bool raw_weights, bool clamp_jaccard, int topk) -> (Tensor, Tensor)");
   // o = f * act(logits)                          (f_other absent)
   // o = f + (f_other - f) * act(logits)          (f_other present: spatial_mix)
   // f, f_other: (B, C, H, W); logits: (B, H*W); act in {exp_relu, sigmoid, identity};
@@ -33,6 +39,7 @@ TORCH_LIBRARY(fmn, m) {
 }
 
 TORCH_LIBRARY_IMPL(fmn, CPU, m) {
+  m.impl("rerank", &fmn::cpu::rerank);
   m.impl("spatial_mask_mul", &fmn::cpu::spatial_mask_mul);
   m.impl("spatial_mask_mul_backward", &fmn::cpu::spatial_mask_mul_backward);
 }

@@ -1,0 +1,403 @@
+// Sparse k-reciprocal re-ranking on the CPU: at::parallel_for (OpenMP) and BLAS GEMMs via at::mm.
+//
+// Notation: x the centred features (N, d), s_i = |x_i|^2, w(i, j) the working distance
+//   w = max(s_i + s_j - 2 x_i.x_j, 0)  (w(i, i) = 0),  squared once more when square_twice.
+// Stages:
+//   1. kNN with row maxima over symmetric strips: for a block of rows [a, b) one GEMM gives
+//      x[a:b] . x[a:N]^T; every value updates the row heap of i (rows of the strip) and, for
+//      columns j >= b, the heap of j (the transposed half), so each pair's dot product is computed
+//      once. Heaps keep the L smallest (w, index) pairs; rowmax[i] = max_j w(i, j) over all N.
+//   2. reciprocal lists R(i) = {j in T(i) : i in T(j)}, Rh likewise with the half lists.
+//   3. R*(i) = R(i) + Rh(c) for c in R(i) with 3 |Rh(c) & R(i)| > 2 |Rh(c)|.
+//   4. V[i, j] = exp(-w(i, j) / rowmax_i) / sum over R*(i), w(i, j) = sum_k (x_ik - x_jk)^2
+//      computed directly for every member (raw_weights: exp(-(w - min w)) normalised).
+//   5. Vqe[i] = (1 / Q) sum_{j in first Q of row i} V[j]   (Q = min(k_qe, N); Vqe = V if Q = 1).
+//   6. inverted index over gallery rows: column c -> [(j - q, Vqe[j, c])].
+//   7. per query row i: S(i, j) = sum_{c in supp Vqe[i]} sum_{(j, v) in index[c]} min(Vqe[i, c], v),
+//      J = 1 - S / (2 - S), final = (1 - lambda) J + lambda w(i, j) / rowmax_i with w from a GEMM
+//      over a chunk of query rows and all gallery columns; written out, or reduced to the m
+//      smallest (value, index) pairs.
+#include "cpu/rerank.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace fmn {
+namespace cpu {
+
+namespace {
+
+// (v1, i1) < (v2, i2) in (value, index) order.
+inline bool pair_less(float v1, int64_t i1, float v2, int64_t i2) {
+  return v1 < v2 || (v1 == v2 && i1 < i2);
+}
+
+// A max-heap (by (value, index)) of at most cap entries in caller-owned arrays.
+struct BoundedHeap {
+  float* val;
+  int64_t* idx;
+  int64_t cap;
+  int64_t size;
+
+  void sift_down(int64_t pos) {
+    for (;;) {
+      int64_t l = 2 * pos + 1, r = l + 1, big = pos;
+      if (l < size && pair_less(val[big], idx[big], val[l], idx[l])) big = l;
+      if (r < size && pair_less(val[big], idx[big], val[r], idx[r])) big = r;
+      if (big == pos) return;
+      std::swap(val[pos], val[big]);
+      std::swap(idx[pos], idx[big]);
+      pos = big;
+    }
+  }
+
+  void push(float v, int64_t j) {
+    if (size < cap) {
+      int64_t pos = size++;
+      val[pos] = v;
+      idx[pos] = j;
+      while (pos > 0) {
+        int64_t parent = (pos - 1) / 2;
+        if (!pair_less(val[parent], idx[parent], val[pos], idx[pos])) break;
+        std::swap(val[pos], val[parent]);
+        std::swap(idx[pos], idx[parent]);
+        pos = parent;
+      }
+    } else if (pair_less(v, j, val[0], idx[0])) {
+      val[0] = v;
+      idx[0] = j;
+      sift_down(0);
+    }
+  }
+
+  // Empties the heap into ascending (value, index) order in place.
+  void sort_ascending() {
+    int64_t n = size;
+    while (size > 1) {
+      --size;
+      std::swap(val[0], val[size]);
+      std::swap(idx[0], idx[size]);
+      sift_down(0);
+    }
+    size = n;
+  }
+};
+
+inline float working(float si, float sj, float dot, bool square_twice) {
+  float w = si + sj - 2.0f * dot;
+  w = w > 0.0f ? w : 0.0f;
+  return square_twice ? w * w : w;
+}
+
+inline float sqdist(const float* a, const float* b, int64_t d) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < d; ++k) {
+    float t = a[k] - b[k];
+    acc += t * t;
+  }
+  return acc;
+}
+
+struct SparseRows {
+  std::vector<std::vector<int64_t>> col;
+  std::vector<std::vector<float>> val;
+  explicit SparseRows(int64_t n) : col(n), val(n) {}
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rerank(
+    const at::Tensor& query,
+    const at::Tensor& gallery,
+    int64_t k_forward,
+    int64_t k_half,
+    int64_t k_qe,
+    double lambda_value,
+    bool square_twice,
+    bool raw_weights,
+    bool clamp_jaccard,
+    int64_t topk) {
+  TORCH_CHECK(query.device().is_cpu() && gallery.device().is_cpu(), "fmn::rerank (cpu): tensors must be on the CPU");
+  TORCH_CHECK(query.dim() == 2 && gallery.dim() == 2, "fmn::rerank: query and gallery must be 2-D");
+  TORCH_CHECK(query.scalar_type() == at::kFloat && gallery.scalar_type() == at::kFloat,
+              "fmn::rerank (cpu): float32 features expected");
+  TORCH_CHECK(query.size(1) == gallery.size(1), "fmn::rerank: feature dims differ");
+  TORCH_CHECK(query.size(0) > 0 && gallery.size(0) > 0, "fmn::rerank: empty query or gallery");
+  TORCH_CHECK(k_forward >= 1 && k_half >= 1 && k_qe >= 1, "fmn::rerank: list lengths must be >= 1");
+  TORCH_CHECK(lambda_value >= 0.0 && lambda_value <= 1.0, "fmn::rerank: lambda_value outside [0, 1]");
+  TORCH_CHECK(topk >= 0 && topk <= gallery.size(0), "fmn::rerank: topk outside [0, g]");
+
+  const int64_t q = query.size(0), g = gallery.size(0), n = q + g, d = query.size(1);
+  const int64_t K = std::min(k_forward, n);
+  const int64_t H = std::min(k_half, K);
+  const int64_t Q = std::min(k_qe, n);
+  const int64_t L = std::max(K, Q);
+  const float lam = static_cast<float>(lambda_value);
+
+  // centred features: distances are translation invariant, smaller norms cancel less
+  at::Tensor x = at::cat({query, gallery}, 0);
+  x = (x - x.to(at::kDouble).mean(0).to(at::kFloat)).contiguous();
+  const at::Tensor sq_t = (x * x).sum(1).contiguous();
+  const float* X = x.data_ptr<float>();
+  const float* S2 = sq_t.data_ptr<float>();
+
+  // ---- 1. kNN with row maxima over symmetric strips ------------------------------------------
+  std::vector<float> heap_val(n * L);
+  std::vector<int64_t> heap_idx(n * L);
+  std::vector<int64_t> heap_size(n, 0);
+  std::vector<float> rowmax(n, 0.0f);
+  {
+    const int64_t block = std::max<int64_t>(16, std::min<int64_t>(512, (int64_t{1} << 22) / n));
+    for (int64_t a = 0; a < n; a += block) {
+      const int64_t b = std::min(n, a + block);
+      const int64_t width = n - a;
+      at::Tensor strip = at::mm(x.narrow(0, a, b - a), x.narrow(0, a, width).t()).contiguous();
+      float* P = strip.data_ptr<float>();
+      // dot products -> working distances, in place
+      at::parallel_for(a, b, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          float* row = P + (r - a) * width;
+          const float sr = S2[r];
+          for (int64_t j = 0; j < width; ++j) row[j] = working(sr, S2[a + j], row[j], square_twice);
+          row[r - a] = 0.0f;
+        }
+      });
+      // rows of the strip: columns a .. N-1
+      at::parallel_for(a, b, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const float* row = P + (r - a) * width;
+          BoundedHeap h{heap_val.data() + r * L, heap_idx.data() + r * L, L, heap_size[r]};
+          float mx = rowmax[r];
+          for (int64_t j = 0; j < width; ++j) {
+            const float v = row[j];
+            mx = v > mx ? v : mx;
+            if (h.size < h.cap || v <= h.val[0]) h.push(v, a + j);
+          }
+          heap_size[r] = h.size;
+          rowmax[r] = mx;
+        }
+      });
+      // the transposed half: columns j >= b receive rows a .. b-1
+      if (b < n) {
+        at::parallel_for(b, n, 256, [&](int64_t j0, int64_t j1) {
+          for (int64_t r = a; r < b; ++r) {
+            const float* row = P + (r - a) * width - a;
+            for (int64_t j = j0; j < j1; ++j) {
+              const float v = row[j];
+              if (v > rowmax[j]) rowmax[j] = v;
+              float* hv = heap_val.data() + j * L;
+              if (heap_size[j] < L || v <= hv[0]) {
+                BoundedHeap h{hv, heap_idx.data() + j * L, L, heap_size[j]};
+                h.push(v, r);
+                heap_size[j] = h.size;
+              }
+            }
+          }
+        });
+      }
+    }
+    at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        BoundedHeap h{heap_val.data() + r * L, heap_idx.data() + r * L, L, heap_size[r]};
+        h.sort_ascending();
+      }
+    });
+  }
+  const int64_t* nbr = heap_idx.data();  // row i: nbr[i * L + s], ascending (w, index)
+
+  // ---- 2. reciprocal lists ----------------------------------------------------------------
+  auto in_prefix = [&](int64_t row, int64_t len, int64_t who) {
+    const int64_t* p = nbr + row * L;
+    for (int64_t t = 0; t < len; ++t)
+      if (p[t] == who) return true;
+    return false;
+  };
+  std::vector<uint8_t> recip(n * K), recip_h(n * H);
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      for (int64_t s = 0; s < K; ++s) recip[i * K + s] = in_prefix(nbr[i * L + s], K, i);
+      for (int64_t s = 0; s < H; ++s) recip_h[i * H + s] = in_prefix(nbr[i * L + s], H, i);
+    }
+  });
+
+  // ---- 3. expansion and 4. weights ----------------------------------------------------------
+  SparseRows V(n);
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<int64_t> mark(n, -1);   // mark[j] == i: j in R(i)
+    std::vector<int64_t> seen(n, -1);   // seen[j] == i: j already in R*(i)
+    std::vector<int64_t> members;
+    std::vector<float> w;
+    for (int64_t i = r0; i < r1; ++i) {
+      members.clear();
+      for (int64_t s = 0; s < K; ++s)
+        if (recip[i * K + s]) {
+          const int64_t j = nbr[i * L + s];
+          mark[j] = i;
+          seen[j] = i;
+          members.push_back(j);
+        }
+      const int64_t n_r = static_cast<int64_t>(members.size());
+      for (int64_t m = 0; m < n_r; ++m) {
+        const int64_t c = members[m];
+        int64_t size = 0, common = 0;
+        for (int64_t t = 0; t < H; ++t)
+          if (recip_h[c * H + t]) {
+            ++size;
+            common += mark[nbr[c * L + t]] == i;
+          }
+        if (3 * common > 2 * size) {
+          for (int64_t t = 0; t < H; ++t)
+            if (recip_h[c * H + t]) {
+              const int64_t j = nbr[c * L + t];
+              if (seen[j] != i) {
+                seen[j] = i;
+                members.push_back(j);
+              }
+            }
+        }
+      }
+      std::sort(members.begin(), members.end());
+      const int64_t cnt = static_cast<int64_t>(members.size());
+      w.resize(cnt);
+      const float* xi = X + i * d;
+      float wmin = std::numeric_limits<float>::infinity();
+      for (int64_t m = 0; m < cnt; ++m) {
+        float v = sqdist(xi, X + members[m] * d, d);
+        if (square_twice) v *= v;
+        if (raw_weights) {
+          wmin = std::min(wmin, v);
+        } else {
+          v = rowmax[i] > 0.0f ? v / rowmax[i] : 0.0f;
+        }
+        w[m] = v;
+      }
+      float total = 0.0f;
+      for (int64_t m = 0; m < cnt; ++m) {
+        w[m] = std::exp(-(raw_weights ? w[m] - wmin : w[m]));
+        total += w[m];
+      }
+      for (int64_t m = 0; m < cnt; ++m) w[m] /= total;
+      V.col[i] = members;
+      V.val[i] = w;
+    }
+  });
+
+  // ---- 5. query expansion -----------------------------------------------------------------
+  SparseRows VqeStore(Q > 1 ? n : 0);
+  if (Q > 1) {
+    const float inv_q = 1.0f / static_cast<float>(Q);
+    at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+      std::vector<float> acc(n, 0.0f);
+      std::vector<uint8_t> touched(n, 0);
+      std::vector<int64_t> cols;
+      for (int64_t i = r0; i < r1; ++i) {
+        cols.clear();
+        for (int64_t t = 0; t < Q; ++t) {
+          const int64_t j = nbr[i * L + t];
+          const auto& jc = V.col[j];
+          const auto& jv = V.val[j];
+          for (size_t e = 0; e < jc.size(); ++e) {
+            if (!touched[jc[e]]) {
+              touched[jc[e]] = 1;
+              cols.push_back(jc[e]);
+            }
+            acc[jc[e]] += jv[e];
+          }
+        }
+        std::sort(cols.begin(), cols.end());
+        auto& oc = VqeStore.col[i];
+        auto& ov = VqeStore.val[i];
+        oc.assign(cols.begin(), cols.end());
+        ov.resize(cols.size());
+        for (size_t e = 0; e < cols.size(); ++e) {
+          ov[e] = acc[cols[e]] * inv_q;
+          acc[cols[e]] = 0.0f;
+          touched[cols[e]] = 0;
+        }
+      }
+    });
+  }
+  const SparseRows& Vqe = Q > 1 ? VqeStore : V;
+
+  // ---- 6. inverted index over the gallery rows ---------------------------------------------
+  std::vector<int64_t> col_ptr(n + 1, 0);
+  for (int64_t j = q; j < n; ++j)
+    for (int64_t c : Vqe.col[j]) ++col_ptr[c + 1];
+  for (int64_t c = 0; c < n; ++c) col_ptr[c + 1] += col_ptr[c];
+  std::vector<int32_t> inv_item(col_ptr[n]);
+  std::vector<float> inv_val(col_ptr[n]);
+  {
+    std::vector<int64_t> fill(col_ptr.begin(), col_ptr.end() - 1);
+    for (int64_t j = q; j < n; ++j) {
+      const auto& jc = Vqe.col[j];
+      const auto& jv = Vqe.val[j];
+      for (size_t e = 0; e < jc.size(); ++e) {
+        const int64_t pos = fill[jc[e]]++;
+        inv_item[pos] = static_cast<int32_t>(j - q);
+        inv_val[pos] = jv[e];
+      }
+    }
+  }
+
+  // ---- 7. output, a chunk of query rows at a time -------------------------------------------
+  at::Tensor out_val, out_idx;
+  if (topk == 0) {
+    out_val = at::empty({q, g}, x.options());
+    out_idx = at::empty({0}, x.options().dtype(at::kLong));
+  } else {
+    out_val = at::empty({q, topk}, x.options());
+    out_idx = at::empty({q, topk}, x.options().dtype(at::kLong));
+  }
+  const at::Tensor xg = x.narrow(0, q, g);
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(q, (int64_t{1} << 22) / g));
+  at::Tensor buf = topk == 0 ? at::Tensor() : at::empty({chunk, g}, x.options());
+  for (int64_t r0 = 0; r0 < q; r0 += chunk) {
+    const int64_t r1 = std::min(q, r0 + chunk);
+    at::Tensor dst = topk == 0 ? out_val.narrow(0, r0, r1 - r0) : buf.narrow(0, 0, r1 - r0);
+    at::mm_out(dst, x.narrow(0, r0, r1 - r0), xg.t());
+    float* D = dst.data_ptr<float>();
+    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> s(g);
+      std::vector<float> hv(topk > 0 ? topk : 1);
+      std::vector<int64_t> hi(topk > 0 ? topk : 1);
+      for (int64_t i = i0; i < i1; ++i) {
+        std::fill(s.begin(), s.end(), 0.0f);
+        const auto& ic = Vqe.col[i];
+        const auto& iv = Vqe.val[i];
+        for (size_t e = 0; e < ic.size(); ++e) {
+          const float vi = iv[e];
+          for (int64_t p = col_ptr[ic[e]]; p < col_ptr[ic[e] + 1]; ++p) s[inv_item[p]] += std::min(vi, inv_val[p]);
+        }
+        float* row = D + (i - r0) * g;
+        const float si = S2[i];
+        const bool has_max = rowmax[i] > 0.0f;
+        for (int64_t j = 0; j < g; ++j) {
+          const float wij = working(si, S2[q + j], row[j], square_twice);
+          const float dn = has_max ? wij / rowmax[i] : 0.0f;
+          float jac = 1.0f - s[j] / (2.0f - s[j]);
+          if (clamp_jaccard && jac < 0.0f) jac = 0.0f;
+          row[j] = (1.0f - lam) * jac + lam * dn;
+        }
+        if (topk > 0) {
+          BoundedHeap h{hv.data(), hi.data(), topk, 0};
+          for (int64_t j = 0; j < g; ++j)
+            if (h.size < h.cap || row[j] <= h.val[0]) h.push(row[j], j);
+          h.sort_ascending();
+          std::memcpy(out_val.data_ptr<float>() + i * topk, hv.data(), topk * sizeof(float));
+          std::memcpy(out_idx.data_ptr<int64_t>() + i * topk, hi.data(), topk * sizeof(int64_t));
+        }
+      }
+    });
+  }
+  return std::make_tuple(out_val, out_idx);
+}
+
+}  // namespace cpu
+}  // namespace fmn
