@@ -1,0 +1,125 @@
+"""A user's own dataset: a CSV file or a folder-per-identity tree.
+
+CSV (``root`` is the .csv file): one row per image, ``path,pid,camid,split`` with an optional
+header row. ``path`` is absolute or relative to the CSV's folder; ``pid`` an integer (-1 rows
+are dropped as junk); ``camid`` a non-negative integer used as is; ``split`` one of ``train``,
+``query``, ``gallery`` (``test`` is accepted for ``gallery``).
+
+Folder tree (``root`` a folder)::
+
+    root/train/<identity>/<image>
+    root/query/<identity>/<image>
+    root/gallery/<identity>/<image>     (``bounding_box_test``/``test`` also accepted)
+
+``<identity>`` is a folder name: an integer is used as the identity number; otherwise the names
+found under all three splits are numbered 1..n in sorted order (so query and gallery agree).
+The camera comes from a ``c<digits>`` token in the image name (``_c3_``, ``c3s1``: 1-based,
+stored 0-based); images without one get camera 0 in train and query and camera 1 in the
+gallery, so every gallery image of the query's identity counts as a cross-camera match.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+from typing import Dict, List
+
+from fmn.data.base import IMAGE_EXTENSIONS, DatasetError, ReIDDataset, Sample
+
+__all__ = ["build_custom", "read_csv", "read_folder_tree"]
+
+_CAM = re.compile(r"(?:^|[_\-.])c(\d+)(?=s\d|[_\-.]|$)", re.IGNORECASE)
+_SPLIT_ALIASES = {"train": "train", "query": "query", "gallery": "gallery", "test": "gallery",
+                  "bounding_box_train": "train", "bounding_box_test": "gallery"}
+_DEFAULT_CAM = {"train": 0, "query": 0, "gallery": 1}
+
+
+def build_custom(root: str, **options) -> ReIDDataset:
+    root = os.path.expanduser(str(root))
+    if os.path.isfile(root):
+        return read_csv(root, **options)
+    if os.path.isdir(root):
+        return read_folder_tree(root, **options)
+    raise DatasetError(f"{root}: not found; expected a CSV file (path,pid,camid,split) or a folder "
+                       "with train/, query/, gallery/ sub-folders of identity folders")
+
+
+def read_csv(csv_path: str, name: str = "custom", **options) -> ReIDDataset:
+    base = os.path.dirname(os.path.abspath(csv_path))
+    splits: Dict[str, List[Sample]] = {"train": [], "query": [], "gallery": []}
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    start = 0
+    if rows and [c.strip().lower() for c in rows[0]][:4] == ["path", "pid", "camid", "split"]:
+        start = 1
+    for lineno, row in enumerate(rows[start:], start + 1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != 4:
+            raise DatasetError(f"{csv_path}:{lineno}: expected 4 columns path,pid,camid,split; got {row!r}")
+        rel, pid_s, cam_s, split_s = (c.strip() for c in row)
+        try:
+            pid, cam = int(pid_s), int(cam_s)
+        except ValueError:
+            raise DatasetError(f"{csv_path}:{lineno}: pid and camid must be integers; got {pid_s!r}, {cam_s!r}") from None
+        split = _SPLIT_ALIASES.get(split_s.lower())
+        if split is None:
+            raise DatasetError(f"{csv_path}:{lineno}: split must be train, query or gallery; got {split_s!r}")
+        if cam < 0:
+            raise DatasetError(f"{csv_path}:{lineno}: camid must be >= 0; got {cam}")
+        path = rel if os.path.isabs(rel) else os.path.join(base, rel)
+        if not os.path.isfile(path):
+            raise DatasetError(f"{path}: image listed in {csv_path} (line {lineno}) not found")
+        if pid == -1:
+            continue
+        splits[split].append((path, pid, cam))
+    for s, v in splits.items():
+        if not v:
+            raise DatasetError(f"{csv_path}: no rows for the {s} split")
+    return ReIDDataset(name, csv_path, splits["train"], splits["query"], splits["gallery"], **options)
+
+
+def _split_dirs(root: str) -> Dict[str, str]:
+    found: Dict[str, str] = {}
+    for entry in sorted(os.listdir(root)):
+        split = _SPLIT_ALIASES.get(entry.lower())
+        if split and os.path.isdir(os.path.join(root, entry)) and split not in found:
+            found[split] = os.path.join(root, entry)
+    for s in ("train", "query", "gallery"):
+        if s not in found:
+            raise DatasetError(f"{os.path.join(root, s)}: folder not found; expected train/, query/ and "
+                               "gallery/ each holding one folder per identity")
+    return found
+
+
+def read_folder_tree(root: str, name: str = "custom", **options) -> ReIDDataset:
+    dirs = _split_dirs(root)
+    ids = sorted({d for s in dirs.values() for d in os.listdir(s) if os.path.isdir(os.path.join(s, d))})
+    numeric = all(d.lstrip("-").isdigit() for d in ids)
+    id_map = {d: (int(d) if numeric else i + 1) for i, d in enumerate(ids)}
+    splits: Dict[str, List[Sample]] = {}
+    for split, folder in dirs.items():
+        out: List[Sample] = []
+        for ident in sorted(os.listdir(folder)):
+            idir = os.path.join(folder, ident)
+            if not os.path.isdir(idir):
+                if ident.lower().endswith(IMAGE_EXTENSIONS):
+                    raise DatasetError(f"{idir}: image directly under {folder}; expected "
+                                       f"{folder}/<identity>/<image>")
+                continue
+            pid = id_map[ident]
+            if pid == -1:
+                continue
+            for fname in sorted(os.listdir(idir)):
+                if not fname.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                stem = os.path.splitext(fname)[0]
+                m = _CAM.search(stem)
+                cam = int(m.group(1)) - 1 if m else _DEFAULT_CAM[split]
+                if cam < 0:
+                    raise DatasetError(f"{os.path.join(idir, fname)}: camera c0 in the name; cameras are 1-based")
+                out.append((os.path.join(idir, fname), pid, cam))
+        if not out:
+            raise DatasetError(f"{folder}: no images found; expected {folder}/<identity>/<image>")
+        splits[split] = out
+    return ReIDDataset(name, root, splits["train"], splits["query"], splits["gallery"], **options)
