@@ -1,0 +1,174 @@
+"""Feature extraction and the re-ID results table (DESIGN §4, the rows of the paper's Table 1).
+
+Rows of :func:`evaluate_features`, from the model's dict of branch features:
+
+* one row per branch key, upper-cased ("GRN", "LAN", ...): Euclidean distance on the
+  L2-normalised branch feature;
+* "FMN" when both "grn" and "lan" are present: the descriptor of eq. (6),
+  ``D = [alpha g/|g|, (1 - alpha) l/|l|]``;
+* "fused" when the dict has a "descriptor" key (used as given, not normalised);
+* each of them again as "<row>+RR" with k-reciprocal re-ranking (``fmn_kernels.rerank``,
+  k1=20, k2=6, lambda=0.3) applied to the same vectors.
+
+Each row holds rank1, rank5, rank10, rank20 and mAP in percent, and valid_queries.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from fmn.metrics import euclidean_distance, evaluate
+
+__all__ = ["extract_features", "fuse", "evaluate_features", "evaluate_model", "format_results", "get_reranker"]
+
+_RERANK_WARNED = False
+
+
+def _as_feature_dict(out) -> Dict[str, torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return {"descriptor": out}
+    if isinstance(out, dict):
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return {"descriptor": out[0]}
+    raise TypeError(f"model output must be a tensor or a dict of tensors, got {type(out).__name__}")
+
+
+@torch.no_grad()
+def extract_features(model: torch.nn.Module, loader, device, flip: bool = True, progress: bool = True,
+                     ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor, List[str]]:
+    """Run ``model.eval()`` over ``loader``; with ``flip`` the feature is the mean of the image's
+    and its mirror's. Returns (features: name -> float32 CPU (N, d), pids, camids, paths) in
+    loader order. A model returning a tensor gives ``{"descriptor": tensor}``."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    feats: Dict[str, List[torch.Tensor]] = {}
+    pids, camids, paths = [], [], []
+    try:
+        for batch in tqdm(loader, desc="extract", disable=not progress, unit="batch"):
+            x = batch["img"].to(device, non_blocking=True)
+            out = _as_feature_dict(model(x))
+            if flip:
+                out_f = _as_feature_dict(model(x.flip(3)))
+                out = {k: (v + out_f[k]) * 0.5 for k, v in out.items()}
+            for k, v in out.items():
+                feats.setdefault(k, []).append(v.detach().float().reshape(v.shape[0], -1).cpu())
+            pids.append(batch["pid"].cpu())
+            camids.append(batch["camid"].cpu())
+            paths.extend(batch["path"])
+    finally:
+        model.train(was_training)
+    if not pids:
+        raise ValueError("extract_features: the loader yielded no batches")
+    return ({k: torch.cat(v) for k, v in feats.items()}, torch.cat(pids), torch.cat(camids), paths)
+
+
+def fuse(g: torch.Tensor, l: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """FMN descriptor, eq. (6): ``[alpha g/|g|, (1 - alpha) l/|l|]`` along dim 1."""
+    return torch.cat([alpha * F.normalize(g.float(), dim=1), (1 - alpha) * F.normalize(l.float(), dim=1)], dim=1)
+
+
+def get_reranker():
+    """``fmn_kernels.rerank.rerank`` or None (with one warning) when it cannot be imported."""
+    global _RERANK_WARNED
+    try:
+        from fmn_kernels.rerank import rerank
+        return rerank
+    except Exception as e:  # ImportError, or a failing extension load
+        if not _RERANK_WARNED:
+            warnings.warn(f"re-ranking unavailable ({type(e).__name__}: {e}); the +RR rows are skipped",
+                          RuntimeWarning, stacklevel=2)
+            _RERANK_WARNED = True
+        return None
+
+
+def _metrics_row(dist, q_pids, g_pids, q_camids, g_camids) -> Dict[str, float]:
+    cmc, mAP, n = evaluate(dist, q_pids, g_pids, q_camids, g_camids, max_rank=20)
+    return {"rank1": 100 * float(cmc[0]), "rank5": 100 * float(cmc[4]), "rank10": 100 * float(cmc[9]),
+            "rank20": 100 * float(cmc[19]), "mAP": 100 * mAP, "valid_queries": int(n)}
+
+
+def _descriptors(q_feats: Dict[str, torch.Tensor], g_feats: Dict[str, torch.Tensor], alpha: float):
+    if set(q_feats) != set(g_feats):
+        raise ValueError(f"query and gallery feature keys differ: {sorted(q_feats)} vs {sorted(g_feats)}")
+    rows: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    order = [k for k in ("grn", "lan") if k in q_feats] + [k for k in q_feats if k not in ("grn", "lan", "descriptor")]
+    for k in order:
+        rows[k.upper()] = (F.normalize(q_feats[k].float(), dim=1), F.normalize(g_feats[k].float(), dim=1))
+    if "grn" in q_feats and "lan" in q_feats:
+        rows["FMN"] = (fuse(q_feats["grn"], q_feats["lan"], alpha), fuse(g_feats["grn"], g_feats["lan"], alpha))
+    if "descriptor" in q_feats:
+        rows["fused"] = (q_feats["descriptor"].float(), g_feats["descriptor"].float())
+    return rows
+
+
+def evaluate_features(q_feats: Dict[str, torch.Tensor], g_feats: Dict[str, torch.Tensor], q_pids, g_pids,
+                      q_camids, g_camids, rerank: bool = True, alpha: float = 0.5,
+                      k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                      ) -> Dict[str, Dict[str, float]]:
+    """Results per row (see the module docstring): row name -> {"rank1", "rank5", "rank10",
+    "rank20", "mAP", "valid_queries"} (ranks and mAP in percent). Plain rows first, then the
+    re-ranked ones."""
+    rows = _descriptors(q_feats, g_feats, alpha)
+    if not rows:
+        raise ValueError("evaluate_features: no features to evaluate")
+    results: Dict[str, Dict[str, float]] = {}
+    for name, (qf, gf) in rows.items():
+        results[name] = _metrics_row(euclidean_distance(qf, gf), q_pids, g_pids, q_camids, g_camids)
+    if rerank:
+        rr = get_reranker()
+        if rr is not None:
+            for name, (qf, gf) in rows.items():
+                dist = rr(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value)
+                results[name + "+RR"] = _metrics_row(dist, q_pids, g_pids, q_camids, g_camids)
+    return results
+
+
+def format_results(results: Dict[str, Dict[str, float]], title: Optional[str] = None) -> str:
+    """The results as a text table (percentages with one decimal)."""
+    head = ("method", "rank-1", "rank-5", "rank-10", "rank-20", "mAP", "queries")
+    keys = ("rank1", "rank5", "rank10", "rank20", "mAP")
+    body = [(name, *[f"{r[k]:.1f}" for k in keys], str(r["valid_queries"])) for name, r in results.items()]
+    widths = [max(len(row[i]) for row in body + [head]) for i in range(len(head))]
+    fmt = lambda row: " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    lines = ([title] if title else []) + [fmt(head), "-+-".join("-" * w for w in widths)] + [fmt(r) for r in body]
+    return "\n".join(lines)
+
+
+def evaluate_model(model: torch.nn.Module, dataset, height: int, width: int, device, batch_size: int = 128,
+                   flip: bool = True, rerank: bool = True, alpha: float = 0.5, json_path: Optional[str] = None,
+                   workers: int = 2, progress: bool = True, verbose: bool = True) -> Dict[str, Dict[str, float]]:
+    """Extract query and gallery features of ``dataset``, print the results table, save JSON.
+
+    The JSON file holds ``{"dataset", "num_query", "num_gallery", "height", "width", "flip",
+    "alpha", "rerank", "seconds", "results": {row: {...}}}``. Returns the results dict.
+    """
+    from fmn.data.loader import make_test_loader
+
+    t0 = time.time()
+    ql = make_test_loader(dataset.query, height, width, batch_size=batch_size, workers=workers)
+    gl = make_test_loader(dataset.gallery, height, width, batch_size=batch_size, workers=workers)
+    qf, qp, qc, _ = extract_features(model, ql, device, flip=flip, progress=progress)
+    gf, gp, gc, _ = extract_features(model, gl, device, flip=flip, progress=progress)
+    results = evaluate_features(qf, gf, qp, gp, qc, gc, rerank=rerank, alpha=alpha)
+    seconds = time.time() - t0
+    if verbose:
+        print(format_results(results, title=f"{dataset.name}: {len(dataset.query)} queries, "
+                                            f"{len(dataset.gallery)} gallery images"))
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump({"dataset": dataset.name, "root": dataset.root, "num_query": len(dataset.query),
+                       "num_gallery": len(dataset.gallery), "height": height, "width": width, "flip": flip,
+                       "alpha": alpha, "rerank": rerank, "seconds": round(seconds, 3), "results": results},
+                      f, indent=2)
+    return results
