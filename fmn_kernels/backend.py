@@ -13,7 +13,6 @@ The backend comes from the call's ``backend`` argument, else from the environmen
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import warnings
@@ -22,25 +21,24 @@ import torch
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 
-_ext_error: str | None = None
+_state: dict[str, object] = {}
 
 
-@functools.lru_cache(maxsize=None)
 def extension_loaded() -> bool:
     """Import the compiled extension ``fmn_kernels._C`` once; False if it is missing."""
-    global _ext_error
-    try:
-        from fmn_kernels import _C  # noqa: F401  (registers the fmn:: ops)
-    except ImportError as exc:
-        _ext_error = str(exc)
-        return False
-    return True
+    if "ext" not in _state:
+        try:
+            from fmn_kernels import _C  # noqa: F401  (registers the fmn:: ops)
+            _state["ext"], _state["ext_error"] = True, None
+        except ImportError as exc:
+            _state["ext"], _state["ext_error"] = False, str(exc)
+    return bool(_state["ext"])
 
 
 def extension_error() -> str | None:
     """Why the compiled extension could not be loaded, or None."""
     extension_loaded()
-    return _ext_error
+    return _state["ext_error"]
 
 
 def has_compiled_kernel(op: str, device_type: str) -> bool:
@@ -58,9 +56,10 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    if "triton" not in _state:
+        _state["triton"] = importlib.util.find_spec("triton") is not None
+    return bool(_state["triton"])
 
 
 def triton_runs_on(device_type: str) -> bool:

@@ -1,0 +1,30 @@
+"""Test set-up shared by every test file.
+
+Without a CUDA device the Triton kernels run in Triton's interpreter on CPU tensors
+(TRITON_INTERPRET=1, set before triton is imported); tests keep their shapes small there.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SLOW = os.environ.get("FMN_SLOW", "0") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_slow = pytest.mark.skip(reason="slow test: set FMN_SLOW=1 to run it")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "slow" in item.keywords and not SLOW:
+            item.add_marker(skip_slow)
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
