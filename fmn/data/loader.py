@@ -122,7 +122,10 @@ def _samples_of(data: Union[ReIDDataset, Sequence[Sample]]) -> List[Sample]:
 def _resolve_device(device, cache: bool) -> torch.device:
     if device is None:
         device = "cuda" if (cache and torch.cuda.is_available()) else "cpu"
-    return torch.device(device)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def make_train_loader(dataset: Union[ReIDDataset, Sequence[Sample]], height: int, width: int,
