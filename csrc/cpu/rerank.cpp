@@ -14,9 +14,10 @@
 //   5. Vqe[i] = (1 / Q) sum_{j in first Q of row i} V[j]   (Q = min(k_qe, N); Vqe = V if Q = 1).
 //   6. inverted index over gallery rows: column c -> [(j - q, Vqe[j, c])].
 //   7. per query row i: S(i, j) = sum_{c in supp Vqe[i]} sum_{(j, v) in index[c]} min(Vqe[i, c], v),
-//      J = 1 - S / (2 - S), final = (1 - lambda) J + lambda w(i, j) / rowmax_i with w from a GEMM
-//      over a chunk of query rows and all gallery columns; written out, or reduced to the m
-//      smallest (value, index) pairs.
+//      J = 1 - S / (2 - S), final = (1 - lambda) J + lambda w(i, j) / rowmax_i. Dense output: w
+//      is copied into the output from the kNN strips of the query rows and finished in place;
+//      topk: the same strips are recomputed (identical GEMM calls, so identical values) and each
+//      row is reduced to its m smallest (value, index) pairs.
 #include "cpu/rerank.h"
 
 #include <ATen/ATen.h>
@@ -148,27 +149,55 @@ std::tuple<at::Tensor, at::Tensor> rerank(
   const float* X = x.data_ptr<float>();
   const float* S2 = sq_t.data_ptr<float>();
 
+  // Output: dense (q, g), or the m smallest per query row.
+  at::Tensor out_val, out_idx;
+  if (topk == 0) {
+    out_val = at::empty({q, g}, x.options());
+    out_idx = at::empty({0}, x.options().dtype(at::kLong));
+  } else {
+    out_val = at::empty({q, topk}, x.options());
+    out_idx = at::empty({q, topk}, x.options().dtype(at::kLong));
+  }
+
+  // Strip [a, b): working distances w(r, a + j) for rows a <= r < b, columns a <= a + j < N, in
+  // a (b - a, N - a) buffer. The kNN pass and the topk output pass call it with the same blocks,
+  // so both see bitwise identical values.
+  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(512, (int64_t{1} << 22) / n));
+  auto strip_at = [&](int64_t a) {
+    const int64_t b = std::min(n, a + block);
+    const int64_t width = n - a;
+    at::Tensor strip = at::mm(x.narrow(0, a, b - a), x.narrow(0, a, width).t()).contiguous();
+    float* P = strip.data_ptr<float>();
+    at::parallel_for(a, b, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* row = P + (r - a) * width;
+        const float sr = S2[r];
+        for (int64_t j = 0; j < width; ++j) row[j] = working(sr, S2[a + j], row[j], square_twice);
+        row[r - a] = 0.0f;
+      }
+    });
+    return strip;
+  };
+
   // ---- 1. kNN with row maxima over symmetric strips ------------------------------------------
   std::vector<float> heap_val(n * L);
   std::vector<int64_t> heap_idx(n * L);
   std::vector<int64_t> heap_size(n, 0);
   std::vector<float> rowmax(n, 0.0f);
   {
-    const int64_t block = std::max<int64_t>(16, std::min<int64_t>(512, (int64_t{1} << 22) / n));
     for (int64_t a = 0; a < n; a += block) {
       const int64_t b = std::min(n, a + block);
       const int64_t width = n - a;
-      at::Tensor strip = at::mm(x.narrow(0, a, b - a), x.narrow(0, a, width).t()).contiguous();
+      at::Tensor strip = strip_at(a);
       float* P = strip.data_ptr<float>();
-      // dot products -> working distances, in place
-      at::parallel_for(a, b, 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          float* row = P + (r - a) * width;
-          const float sr = S2[r];
-          for (int64_t j = 0; j < width; ++j) row[j] = working(sr, S2[a + j], row[j], square_twice);
-          row[r - a] = 0.0f;
-        }
-      });
+      if (topk == 0 && a < q) {
+        // the query-gallery part of the strip is the dense output's w, finished in stage 7
+        float* O = out_val.data_ptr<float>();
+        at::parallel_for(a, std::min(b, q), 1, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r)
+            std::memcpy(O + r * g, P + (r - a) * width + (q - a), g * sizeof(float));
+        });
+      }
       // rows of the strip: columns a .. N-1
       at::parallel_for(a, b, 1, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
@@ -346,23 +375,10 @@ std::tuple<at::Tensor, at::Tensor> rerank(
     }
   }
 
-  // ---- 7. output, a chunk of query rows at a time -------------------------------------------
-  at::Tensor out_val, out_idx;
-  if (topk == 0) {
-    out_val = at::empty({q, g}, x.options());
-    out_idx = at::empty({0}, x.options().dtype(at::kLong));
-  } else {
-    out_val = at::empty({q, topk}, x.options());
-    out_idx = at::empty({q, topk}, x.options().dtype(at::kLong));
-  }
-  const at::Tensor xg = x.narrow(0, q, g);
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(q, (int64_t{1} << 22) / g));
-  at::Tensor buf = topk == 0 ? at::Tensor() : at::empty({chunk, g}, x.options());
-  for (int64_t r0 = 0; r0 < q; r0 += chunk) {
-    const int64_t r1 = std::min(q, r0 + chunk);
-    at::Tensor dst = topk == 0 ? out_val.narrow(0, r0, r1 - r0) : buf.narrow(0, 0, r1 - r0);
-    at::mm_out(dst, x.narrow(0, r0, r1 - r0), xg.t());
-    float* D = dst.data_ptr<float>();
+  // ---- 7. output, a strip of query rows at a time -------------------------------------------
+  // Row i: S from the inverted index, then final = (1 - lambda) J + lambda w / rowmax_i over the
+  // gallery, in place on w (dense: w already sits in the output; topk: w from the same strips).
+  auto finish_rows = [&](int64_t r0, int64_t r1, float* W, int64_t ld) {
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> s(g);
       std::vector<float> hv(topk > 0 ? topk : 1);
@@ -375,12 +391,10 @@ std::tuple<at::Tensor, at::Tensor> rerank(
           const float vi = iv[e];
           for (int64_t p = col_ptr[ic[e]]; p < col_ptr[ic[e] + 1]; ++p) s[inv_item[p]] += std::min(vi, inv_val[p]);
         }
-        float* row = D + (i - r0) * g;
-        const float si = S2[i];
+        float* row = W + (i - r0) * ld;
         const bool has_max = rowmax[i] > 0.0f;
         for (int64_t j = 0; j < g; ++j) {
-          const float wij = working(si, S2[q + j], row[j], square_twice);
-          const float dn = has_max ? wij / rowmax[i] : 0.0f;
+          const float dn = has_max ? row[j] / rowmax[i] : 0.0f;
           float jac = 1.0f - s[j] / (2.0f - s[j]);
           if (clamp_jaccard && jac < 0.0f) jac = 0.0f;
           row[j] = (1.0f - lam) * jac + lam * dn;
@@ -395,6 +409,15 @@ std::tuple<at::Tensor, at::Tensor> rerank(
         }
       }
     });
+  };
+  if (topk == 0) {
+    finish_rows(0, q, out_val.data_ptr<float>(), g);
+  } else {
+    for (int64_t a = 0; a < q; a += block) {
+      const int64_t width = n - a;
+      at::Tensor strip = strip_at(a);
+      finish_rows(a, std::min(q, a + block), strip.data_ptr<float>() + (q - a), width);
+    }
   }
   return std::make_tuple(out_val, out_idx);
 }
