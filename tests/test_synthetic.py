@@ -1,0 +1,108 @@
+"""The synthetic generator: layout, determinism, groups of look-alikes, part masks and keypoints."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fmn.data import DatasetError, build_dataset, load_parts
+from fmn.data.masks import KEYPOINT_NAMES, parts_paths
+from fmn.data.synthetic import _detail_distance, generate
+
+SMALL = dict(num_ids=8, num_cams=3, images_per_id_per_cam=2, height=32, width=16, progress=False,
+             num_distractors=2, num_junk=2)
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for dirpath, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for f in sorted(files):
+            p = os.path.join(dirpath, f)
+            h.update(os.path.relpath(p, root).encode())
+            with open(p, "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return generate(str(tmp_path_factory.mktemp("s") / "a"), seed=3, **SMALL)
+
+
+def test_layout_and_loader(synth):
+    ds = build_dataset("synthetic", synth)
+    meta = json.load(open(os.path.join(synth, "synthetic.json")))
+    assert ds.num_train_pids == 4                     # groups of 4 alternate: ids 1-4 train, 5-8 test
+    assert {p for _, p, _ in ds.query} == {5, 6, 7, 8}
+    gal_pids = {p for _, p, _ in ds.gallery}
+    assert 0 in gal_pids and -1 not in gal_pids       # distractors kept, junk dropped
+    assert any(n.startswith("-1_") for n in os.listdir(os.path.join(synth, "bounding_box_test")))
+    assert meta["counts"]["train"] == len(ds.train)
+    with Image.open(ds.train[0][0]) as im:
+        assert im.size == (16, 32)
+
+
+def test_deterministic_for_a_seed(synth, tmp_path):
+    again = generate(str(tmp_path / "b"), seed=3, **SMALL)
+    assert _digest(synth) == _digest(again)
+    other = generate(str(tmp_path / "c"), seed=4, **SMALL)
+    assert _digest(other) != _digest(synth)
+
+
+def test_masks_and_keypoints_present_and_valid(synth):
+    ds = build_dataset("synthetic", synth)
+    for path, _, _ in ds.train + ds.query + ds.gallery:
+        mask_path, kp_path = parts_paths(path)
+        assert os.path.isfile(mask_path) and os.path.isfile(kp_path)
+    mask, kp = ds.load_parts(ds.train[0][0])
+    assert mask.dtype == np.uint8 and mask.shape == (32, 16)
+    assert set(np.unique(mask)) <= {0, 1, 2, 3, 4, 5} and {1, 2, 3} <= set(np.unique(mask).tolist())
+    assert kp.shape == (len(KEYPOINT_NAMES), 3) and kp.dtype == np.float32
+    vis = kp[kp[:, 2] > 0]
+    assert len(vis) > 0 and (vis[:, 0] >= 0).all() and (vis[:, 0] < 16).all() and (vis[:, 1] < 32).all()
+
+
+def test_parts_errors_name_the_file(synth, tmp_path):
+    ds = build_dataset("synthetic", synth)
+    path = ds.query[0][0]
+    mask_path, kp_path = parts_paths(path)
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(str(tmp_path / "m.png"))
+    os.replace(mask_path, str(tmp_path / "orig.png"))
+    try:
+        with pytest.raises(DatasetError, match=r"body-part mask not found"):
+            load_parts(path)
+        os.replace(str(tmp_path / "m.png"), mask_path)
+        with pytest.raises(DatasetError, match=r"mask is 10x10 \(HxW\) but the image"):
+            load_parts(path)
+    finally:
+        os.replace(str(tmp_path / "orig.png"), mask_path)
+    assert load_parts(path)[0].shape == (32, 16)
+
+
+def test_groups_share_global_look_and_differ_locally(synth):
+    meta = json.load(open(os.path.join(synth, "synthetic.json")))
+    ids = meta["identities"]
+    by_group = {}
+    for i in ids:
+        by_group.setdefault(i["group"], []).append(i)
+    for members in by_group.values():
+        assert len({(tuple(m["upper"]), tuple(m["lower"]), m["build_w"]) for m in members}) == 1
+        for a in range(len(members)):
+            for b in range(a + 1, len(members)):
+                da = tuple(members[a][k] if not isinstance(members[a][k], list) else tuple(members[a][k])
+                           for k in ("hair", "hair_color", "shoes", "bag", "bag_color", "logo", "logo_color"))
+                db = tuple(members[b][k] if not isinstance(members[b][k], list) else tuple(members[b][k])
+                           for k in ("hair", "hair_color", "shoes", "bag", "bag_color", "logo", "logo_color"))
+                assert _detail_distance(da, db) >= 2
+
+
+def test_refuses_non_empty_folder_and_bad_args(synth, tmp_path):
+    with pytest.raises(FileExistsError):
+        generate(synth, **SMALL)
+    with pytest.raises(ValueError, match="num_cams"):
+        generate(str(tmp_path / "x"), num_ids=4, num_cams=1, progress=False)
+    with pytest.raises(DatasetError, match="synthetic.json"):
+        build_dataset("synthetic", str(tmp_path))
