@@ -185,7 +185,7 @@ def rerank(
         return values if topk is None else (values, indices)
     source = _sparse.FeatureDistances(query_feats, gallery_feats, square_twice=cfg.square_twice,
                                       use_triton=(name == "triton"))
-    return _sparse.rerank_sparse(source, cfg, topk=topk)
+    return _sparse.rerank_sparse(source, cfg, topk=topk, use_triton=(name == "triton"))
 
 
 def rerank_from_distances(

@@ -40,6 +40,11 @@ def _element_budget(device: torch.device) -> int:
     return 1 << 26 if device.type == "cuda" else 1 << 22
 
 
+def _pair_budget(device: torch.device) -> int:
+    """(query entry, index entry) pairs expanded at once for S."""
+    return 1 << 25 if device.type == "cuda" else 1 << 22
+
+
 def _rows_per_chunk(n_cols: int, device: torch.device, cap: int | None = None) -> int:
     rows = max(1, _element_budget(device) // max(1, n_cols))
     return rows if cap is None else max(1, min(rows, cap))
@@ -325,8 +330,12 @@ def _overlap_chunk(qcols, qvals, r0, r1, index, g: int, n: int) -> torch.Tensor:
     return s.view(r1 - r0, g)
 
 
-def rerank_sparse(src, cfg: Config, *, topk: int | None = None):
-    """Run the pipeline on a distance source (FeatureDistances or BlockDistances)."""
+def rerank_sparse(src, cfg: Config, *, topk: int | None = None, use_triton: bool = False):
+    """Run the pipeline on a distance source (FeatureDistances or BlockDistances).
+
+    use_triton: S per query chunk from the Triton kernel (fmn_kernels/triton/rerank.py) instead
+    of the expand-sort-sum torch path; the result is the same up to float32 summation order.
+    """
     n, q, g, dev = src.n, src.q, src.g, src.device
     k_fwd = min(cfg.k_forward, n)
     k_half = min(cfg.k_half, k_fwd)
@@ -350,7 +359,7 @@ def rerank_sparse(src, cfg: Config, *, topk: int | None = None):
     # pairs each query row will expand to, for chunking by work as well as by rows
     count = index[1]
     row_pairs = torch.where(qcols < n, count[qcols.clamp_max(n - 1)], torch.zeros_like(qcols)).sum(dim=1)
-    pair_budget = 1 << 25 if dev.type == "cuda" else 1 << 22
+    pair_budget = _pair_budget(dev)
     step = _rows_per_chunk(g, dev)
     bounds = []
     r0 = 0
@@ -370,7 +379,12 @@ def rerank_sparse(src, cfg: Config, *, topk: int | None = None):
         out_v = torch.empty(q, topk, dtype=torch.float32, device=dev)
         out_i = torch.empty(q, topk, dtype=torch.long, device=dev)
     for r0, r1 in bounds:
-        s = _overlap_chunk(qcols, qvals, r0, r1, index, g, n)
+        if use_triton:
+            from fmn_kernels.triton.rerank import jaccard_overlap
+
+            s = jaccard_overlap(qcols, qvals, r0, r1, index, g, n)
+        else:
+            s = _overlap_chunk(qcols, qvals, r0, r1, index, g, n)
         jac = 1.0 - s / (2.0 - s)
         if cfg.clamp_jaccard:
             jac.clamp_min_(0.0)
