@@ -110,6 +110,16 @@ def test_bad_inputs():
         evaluate(d, [1, 2], [1, 2, 3], [0, 0], [1, 1, 1])
 
 
+def test_torch_sort_path_matches(monkeypatch):
+    import fmn.metrics as M
+
+    g = torch.Generator().manual_seed(6)
+    prob = _random_problem(g, 120, 400, 20, 4, ties=True)
+    ref = evaluate_reference(*prob)
+    monkeypatch.setattr(M, "_NUMPY_SORT", False)
+    _assert_same(evaluate(*prob, chunk_elems=5000), ref)
+
+
 @pytest.mark.cuda
 def test_cuda_matches_cpu():
     g = torch.Generator().manual_seed(5)

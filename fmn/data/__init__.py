@@ -10,10 +10,13 @@ Names for :func:`build_dataset`: ``market1501``, ``dukemtmc``, ``cuhk03`` (``lab
 ``custom`` (a CSV ``path,pid,camid,split`` or a ``train/ query/ gallery/`` tree of identity
 folders) and ``synthetic`` (a folder written by :func:`fmn.data.synthetic.generate`).
 Every builder also takes ``check_query_in_gallery=True`` and ``verify_images=False`` (decode
-every image once, to find corrupt files before training).
+every image once, to find corrupt files before training). On load the summary table (identities,
+images, cameras per split) goes to the ``fmn.data`` logger at INFO level, and is printed with
+``verbose=True``.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Dict
 
@@ -78,6 +81,8 @@ def build_dataset(name: str, root: str, verify_images: bool = False, verbose: bo
     ds = DATASETS[key](root, **options)
     if verify_images:
         ds.verify_images(progress=verbose)
+    summary = ds.summary()
+    logging.getLogger("fmn.data").info("%s", summary)
     if verbose:
-        print(ds.summary())
+        print(summary)
     return ds
