@@ -6,7 +6,6 @@ a backend is chosen.
 from fmn_kernels.backend import extension_loaded, resolve
 from fmn_kernels.feature_mask import (
     FusedFeatureMask,
-    feature_mask,
     feature_mask_ref,
     spatial_mask_mul,
     spatial_mask_mul_ref,
@@ -17,7 +16,6 @@ from fmn_kernels.feature_mask import (
 __all__ = [
     "FusedFeatureMask",
     "extension_loaded",
-    "feature_mask",
     "feature_mask_ref",
     "resolve",
     "spatial_mask_mul",

@@ -41,15 +41,18 @@ def extension_error() -> str | None:
     return _state["ext_error"]
 
 
+@torch.compiler.assume_constant_result
 def has_compiled_kernel(op: str, device_type: str) -> bool:
     """True if the compiled op ``fmn::<op>`` has a kernel for ``device_type`` ("cpu" or "cuda")."""
-    if not extension_loaded():
+    if device_type not in ("cpu", "cuda") or not extension_loaded():
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fmn::{op}", key)
-    except RuntimeError:
-        return False
+    key = ("kernel", op, device_type)
+    if key not in _state:
+        try:
+            _state[key] = torch._C._dispatch_has_kernel_for_dispatch_key(f"fmn::{op}", device_type.upper())
+        except RuntimeError:
+            _state[key] = False
+    return bool(_state[key])
 
 
 def triton_interpret() -> bool:

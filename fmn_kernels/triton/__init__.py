@@ -1,0 +1,1 @@
+"""Triton kernels of fmn's ops. Importing a module here imports triton."""
