@@ -140,3 +140,12 @@ def resolve(op: str, backend: str | None, device: torch.device, *, triton_ok: bo
         why = f"Triton does not run on {dev}"
     _warn_once(op, name, dev, why)
     return "torch"
+
+
+def available(op: str, device: torch.device | str, *, triton_ok: bool = True) -> list[str]:
+    """The kernel backends (not counting 'torch') that can run ``op`` on ``device`` here."""
+    dev = torch.device(device).type
+    names = [dev] if has_compiled_kernel(op, dev) else []
+    if triton_ok and triton_runs_on(dev):
+        names.append("triton")
+    return names

@@ -26,12 +26,7 @@ fm = sys.modules["fmn_kernels.feature_mask"]
 
 
 def _backends(device):
-    names = ["torch"]
-    if B.has_compiled_kernel("spatial_mask_mul", device):
-        names.append(device)
-    if B.triton_runs_on(device):
-        names.append("triton")
-    return names
+    return ["torch"] + B.available("spatial_mask_mul", device)
 
 
 CASES = [(d, b) for d in (["cpu"] + (["cuda"] if HAS_CUDA else [])) for b in _backends(d)]

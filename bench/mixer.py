@@ -1,0 +1,206 @@
+"""Benchmark of the fused feature-mask op (FMN's mixing network).
+
+    python bench/mixer.py                      # the default shapes for this device
+    python bench/mixer.py --B 64 --C 64 256 --HW 64x32 56x56 --M 2048 --dtype fp32 bf16
+    python bench/mixer.py --csv results.csv    # also append the rows to a CSV
+
+Compares FusedFeatureMask (every kernel backend available here) with eager PyTorch
+(``f * exp(relu(g @ W + b)).view(B, 1, H, W)`` with autograd) and with ``torch.compile`` of that
+reference, for forward, backward and forward+backward. bf16 runs under torch.autocast, as a model
+would. Reports median times, the ratio to eager and to torch.compile, the bytes the fused op must
+move (forward: read f, write o; backward: read do and f, write df when f needs grad) as GB/s and
+as a percentage of the measured device-to-device copy bandwidth, and the peak memory of
+forward+backward (CUDA only).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from fmn_kernels import FusedFeatureMask, backend as fmn_backend  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def eager_mixer(f, g, weight, bias):
+    B, _, H, W = f.shape
+    return f * torch.exp(torch.relu(g @ weight + bias)).view(B, 1, H, W)
+
+
+class Timer:
+    """Median wall time of a callable: CUDA events on a GPU, perf_counter on CPU."""
+
+    def __init__(self, device: torch.device, warmup: int, reps: int):
+        self.device, self.warmup, self.reps = device, warmup, reps
+
+    def __call__(self, fn) -> float:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            for _ in range(self.reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+        else:
+            for _ in range(self.reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+def copy_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, timer: Timer) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (bytes read + written)."""
+    src = torch.randn(numel, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    t = timer(lambda: dst.copy_(src))
+    return 2 * numel * src.element_size() / t
+
+
+def run_case(name, fn_module, f, g, timer, amp_dtype, device):
+    """(forward, backward, forward+backward) median seconds and peak bytes for one implementation."""
+    ctx = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else None
+
+    def forward():
+        if ctx is None:
+            return fn_module(f, g)
+        with ctx():
+            return fn_module(f, g)
+
+    params = [p for p in (g, f) if p.requires_grad] + list(fn_module.parameters())
+    with torch.no_grad():
+        t_fwd = timer(forward)
+    out = forward()
+    grad = torch.randn_like(out)
+    t_bwd = timer(lambda: torch.autograd.grad(out, params, grad, retain_graph=True))
+    del out
+
+    def fwd_bwd():
+        o = forward()
+        torch.autograd.grad(o, params, grad)
+
+    t_both = timer(fwd_bwd)
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    return t_fwd, t_bwd, t_both, peak
+
+
+class Eager(torch.nn.Module):
+    def __init__(self, mixer):
+        super().__init__()
+        self.weight, self.bias = mixer.weight, mixer.bias
+
+    def forward(self, f, g):
+        return eager_mixer(f, g, self.weight, self.bias)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--B", type=int, nargs="+", default=None, help="batch sizes (GPU 64, CPU 32)")
+    p.add_argument("--C", type=int, nargs="+", default=None, help="channels (GPU 64 256, CPU 64)")
+    p.add_argument("--HW", nargs="+", default=None, help="HxW list (GPU 64x32 56x56, CPU 64x32)")
+    p.add_argument("--M", type=int, default=2048, help="global feature size")
+    p.add_argument("--dtype", nargs="+", default=None, choices=sorted(DTYPES), help="GPU fp32 bf16, CPU fp32")
+    p.add_argument("--no-f-grad", action="store_true", help="f does not require grad (FMN stage 2)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--backends", nargs="+", default=None, help="fused backends (default: all available)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--csv", default=None, help="append the rows to this CSV file")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    Bs = args.B or ([64] if gpu else [32])
+    Cs = args.C or ([64, 256] if gpu else [64])
+    HWs = [tuple(int(v) for v in s.lower().split("x")) for s in (args.HW or (["64x32", "56x56"] if gpu else ["64x32"]))]
+    dtypes = args.dtype or (["fp32", "bf16"] if gpu else ["fp32"])
+    timer = Timer(device, args.warmup or (10 if gpu else 3), args.reps or (100 if gpu else 15))
+    if args.backends:
+        backends = args.backends
+    else:
+        backends = [b for b in fmn_backend.available("spatial_mask_mul", device)
+                    if device.type == "cuda" or b != "triton"]  # Triton's CPU interpreter is no fast path
+    if not backends:
+        print("fmn: no kernel backend is available on this device; comparing the torch reference only")
+        backends = ["torch"]
+
+    dev_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"# bench/mixer.py  {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  device: {dev_name}  "
+          f"torch {torch.__version__}  f requires grad: {not args.no_f_grad}")
+    header = ("impl", "dtype", "B", "C", "HxW", "fwd ms", "bwd ms", "f+b ms", "f+b vs eager", "f+b vs compile",
+              "fwd GB/s", "fwd %copy", "bwd GB/s", "bwd %copy", "peak MB")
+    rows = []
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        amp = None if dtype == torch.float32 else dtype
+        for B in Bs:
+            for C in Cs:
+                for H, W in HWs:
+                    torch.manual_seed(0)
+                    f = torch.randn(B, C, H, W, device=device, dtype=dtype)
+                    f.requires_grad_(not args.no_f_grad)
+                    g = torch.randn(B, args.M, device=device, dtype=dtype, requires_grad=True)
+                    mixer = FusedFeatureMask(args.M, (H, W)).to(device)
+                    eager = Eager(mixer)
+                    impls = [("eager", eager)]
+                    if not args.no_compile:
+                        impls.append(("compile", torch.compile(eager)))
+                    for b in backends:
+                        m = FusedFeatureMask(args.M, (H, W), backend=b).to(device)
+                        m.load_state_dict(mixer.state_dict())
+                        impls.append((f"fused[{b}]", m))
+                    bw = copy_bandwidth(f.numel(), dtype, device, timer)
+                    n_bytes = f.numel() * f.element_size()
+                    fwd_bytes = 2 * n_bytes
+                    bwd_bytes = (3 if not args.no_f_grad else 2) * n_bytes
+                    results = {}
+                    for name, mod in impls:
+                        results[name] = run_case(name, mod, f, g, timer, amp, device)
+                    for name, (tf, tb, tfb, peak) in results.items():
+                        vs_eager = results["eager"][2] / tfb
+                        vs_comp = results["compile"][2] / tfb if "compile" in results else float("nan")
+                        rows.append((name, dname, B, C, f"{H}x{W}", tf * 1e3, tb * 1e3, tfb * 1e3, vs_eager, vs_comp,
+                                     fwd_bytes / tf / 1e9, 100 * fwd_bytes / tf / bw,
+                                     bwd_bytes / tb / 1e9, 100 * bwd_bytes / tb / bw,
+                                     peak / 2**20 if peak is not None else float("nan")))
+                    print(f"  {dname} B={B} C={C} {H}x{W}: copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+
+    widths = [max(len(h), 9) for h in header]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        cells = [c if isinstance(c, str) else (str(c) if isinstance(c, int) else f"{c:.3f}") for c in r]
+        print("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
+    if args.csv:
+        new = not os.path.exists(args.csv)
+        with open(args.csv, "a", newline="") as fh:
+            w = csv.writer(fh)
+            if new:
+                w.writerow(("date", "device", "f_requires_grad") + header)
+            for r in rows:
+                w.writerow((datetime.now(timezone.utc).isoformat(timespec="seconds"), dev_name, not args.no_f_grad) + r)
+        print(f"appended {len(rows)} rows to {args.csv}")
+
+
+if __name__ == "__main__":
+    main()
