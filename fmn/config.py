@@ -71,6 +71,14 @@ DEFAULTS: dict[str, Any] = {
     "output": {
         "dir": "runs/market1501",
     },
+    "synth": {                           # the synthetic dataset written by `fmn synth` / `fmn demo`
+        "num_ids": 96,
+        "num_cams": 4,
+        "images_per_id_per_cam": 4,
+        "height": 128,
+        "width": 64,
+        "seed": 0,
+    },
 }
 
 BACKBONE_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -294,6 +302,12 @@ def validate(cfg: dict) -> dict:
     _bool(cfg, "eval.rerank")
     _int(cfg, "eval.batch_size", lo=1)
     _str(cfg, "output.dir")
+    _int(cfg, "synth.num_ids", lo=2)
+    _int(cfg, "synth.num_cams", lo=2)
+    _int(cfg, "synth.images_per_id_per_cam", lo=1)
+    _int(cfg, "synth.height", lo=16)
+    _int(cfg, "synth.width", lo=8)
+    _int(cfg, "synth.seed", lo=0)
     return cfg
 
 

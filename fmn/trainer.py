@@ -255,7 +255,7 @@ class Trainer:
                 f"stage {stage}: the loss is {loss.item()} (not finite); training stopped before this "
                 f"step was applied. The last good checkpoint is {self.last_checkpoint}"
                 + ("" if os.path.exists(self.last_checkpoint) else " (none written yet)")
-                + ". Try a lower learning rate, train.amp=none or train.grad_clip."
+                + ". Try a lower learning rate, train.grad_clip, model.mask_max_logit or train.amp=none."
             )
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:

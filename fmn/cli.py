@@ -1,0 +1,418 @@
+"""The ``fmn`` command line.
+
+    fmn demo                                   synthetic data -> train both stages -> results, PNGs
+    fmn synth --out data/synthetic             write the synthetic dataset
+    fmn train --config configs/market1501.yaml --set data.root=/data/market1501
+    fmn eval --checkpoint runs/market1501/model.pt
+    fmn rerank --query q.pt --gallery g.pt --out dist.pt
+    fmn visualize --checkpoint runs/market1501/model.pt --out runs/market1501/vis
+
+Settings come from the defaults (the paper's), then ``--config FILE``, then each
+``--set key=value`` (dotted keys, YAML values). ``fmn <command> --help`` lists the options.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+EPILOG = """\
+configuration:
+  Defaults follow the paper (ResNet-50, pool1 mask, SGD momentum 0.9, stage 1: lr 0.1 -> 0.01
+  after 20 of 30 epochs, stage 2: lr 0.1 -> 0.01 after 35 of 45 epochs, 256x128 inputs).
+  --config FILE   a YAML file with any of the sections model, data, train, eval, output, synth
+  --set KEY=VAL   override one value, e.g. --set train.stage1.lr=0.05 --set data.root=/data/m
+  Example configs: configs/market1501.yaml, dukemtmc.yaml, cuhk03.yaml, demo.yaml
+
+multi-GPU / multi-process:
+  torchrun --nproc_per_node=8 -m fmn.cli train --config configs/market1501.yaml
+  (data.batch_size is per process; gloo on CPU, nccl on GPU)
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.stage1.epochs=10")
+
+
+def _add_shortcuts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", help="same as --set data.root=PATH")
+    p.add_argument("--output", "-o", help="same as --set output.dir=PATH")
+    p.add_argument("--device", help="same as --set train.device=DEV (auto, cpu, cuda, cuda:N)")
+
+
+def _overrides(args) -> list[str]:
+    extra = []
+    if getattr(args, "data_root", None):
+        extra.append(f"data.root={args.data_root}")
+    if getattr(args, "output", None):
+        extra.append(f"output.dir={args.output}")
+    if getattr(args, "device", None):
+        extra.append(f"train.device={args.device}")
+    if getattr(args, "pretrained", None):
+        extra.append(f"model.pretrained={args.pretrained}")
+    return list(args.overrides) + extra
+
+
+def _load_cfg(args):
+    from fmn.config import load_config
+
+    return load_config(args.config, _overrides(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fmn",
+        description="Feature Mask Network for person re-identification: train, evaluate, re-rank, visualise.\n"
+        "Start with `fmn demo` (about 10 minutes on a laptop CPU): it writes a synthetic dataset, trains\n"
+        "both FMN stages and reports GRN / LAN / FMN rank-1 and mAP with and without re-ranking.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="synthetic data -> two-stage training -> evaluation, ranked list, heatmaps",
+                       description="Run the whole pipeline on the synthetic dataset: generate it (once), train GRN "
+                       "(stage 1) and MN + LAN (stage 2), evaluate GRN, LAN and FMN with and without re-ranking, "
+                       "write results.json, ranked_list.png and heatmaps.png under the output folder.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    _add_config_args(p)
+    _add_shortcuts(p)
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in the output folder")
+
+    p = sub.add_parser("synth", help="write the synthetic re-ID dataset (Market-1501 layout + part masks)",
+                       description="Write the synthetic dataset: pedestrian-like identities that share global "
+                       "appearance within groups and differ in local details, seen by several cameras.")
+    p.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    _add_config_args(p)
+    p.add_argument("--ids", type=int, help="number of identities (synth.num_ids)")
+    p.add_argument("--cams", type=int, help="number of cameras (synth.num_cams)")
+    p.add_argument("--images-per-cam", type=int, help="images per identity per camera")
+    p.add_argument("--seed", type=int, help="random seed (synth.seed)")
+
+    p = sub.add_parser("train", help="train both FMN stages (Algorithm 1), resuming from the output folder",
+                       description="Train GRN (stage 1), then MN + LAN with GRN frozen (stage 2). A checkpoint "
+                       "<output>/last.pt is written every epoch; rerunning the same command resumes from it. "
+                       "The final model is <output>/model.pt.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    _add_config_args(p)
+    _add_shortcuts(p)
+    p.add_argument("--pretrained", metavar="PATH", help="local torchvision ImageNet checkpoint for the backbone")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if last.pt exists")
+    p.add_argument("--eval", action="store_true", help="evaluate on query/gallery after training")
+
+    p = sub.add_parser("eval", help="evaluate a trained model: GRN, LAN, FMN rank-k and mAP (+ re-ranking)",
+                       description="Evaluate a checkpoint on its dataset's query/gallery split. The config stored "
+                       "in the checkpoint is used; --set overrides it (e.g. --set data.root=...).")
+    p.add_argument("--checkpoint", required=True, help="model.pt or last.pt written by fmn train")
+    _add_config_args(p)
+    _add_shortcuts(p)
+    p.add_argument("--no-rerank", action="store_true", help="skip k-reciprocal re-ranking rows")
+    p.add_argument("--json", help="write the results here (default: next to the checkpoint)")
+
+    p = sub.add_parser("rerank", help="k-reciprocal re-ranking of saved query/gallery features",
+                       description="Re-rank query x gallery distances from feature files (.pt tensor or .npy "
+                       "array, one row per image) with k-reciprocal encoding (Zhong et al. 2017).")
+    p.add_argument("--query", required=True, help="query features (q, d): .pt or .npy")
+    p.add_argument("--gallery", required=True, help="gallery features (g, d): .pt or .npy")
+    p.add_argument("--out", required=True, help="output .pt or .npy: the (q, g) distance, or with --topk "
+                   "a dict/npz of values and indices")
+    p.add_argument("--k1", type=int, default=20)
+    p.add_argument("--k2", type=int, default=6)
+    p.add_argument("--lambda-value", type=float, default=0.3)
+    p.add_argument("--topk", type=int, help="keep only the k smallest distances per query")
+
+    p = sub.add_parser("visualize", help="ranked-list PNG and attention heatmaps (mask, GRN, LAN) of a model",
+                       description="Write ranked_list.png (top-10 gallery images per query, green = same "
+                       "identity) and heatmaps.png (paper Fig. 4: query, GRN rank-1, FMN rank-1 with the "
+                       "predicted mask and the GRN and LAN activation maps).")
+    p.add_argument("--checkpoint", required=True)
+    _add_config_args(p)
+    _add_shortcuts(p)
+    p.add_argument("--out", help="output folder (default: <checkpoint folder>/vis)")
+    p.add_argument("--queries", type=int, default=6, help="number of queries in the ranked list")
+    p.add_argument("--cases", type=int, default=3, help="number of query cases in the heatmap figure")
+    return parser
+
+
+# ----------------------------------------------------------------------------- helpers
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def load_trained(checkpoint: str, overrides: list[str] | None = None, config: str | None = None):
+    """(model in eval mode, config) from a checkpoint written by the trainer."""
+    from fmn.checkpoint import load_checkpoint
+    from fmn.config import apply_override, load_config, validate
+    from fmn.trainer import build_model_from_config
+
+    state = load_checkpoint(checkpoint)
+    if "config" not in state or "model" not in state:
+        raise SystemExit(f"fmn: {checkpoint} is not a checkpoint written by `fmn train`")
+    if config is not None:
+        cfg = load_config(config)
+        cfg["model"] = state["config"]["model"]
+        cfg["data"]["height"], cfg["data"]["width"] = state["config"]["data"]["height"], state["config"]["data"]["width"]
+    else:
+        cfg = state["config"]
+    cfg["model"]["pretrained"] = None
+    for o in overrides or []:
+        apply_override(cfg, o)
+    validate(cfg)
+    model = build_model_from_config(cfg, int(state["num_classes"]))
+    model.load_state_dict(state["model"])
+    if hasattr(model, "set_stage"):
+        model.set_stage(int(state.get("stage", 2)))
+    model.eval()
+    return model, cfg
+
+
+def _device(cfg):
+    from fmn.trainer import resolve_device
+
+    return resolve_device(cfg["train"]["device"])
+
+
+def _dataset(cfg):
+    from fmn.data import build_dataset
+
+    d = cfg["data"]
+    return build_dataset(d["name"], d["root"], **d["options"])
+
+
+def _features(model, dataset, cfg, device):
+    from fmn.data import make_test_loader
+    from fmn.evaluator import extract_features
+
+    d, e = cfg["data"], cfg["eval"]
+    show = cfg["train"]["progress"]
+    out = []
+    for samples in (dataset.query, dataset.gallery):
+        loader = make_test_loader(samples, d["height"], d["width"], batch_size=e["batch_size"], workers=d["workers"])
+        out.append(extract_features(model, loader, device, flip=e["flip"], progress=show))
+    return out
+
+
+def _write_results(path, dataset, cfg, results, seconds, extra=None):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    payload = {
+        "dataset": dataset.name, "root": dataset.root, "num_query": len(dataset.query),
+        "num_gallery": len(dataset.gallery), "height": cfg["data"]["height"], "width": cfg["data"]["width"],
+        "flip": cfg["eval"]["flip"], "alpha": cfg["eval"]["alpha"], "rerank": cfg["eval"]["rerank"],
+        "seconds": round(seconds, 3), "results": results,
+    }
+    payload.update(extra or {})
+    with open(path, "w") as fh:
+        json.dump(payload, fh, indent=2)
+
+
+def evaluate_and_visualize(model, dataset, cfg, device, out_dir, json_path=None, visualize=True,
+                           queries=6, cases=3, extra=None):
+    """Features once -> results table (+ JSON), ranked-list PNG and Fig. 4 heatmaps."""
+    from fmn.evaluator import evaluate_features, format_results, fuse
+    from fmn.metrics import euclidean_distance
+
+    t0 = time.time()
+    (qf, qp, qc, qpaths), (gf, gp, gc, gpaths) = _features(model, dataset, cfg, device)
+    e = cfg["eval"]
+    results = evaluate_features(qf, gf, qp, gp, qc, gc, rerank=e["rerank"], alpha=e["alpha"])
+    seconds = time.time() - t0
+    _log(format_results(results, title=f"{dataset.name}: {len(dataset.query)} queries, "
+                                        f"{len(dataset.gallery)} gallery images"))
+    outputs = {}
+    if json_path:
+        _write_results(json_path, dataset, cfg, results, seconds, extra)
+        outputs["results"] = json_path
+    if visualize and "grn" in qf and "lan" in qf:
+        import torch.nn.functional as F
+
+        from fmn.heatmap import fig4, pick_fig4_cases
+        from fmn.visualize import ranked_list
+
+        d_fmn = euclidean_distance(fuse(qf["grn"], qf["lan"], e["alpha"]), fuse(gf["grn"], gf["lan"], e["alpha"]))
+        d_grn = euclidean_distance(F.normalize(qf["grn"], dim=1), F.normalize(gf["grn"], dim=1))
+        picked = pick_fig4_cases(d_grn, d_fmn, qp, gp, qc, gc, count=max(cases, queries))
+        rl = os.path.join(out_dir, "ranked_list.png")
+        ranked_list(d_fmn, qpaths, gpaths, qp, gp, qc, gc, rl, queries=[c[0] for c in picked[:queries]], topk=10)
+        hm = os.path.join(out_dir, "heatmaps.png")
+        fig4(model, qpaths, gpaths, picked[:cases], qp, gp, hm, cfg["data"]["height"], cfg["data"]["width"], device)
+        outputs.update(ranked_list=rl, heatmaps=hm)
+        _log(f"wrote {rl}\nwrote {hm}")
+    return results, outputs
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_synth(args) -> int:
+    from fmn.config import load_config
+    from fmn.data.synthetic import generate
+
+    cfg = load_config(args.config, args.overrides)
+    s = dict(cfg["synth"])
+    for key, val in (("num_ids", args.ids), ("num_cams", args.cams),
+                     ("images_per_id_per_cam", args.images_per_cam), ("seed", args.seed)):
+        if val is not None:
+            s[key] = val
+    generate(args.out, num_ids=s["num_ids"], num_cams=s["num_cams"], seed=s["seed"],
+             images_per_id_per_cam=s["images_per_id_per_cam"], height=s["height"], width=s["width"])
+    _log(f"wrote the synthetic dataset to {args.out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from fmn.trainer import run_training
+
+    cfg = _load_cfg(args)
+    summary = run_training(cfg, resume=not args.no_resume, log=_log)
+    from fmn import distributed as fdist
+
+    info = fdist.current()
+    if info.is_main:
+        _log(f"final model: {summary['checkpoint']}  ({summary['seconds']:.1f}s)")
+    if args.eval and info.is_main:
+        model = summary["model"]
+        device = next(model.parameters()).device
+        evaluate_and_visualize(model, summary["dataset"], cfg, device, cfg["output"]["dir"],
+                               json_path=os.path.join(cfg["output"]["dir"], "results.json"), visualize=False)
+    fdist.cleanup()
+    return 0
+
+
+def cmd_eval(args) -> int:
+    model, cfg = load_trained(args.checkpoint, _overrides(args), args.config)
+    if args.no_rerank:
+        cfg["eval"]["rerank"] = False
+    device = _device(cfg)
+    model.to(device)
+    json_path = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "results.json")
+    evaluate_and_visualize(model, _dataset(cfg), cfg, device, os.path.dirname(json_path), json_path=json_path,
+                           visualize=False)
+    _log(f"wrote {json_path}")
+    return 0
+
+
+def _read_feats(path):
+    import numpy as np
+    import torch
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"fmn rerank: feature file not found: {path}")
+    if path.endswith(".npy"):
+        return torch.from_numpy(np.load(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not torch.is_tensor(obj):
+        raise SystemExit(f"fmn rerank: {path} must hold one tensor (n, d), got {type(obj).__name__}")
+    return obj
+
+
+def cmd_rerank(args) -> int:
+    import numpy as np
+    import torch
+
+    from fmn_kernels.rerank import rerank
+
+    q, g = _read_feats(args.query), _read_feats(args.gallery)
+    if q.dim() != 2 or g.dim() != 2 or q.shape[1] != g.shape[1]:
+        raise SystemExit(f"fmn rerank: expected (q, d) and (g, d) features, got {tuple(q.shape)} and {tuple(g.shape)}")
+    t0 = time.time()
+    res = rerank(q.float(), g.float(), k1=args.k1, k2=args.k2, lambda_value=args.lambda_value, topk=args.topk)
+    if args.topk:
+        values, indices = res
+        if args.out.endswith(".npy") or args.out.endswith(".npz"):
+            out = args.out if args.out.endswith(".npz") else args.out[:-4] + ".npz"
+            np.savez(out, values=values.cpu().numpy(), indices=indices.cpu().numpy())
+        else:
+            out = args.out
+            torch.save({"values": values.cpu(), "indices": indices.cpu()}, out)
+    else:
+        out = args.out
+        if out.endswith(".npy"):
+            np.save(out, res.cpu().numpy())
+        else:
+            torch.save(res.cpu(), out)
+    _log(f"re-ranked {q.shape[0]} x {g.shape[0]} in {time.time() - t0:.2f}s -> {out}")
+    return 0
+
+
+def cmd_visualize(args) -> int:
+    model, cfg = load_trained(args.checkpoint, _overrides(args), args.config)
+    device = _device(cfg)
+    model.to(device)
+    cfg["eval"]["rerank"] = False
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "vis")
+    evaluate_and_visualize(model, _dataset(cfg), cfg, device, out, queries=args.queries, cases=args.cases)
+    return 0
+
+
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+
+
+def cmd_demo(args) -> int:
+    from fmn.config import load_config
+    from fmn.data.synthetic import generate
+    from fmn.trainer import run_training
+
+    t0 = time.time()
+    config = args.config or (DEMO_CONFIG if os.path.isfile(DEMO_CONFIG) else None)
+    cfg = load_config(config, _overrides(args))
+    out = cfg["output"]["dir"]
+    root = cfg["data"]["root"]
+    if cfg["data"]["name"] == "synthetic" and not os.path.isfile(os.path.join(root, "synthetic.json")):
+        s = cfg["synth"]
+        _log(f"[1/4] writing the synthetic dataset to {root}")
+        generate(root, num_ids=s["num_ids"], num_cams=s["num_cams"], seed=s["seed"],
+                 images_per_id_per_cam=s["images_per_id_per_cam"], height=s["height"], width=s["width"],
+                 progress=cfg["train"]["progress"])
+    else:
+        _log(f"[1/4] using the dataset at {root}")
+    t_data = time.time() - t0
+    _log("[2/4] training stage 1 (GRN) and stage 2 (MN + LAN)")
+    summary = run_training(cfg, resume=not args.fresh, log=_log)
+    t_train = time.time() - t0 - t_data
+    model, dataset = summary["model"], summary["dataset"]
+    device = next(model.parameters()).device
+    _log("[3/4] evaluating GRN, LAN and FMN (with and without re-ranking)")
+    _log("[4/4] writing results.json, ranked_list.png and heatmaps.png")
+    extra = {"timing_seconds": {"data": round(t_data, 1), "train": round(t_train, 1)}}
+    results, outputs = evaluate_and_visualize(model, dataset, cfg, device, out,
+                                              json_path=os.path.join(out, "results.json"), extra=extra)
+    total = time.time() - t0
+    with open(outputs["results"]) as fh:
+        payload = json.load(fh)
+    payload["timing_seconds"]["total"] = round(total, 1)
+    with open(outputs["results"], "w") as fh:
+        json.dump(payload, fh, indent=2)
+    grn, fmn_row = results.get("GRN", {}), results.get("FMN", {})
+    if grn and fmn_row:
+        verdict = "above" if fmn_row["mAP"] > grn["mAP"] else "NOT above"
+        _log(f"FMN mAP {fmn_row['mAP']:.1f} is {verdict} GRN mAP {grn['mAP']:.1f}")
+    _log(f"demo finished in {total / 60:.1f} min (data {t_data:.0f}s, training {t_train:.0f}s); outputs in {out}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "train": cmd_train, "eval": cmd_eval,
+            "rerank": cmd_rerank, "visualize": cmd_visualize}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fmn.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"fmn {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"fmn {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
