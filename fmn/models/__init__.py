@@ -80,3 +80,6 @@ __all__ = [
     "resnet50",
     "resnet101",
 ]
+
+# MMGA, MGRAN and PMM register themselves ("mmga", "mgran", "pmm") when imported.
+from fmn.models import mgran, mmga, pmm  # noqa: E402,F401

@@ -1,0 +1,97 @@
+"""What MMGA, MGRAN and PMM share: the backbone, the neck, the keyword handling and the loss API.
+
+Every model here:
+  * is built as ``Model(num_classes=..., backbone=..., input_size=..., pretrained=..., base_width=...,
+    last_stride=..., backend=..., <its own options>)``; the FMN-only keys of the generic model
+    config (``local_layer``, ``mask_max_logit``) are accepted and ignored;
+  * runs ``forward(img, batch=None)``: in training ``batch`` is the loader's batch on the model's
+    device (``pid``, ``parts``) and the output is a dict of logits and features; in eval mode the
+    output is the evaluator's dict of branch features plus ``descriptor``;
+  * computes its objective with ``loss(outputs, batch) -> (loss, stats)``;
+  * passes ``backend`` to every ``fmn_kernels`` call (``set_backend`` changes it).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmn.models.heads import ClassifierHead
+from fmn.models.resnet import BACKBONES, build_resnet, load_pretrained
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+IGNORED_KEYS = ("local_layer", "mask_max_logit")
+
+
+BASE_KEYS = ("backbone", "input_size", "pretrained", "base_width", "last_stride", "bnneck", "dropout", "backend",
+             "label_smoothing", "triplet_weight", "triplet_margin")
+
+
+def split_kwargs(model: str, kwargs: dict) -> dict:
+    """Pop the ``SeedModel`` keywords out of ``kwargs`` and return them; an error for any key
+    left that is neither the model's own (already taken) nor in ``IGNORED_KEYS``."""
+    base = {k: kwargs.pop(k) for k in list(kwargs) if k in BASE_KEYS}
+    bad = sorted(k for k in kwargs if k not in IGNORED_KEYS)
+    if bad:
+        raise TypeError(f"{model}: unknown option(s) {', '.join(bad)}")
+    return base
+
+
+def check_stages(model: str, key: str, names: Sequence[str]) -> tuple:
+    names = tuple(names)
+    for n in names:
+        if n not in STAGES:
+            raise ValueError(f"{model}: {key} has unknown stage {n!r}; expected some of {', '.join(STAGES)}")
+    if list(names) != sorted(set(names), key=STAGES.index):
+        raise ValueError(f"{model}: {key} must list distinct stages in network order, got {list(names)}")
+    return names
+
+
+class SeedModel(nn.Module):
+    """Backbone + identity heads, and the shared plumbing of the models above."""
+
+    def __init__(self, name: str, num_classes: int, backbone: str = "resnet50",
+                 input_size: Sequence[int] = (256, 128), pretrained: str | os.PathLike | None = None,
+                 base_width: int = 64, last_stride: int = 2, bnneck: bool = True, dropout: float = 0.0,
+                 backend: str | None = None, label_smoothing: float = 0.0, triplet_weight: float = 0.0,
+                 triplet_margin: float = 0.3):
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"{name}: unknown backbone '{backbone}'; expected one of {', '.join(BACKBONES)}")
+        self.model_name = name
+        self.num_classes = int(num_classes)
+        self.input_size = tuple(int(v) for v in input_size)
+        self.backend = backend
+        self.bnneck = bool(bnneck)
+        self.dropout = float(dropout)
+        self.label_smoothing = float(label_smoothing)
+        self.triplet_weight = float(triplet_weight)
+        self.triplet_margin = float(triplet_margin)
+        self.backbone = build_resnet(backbone, num_classes=0, base_width=base_width, last_stride=last_stride)
+        if pretrained:
+            load_pretrained(self.backbone, pretrained)
+        self.channels = self.backbone.stage_channels()
+
+    def set_backend(self, backend: str | None) -> "SeedModel":
+        self.backend = backend
+        return self
+
+    def head(self, dim: int) -> ClassifierHead:
+        return ClassifierHead(dim, self.num_classes, bnneck=self.bnneck, dropout=self.dropout)
+
+    @staticmethod
+    def descriptor(feats: List[torch.Tensor]) -> torch.Tensor:
+        """[f_1/|f_1|, ..., f_n/|f_n|] / sqrt(n): unit length, each branch weighted equally."""
+        return torch.cat([F.normalize(f.float(), dim=1) for f in feats], dim=1) / (len(feats) ** 0.5)
+
+    def metric_loss(self, feat: torch.Tensor, pid: torch.Tensor, stats: Dict[str, torch.Tensor]):
+        if self.triplet_weight <= 0:
+            return None
+        from fmn.losses import batch_hard_triplet
+
+        tri = batch_hard_triplet(feat, pid, self.triplet_margin)
+        stats["triplet"] = tri.detach()
+        return self.triplet_weight * tri
