@@ -22,6 +22,7 @@
 #include <cmath>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace fmn {
 namespace spatial_mask {
@@ -189,6 +190,13 @@ void Output::finish() {
   if (!target.is_same(result)) result.copy_(target);
 }
 
+at::Tensor dlogits_like(const at::Tensor& logits, const at::Tensor& dlogits_acc) {
+  if (logits.scalar_type() == dlogits_acc.scalar_type() && logits.is_contiguous()) return dlogits_acc;
+  at::Tensor dlogits = at::empty_like(logits);
+  dlogits.copy_(dlogits_acc);
+  return dlogits;
+}
+
 }  // namespace spatial_mask
 
 namespace cpu {
@@ -199,77 +207,57 @@ using spatial_mask::Layout;
 using spatial_mask::Problem;
 using spatial_mask::Strides3;
 
-// Positions of one (b, hw) tile whose mask values live on the stack.
-constexpr int64_t kMaxTile = 512;
 // Elements a parallel chunk should hold at least, so that small problems stay on one thread.
 constexpr int64_t kMinChunkElements = 1 << 15;
 
+int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kMinChunkElements / std::max<int64_t>(elements_per_item, 1));
+}
+
+// m = act(min(logits, max_logit)) for all (b, hw): a (B, H*W) tensor in the accumulation dtype,
+// computed once by ATen's vectorised elementwise ops and then reused for every channel.
+at::Tensor mask_values(const Problem& p) {
+  const at::Tensor u = p.clamp ? p.logits.clamp_max(p.max_logit) : p.logits;
+  switch (p.activation) {
+    case Activation::kExpRelu:
+      return u.clamp_min(0).exp_();
+    case Activation::kSigmoid:
+      return u.sigmoid();
+    case Activation::kIdentity:
+      break;
+  }
+  return u;
+}
+
+// dm/dlogit at one position, given the logit and m = act(min(logit, max_logit)):
+//   exp_relu: m * [u > 0]   (0 at u == 0 exactly, as torch's relu backward)
+//   sigmoid:  m * (1 - m)
+//   identity: 1
+// times [logit <= max_logit] when clamping (torch.clamp's backward passes at equality).
 template <typename acc_t>
-struct MaskFunction {
+struct MaskSlope {
   Activation activation;
   bool clamp;
   acc_t max_logit;
 
-  acc_t clamped(acc_t logit) const { return (clamp && logit > max_logit) ? max_logit : logit; }
-
-  // m[i] = act(min(logit[i], max_logit)) for n consecutive positions.
-  void values(const acc_t* __restrict__ logit, int64_t n, acc_t* __restrict__ m) const {
+  acc_t operator()(acc_t logit, acc_t m) const {
+    if (clamp && !(logit <= max_logit)) return acc_t(0);
+    const acc_t u = (clamp && logit > max_logit) ? max_logit : logit;
     switch (activation) {
       case Activation::kExpRelu:
-        for (int64_t i = 0; i < n; ++i) {
-          const acc_t u = clamped(logit[i]);
-          m[i] = std::exp(u < acc_t(0) ? acc_t(0) : u);
-        }
-        break;
+        return u > acc_t(0) ? m : acc_t(0);
       case Activation::kSigmoid:
-        for (int64_t i = 0; i < n; ++i) m[i] = acc_t(1) / (acc_t(1) + std::exp(-clamped(logit[i])));
-        break;
+        return m * (acc_t(1) - m);
       case Activation::kIdentity:
-        for (int64_t i = 0; i < n; ++i) m[i] = clamped(logit[i]);
         break;
     }
-  }
-
-  // dlogit[i] = dm[i] * dm/dlogit, with m[i] = act(u[i]) already known.
-  void logit_grads(const acc_t* __restrict__ logit, const acc_t* __restrict__ m,
-                   const acc_t* __restrict__ dm, int64_t n, acc_t* __restrict__ dlogit) const {
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t x = logit[i];
-      acc_t slope;
-      switch (activation) {
-        case Activation::kExpRelu:
-          slope = clamped(x) > acc_t(0) ? m[i] : acc_t(0);
-          break;
-        case Activation::kSigmoid:
-          slope = m[i] * (acc_t(1) - m[i]);
-          break;
-        default:
-          slope = acc_t(1);
-          break;
-      }
-      // torch.clamp(max=) passes the gradient where logit <= max_logit.
-      if (clamp && !(x <= max_logit)) slope = acc_t(0);
-      dlogit[i] = dm[i] * slope;
-    }
+    return acc_t(1);
   }
 };
 
 template <typename acc_t>
-MaskFunction<acc_t> mask_function(const Problem& p) {
-  return MaskFunction<acc_t>{p.activation, p.clamp, static_cast<acc_t>(p.max_logit)};
-}
-
-// Spatial tile of the plane layout: as long as possible (up to kMaxTile), but short enough that
-// B * tiles gives every thread a few tiles.
-int64_t plane_tile(int64_t batch, int64_t spatial) {
-  int64_t tile = std::min<int64_t>(kMaxTile, std::max<int64_t>(spatial, 1));
-  const int64_t wanted_tiles = 4 * static_cast<int64_t>(at::get_num_threads());
-  while (tile > 64 && batch * ((spatial + tile - 1) / tile) < wanted_tiles) tile /= 2;
-  return tile;
-}
-
-int64_t grain_for(int64_t elements_per_item) {
-  return std::max<int64_t>(1, kMinChunkElements / std::max<int64_t>(elements_per_item, 1));
+MaskSlope<acc_t> mask_slope(const Problem& p) {
+  return MaskSlope<acc_t>{p.activation, p.clamp, static_cast<acc_t>(p.max_logit)};
 }
 
 template <typename scalar_t>
@@ -281,86 +269,59 @@ struct FeaturePointers {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Forward, plane layout. One work item = (b, spatial tile of n positions, channel block).
-// m[0:n] is computed once per item; for each channel c of the block the contiguous row
-// f[b, c, hw0:hw0+n] is multiplied by it (a vectorised loop over hw).
+// Forward, plane layout. One work item = one (b, c) plane: the contiguous row f[b, c, 0:HW] is
+// multiplied by the row m[b, 0:HW] (which stays in L1 across the channels of b):
+//   o[b, c, hw] = f[b, c, hw] * m[b, hw]                                 (no mix)
+//   o[b, c, hw] = f[b, c, hw] + (g[b, c, hw] - f[b, c, hw]) * m[b, hw]   (mix, g = f_other)
 template <typename scalar_t, typename acc_t, bool MIX>
-void forward_plane(const Problem& p, const FeaturePointers<scalar_t>& in, scalar_t* out, Strides3 os) {
-  const int64_t B = p.batch, C = p.channels, HW = p.spatial;
-  const int64_t tile = plane_tile(B, HW);
-  const int64_t tiles = (HW + tile - 1) / tile;
-  // Split channels only when B * tiles alone would leave threads idle.
-  int64_t channel_block = C;
-  const int64_t threads = at::get_num_threads();
-  if (B * tiles < 2 * threads && C > 1) {
-    channel_block = std::max<int64_t>(1, (C * B * tiles) / (4 * threads));
-  }
-  const int64_t channel_blocks = std::max<int64_t>(1, (C + channel_block - 1) / channel_block);
-  const acc_t* logits = p.logits.data_ptr<acc_t>();
-  const auto mask = mask_function<acc_t>(p);
-
-  at::parallel_for(0, B * tiles * channel_blocks, grain_for(channel_block * tile), [&](int64_t begin, int64_t end) {
-    acc_t m[kMaxTile];
+void forward_plane(const Problem& p, const acc_t* mask, const FeaturePointers<scalar_t>& in, scalar_t* out,
+                   Strides3 os) {
+  const int64_t C = p.channels, HW = p.spatial;
+  at::parallel_for(0, p.batch * C, grain_for(HW), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t cb = item % channel_blocks;
-      const int64_t t = (item / channel_blocks) % tiles;
-      const int64_t b = item / (channel_blocks * tiles);
-      const int64_t hw0 = t * tile;
-      const int64_t n = std::min(tile, HW - hw0);
-      mask.values(logits + b * HW + hw0, n, m);
-      const int64_t c1 = std::min(C, (cb + 1) * channel_block);
-      for (int64_t c = cb * channel_block; c < c1; ++c) {
-        const scalar_t* __restrict__ fp = in.f + b * in.fs.batch + c * in.fs.channel + hw0;
-        scalar_t* __restrict__ op = out + b * os.batch + c * os.channel + hw0;
-        if constexpr (MIX) {
-          const scalar_t* __restrict__ gp = in.g + b * in.gs.batch + c * in.gs.channel + hw0;
+      const int64_t b = item / C;
+      const int64_t c = item - b * C;
+      const acc_t* __restrict__ m = mask + b * HW;
+      const scalar_t* __restrict__ fp = in.f + b * in.fs.batch + c * in.fs.channel;
+      scalar_t* __restrict__ op = out + b * os.batch + c * os.channel;
+      if constexpr (MIX) {
+        const scalar_t* __restrict__ gp = in.g + b * in.gs.batch + c * in.gs.channel;
 #pragma omp simd
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t x = static_cast<acc_t>(fp[i]);
-            op[i] = static_cast<scalar_t>(x + (static_cast<acc_t>(gp[i]) - x) * m[i]);
-          }
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) op[i] = static_cast<scalar_t>(static_cast<acc_t>(fp[i]) * m[i]);
+        for (int64_t i = 0; i < HW; ++i) {
+          const acc_t x = static_cast<acc_t>(fp[i]);
+          op[i] = static_cast<scalar_t>(x + (static_cast<acc_t>(gp[i]) - x) * m[i]);
         }
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < HW; ++i) op[i] = static_cast<scalar_t>(static_cast<acc_t>(fp[i]) * m[i]);
       }
     }
   });
 }
 
-// Forward, channel layout. One work item = a block of spatial positions of one b; m is computed
-// for the block, then for each position the contiguous C channels are multiplied by its m.
+// Forward, channel layout. One work item = one (b, hw) position: its contiguous C channels are
+// multiplied by the scalar m[b, hw] (same formulas as forward_plane).
 template <typename scalar_t, typename acc_t, bool MIX>
-void forward_channel(const Problem& p, const FeaturePointers<scalar_t>& in, scalar_t* out, Strides3 os) {
-  const int64_t B = p.batch, C = p.channels, HW = p.spatial;
-  const int64_t block = std::min<int64_t>(64, std::max<int64_t>(HW, 1));
-  const int64_t blocks = (HW + block - 1) / block;
-  const acc_t* logits = p.logits.data_ptr<acc_t>();
-  const auto mask = mask_function<acc_t>(p);
-
-  at::parallel_for(0, B * blocks, grain_for(block * C), [&](int64_t begin, int64_t end) {
-    acc_t m[64];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / blocks;
-      const int64_t hw0 = (item % blocks) * block;
-      const int64_t n = std::min(block, HW - hw0);
-      mask.values(logits + b * HW + hw0, n, m);
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t hw = hw0 + j;
-        const acc_t mj = m[j];
-        const scalar_t* __restrict__ fp = in.f + b * in.fs.batch + hw * in.fs.spatial;
-        scalar_t* __restrict__ op = out + b * os.batch + hw * os.spatial;
-        if constexpr (MIX) {
-          const scalar_t* __restrict__ gp = in.g + b * in.gs.batch + hw * in.gs.spatial;
+void forward_channel(const Problem& p, const acc_t* mask, const FeaturePointers<scalar_t>& in, scalar_t* out,
+                     Strides3 os) {
+  const int64_t C = p.channels, HW = p.spatial;
+  at::parallel_for(0, p.batch * HW, grain_for(C), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / HW;
+      const int64_t hw = row - b * HW;
+      const acc_t m = mask[row];
+      const scalar_t* __restrict__ fp = in.f + b * in.fs.batch + hw * in.fs.spatial;
+      scalar_t* __restrict__ op = out + b * os.batch + hw * os.spatial;
+      if constexpr (MIX) {
+        const scalar_t* __restrict__ gp = in.g + b * in.gs.batch + hw * in.gs.spatial;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t x = static_cast<acc_t>(fp[c]);
-            op[c] = static_cast<scalar_t>(x + (static_cast<acc_t>(gp[c]) - x) * mj);
-          }
-        } else {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) op[c] = static_cast<scalar_t>(static_cast<acc_t>(fp[c]) * mj);
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t x = static_cast<acc_t>(fp[c]);
+          op[c] = static_cast<scalar_t>(x + (static_cast<acc_t>(gp[c]) - x) * m);
         }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) op[c] = static_cast<scalar_t>(static_cast<acc_t>(fp[c]) * m);
       }
     }
   });
@@ -376,27 +337,38 @@ struct GradPointers {
   Strides3 dg_s;
 };
 
-// Backward, plane layout. One work item = (b, spatial tile). For each channel the contiguous
-// rows of do, f (and f_other) are read once: dm[0:n] accumulates do * f (or do * (f_other - f))
-// and df / df_other are written in the same pass. Then dlogits[b, tile] = dm * act'(u).
+// Spatial tile of the plane-layout backward: the whole H*W row when the batch alone gives every
+// thread work, else split so that B * tiles >= 2 * threads (tiles of at least 256 positions).
+int64_t backward_plane_tile(int64_t batch, int64_t spatial) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t max_split = std::max<int64_t>(1, spatial / 256);
+  const int64_t split = std::min(max_split, std::max<int64_t>(1, (2 * threads + batch - 1) / std::max<int64_t>(batch, 1)));
+  const int64_t tile = (spatial + split - 1) / split;
+  return std::max<int64_t>(1, (tile + 15) / 16 * 16);
+}
+
+// Backward, plane layout. One work item = (b, spatial tile [hw0, hw0 + n)). Channel by channel,
+// the contiguous rows of do, f (and g = f_other) are read once; in the same pass
+//   dm[hw] += do * f                      df = do * m                    (no mix)
+//   dm[hw] += do * (g - f)                df = do * (1 - m), dg = do * m (mix)
+// and at the end dlogits[b, hw] = dm[hw] * dm/dlogit.
 template <typename scalar_t, typename acc_t, bool MIX, bool NEED_DF, bool NEED_DG>
-void backward_plane(const Problem& p, const FeaturePointers<scalar_t>& in, const GradPointers<scalar_t>& gr,
-                    acc_t* dlogits) {
+void backward_plane(const Problem& p, const acc_t* mask, const FeaturePointers<scalar_t>& in,
+                    const GradPointers<scalar_t>& gr, acc_t* dlogits) {
   const int64_t B = p.batch, C = p.channels, HW = p.spatial;
-  const int64_t tile = plane_tile(B, HW);
+  const int64_t tile = backward_plane_tile(B, HW);
   const int64_t tiles = (HW + tile - 1) / tile;
-  const acc_t* logits = p.logits.data_ptr<acc_t>();
-  const auto mask = mask_function<acc_t>(p);
+  const acc_t* logits = p.logits.const_data_ptr<acc_t>();
+  const auto slope = mask_slope<acc_t>(p);
 
   at::parallel_for(0, B * tiles, grain_for(C * tile), [&](int64_t begin, int64_t end) {
-    acc_t m[kMaxTile];
-    acc_t dm[kMaxTile];
+    std::vector<acc_t> dm_buffer(static_cast<size_t>(tile));
+    acc_t* __restrict__ dm = dm_buffer.data();
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / tiles;
-      const int64_t hw0 = (item % tiles) * tile;
+      const int64_t hw0 = (item - b * tiles) * tile;
       const int64_t n = std::min(tile, HW - hw0);
-      const acc_t* lp = logits + b * HW + hw0;
-      mask.values(lp, n, m);
+      const acc_t* __restrict__ m = mask + b * HW + hw0;
       std::fill(dm, dm + n, acc_t(0));
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* __restrict__ dp = gr.grad + b * gr.grad_s.batch + c * gr.grad_s.channel + hw0;
@@ -421,60 +393,51 @@ void backward_plane(const Problem& p, const FeaturePointers<scalar_t>& in, const
           }
         }
       }
-      mask.logit_grads(lp, m, dm, n, dlogits + b * HW + hw0);
+      const acc_t* lp = logits + b * HW + hw0;
+      acc_t* dl = dlogits + b * HW + hw0;
+      for (int64_t i = 0; i < n; ++i) dl[i] = dm[i] * slope(lp[i], m[i]);
     }
   });
 }
 
-// Backward, channel layout. One work item = a block of spatial positions of one b. For each
-// position, dm is a dot product over the contiguous C channels of do and f (or f_other - f),
-// with df / df_other written in the same pass.
+// Backward, channel layout. One work item = one (b, hw) position: dm is a dot product over its
+// contiguous C channels of do and f (or g - f), with df / dg written in the same pass (same
+// formulas as backward_plane).
 template <typename scalar_t, typename acc_t, bool MIX, bool NEED_DF, bool NEED_DG>
-void backward_channel(const Problem& p, const FeaturePointers<scalar_t>& in, const GradPointers<scalar_t>& gr,
-                      acc_t* dlogits) {
-  const int64_t B = p.batch, C = p.channels, HW = p.spatial;
-  const int64_t block = std::min<int64_t>(64, std::max<int64_t>(HW, 1));
-  const int64_t blocks = (HW + block - 1) / block;
-  const acc_t* logits = p.logits.data_ptr<acc_t>();
-  const auto mask = mask_function<acc_t>(p);
+void backward_channel(const Problem& p, const acc_t* mask, const FeaturePointers<scalar_t>& in,
+                      const GradPointers<scalar_t>& gr, acc_t* dlogits) {
+  const int64_t C = p.channels, HW = p.spatial;
+  const acc_t* logits = p.logits.const_data_ptr<acc_t>();
+  const auto slope = mask_slope<acc_t>(p);
 
-  at::parallel_for(0, B * blocks, grain_for(block * C), [&](int64_t begin, int64_t end) {
-    acc_t m[64];
-    acc_t dm[64];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / blocks;
-      const int64_t hw0 = (item % blocks) * block;
-      const int64_t n = std::min(block, HW - hw0);
-      const acc_t* lp = logits + b * HW + hw0;
-      mask.values(lp, n, m);
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t hw = hw0 + j;
-        const acc_t mj = m[j];
-        const scalar_t* __restrict__ dp = gr.grad + b * gr.grad_s.batch + hw * gr.grad_s.spatial;
-        const scalar_t* __restrict__ fp = in.f + b * in.fs.batch + hw * in.fs.spatial;
-        scalar_t* __restrict__ dfp = NEED_DF ? gr.df + b * gr.df_s.batch + hw * gr.df_s.spatial : nullptr;
-        acc_t dot = 0;
-        if constexpr (MIX) {
-          const scalar_t* __restrict__ gp = in.g + b * in.gs.batch + hw * in.gs.spatial;
-          scalar_t* __restrict__ dgp = NEED_DG ? gr.dg + b * gr.dg_s.batch + hw * gr.dg_s.spatial : nullptr;
+  at::parallel_for(0, p.batch * HW, grain_for(C), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / HW;
+      const int64_t hw = row - b * HW;
+      const acc_t m = mask[row];
+      const scalar_t* __restrict__ dp = gr.grad + b * gr.grad_s.batch + hw * gr.grad_s.spatial;
+      const scalar_t* __restrict__ fp = in.f + b * in.fs.batch + hw * in.fs.spatial;
+      scalar_t* __restrict__ dfp = NEED_DF ? gr.df + b * gr.df_s.batch + hw * gr.df_s.spatial : nullptr;
+      acc_t dot = 0;
+      if constexpr (MIX) {
+        const scalar_t* __restrict__ gp = in.g + b * in.gs.batch + hw * in.gs.spatial;
+        scalar_t* __restrict__ dgp = NEED_DG ? gr.dg + b * gr.dg_s.batch + hw * gr.dg_s.spatial : nullptr;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t d = static_cast<acc_t>(dp[c]);
-            dot += d * (static_cast<acc_t>(gp[c]) - static_cast<acc_t>(fp[c]));
-            if constexpr (NEED_DF) dfp[c] = static_cast<scalar_t>(d * (acc_t(1) - mj));
-            if constexpr (NEED_DG) dgp[c] = static_cast<scalar_t>(d * mj);
-          }
-        } else {
-#pragma omp simd reduction(+ : dot)
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t d = static_cast<acc_t>(dp[c]);
-            dot += d * static_cast<acc_t>(fp[c]);
-            if constexpr (NEED_DF) dfp[c] = static_cast<scalar_t>(d * mj);
-          }
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t d = static_cast<acc_t>(dp[c]);
+          dot += d * (static_cast<acc_t>(gp[c]) - static_cast<acc_t>(fp[c]));
+          if constexpr (NEED_DF) dfp[c] = static_cast<scalar_t>(d * (acc_t(1) - m));
+          if constexpr (NEED_DG) dgp[c] = static_cast<scalar_t>(d * m);
         }
-        dm[j] = dot;
+      } else {
+#pragma omp simd reduction(+ : dot)
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t d = static_cast<acc_t>(dp[c]);
+          dot += d * static_cast<acc_t>(fp[c]);
+          if constexpr (NEED_DF) dfp[c] = static_cast<scalar_t>(d * m);
+        }
       }
-      mask.logit_grads(lp, m, dm, n, dlogits + b * HW + hw0);
+      dlogits[row] = dot * slope(logits[row], m);
     }
   });
 }
@@ -515,14 +478,6 @@ void dispatch_flags(bool mix, bool need_df, bool need_dg, Fn&& fn) {
   }
 }
 
-// dlogits laid out like at::empty_like(logits), from the contiguous accumulation buffer.
-at::Tensor dlogits_like(const at::Tensor& logits, const at::Tensor& dlogits_acc) {
-  if (logits.scalar_type() == dlogits_acc.scalar_type() && logits.is_contiguous()) return dlogits_acc;
-  at::Tensor dlogits = at::empty_like(logits);
-  dlogits.copy_(dlogits_acc);
-  return dlogits;
-}
-
 }  // namespace
 
 at::Tensor spatial_mask_mul(const at::Tensor& f,
@@ -537,16 +492,19 @@ at::Tensor spatial_mask_mul(const at::Tensor& f,
   if (out.result.numel() == 0) return out.result;
   const Strides3 os = spatial_mask::strides_in(out.target, p.layout);
   const bool mix = p.f_other.defined();
+  const at::Tensor mask = mask_values(p);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.f.scalar_type(), "fmn_spatial_mask_mul_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const auto in = feature_pointers<scalar_t>(p);
+    const acc_t* m = mask.const_data_ptr<acc_t>();
     scalar_t* o = out.target.mutable_data_ptr<scalar_t>();
     if (p.layout == Layout::kPlane) {
-      mix ? forward_plane<scalar_t, acc_t, true>(p, in, o, os) : forward_plane<scalar_t, acc_t, false>(p, in, o, os);
+      mix ? forward_plane<scalar_t, acc_t, true>(p, m, in, o, os)
+          : forward_plane<scalar_t, acc_t, false>(p, m, in, o, os);
     } else {
-      mix ? forward_channel<scalar_t, acc_t, true>(p, in, o, os)
-          : forward_channel<scalar_t, acc_t, false>(p, in, o, os);
+      mix ? forward_channel<scalar_t, acc_t, true>(p, m, in, o, os)
+          : forward_channel<scalar_t, acc_t, false>(p, m, in, o, os);
     }
   });
   out.finish();
@@ -576,6 +534,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_mask_mul_backward(
   at::Tensor dlogits_acc = at::empty({p.batch, p.spatial}, logits.options().dtype(acc_dtype));
 
   if (p.batch * p.spatial > 0) {
+    const at::Tensor mask = mask_values(p);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.f.scalar_type(), "fmn_spatial_mask_mul_backward_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       const auto in = feature_pointers<scalar_t>(p);
@@ -590,15 +549,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_mask_mul_backward(
         gr.dg = dg.target.mutable_data_ptr<scalar_t>();
         gr.dg_s = spatial_mask::strides_in(dg.target, p.layout);
       }
+      const acc_t* m = mask.const_data_ptr<acc_t>();
       acc_t* dl = dlogits_acc.mutable_data_ptr<acc_t>();
       dispatch_flags(mix, need_df, need_dg, [&](auto mix_c, auto df_c, auto dg_c) {
         constexpr bool kMix = decltype(mix_c)::value;
         constexpr bool kDf = decltype(df_c)::value;
         constexpr bool kDg = decltype(dg_c)::value;
         if (p.layout == Layout::kPlane) {
-          backward_plane<scalar_t, acc_t, kMix, kDf, kDg>(p, in, gr, dl);
+          backward_plane<scalar_t, acc_t, kMix, kDf, kDg>(p, m, in, gr, dl);
         } else {
-          backward_channel<scalar_t, acc_t, kMix, kDf, kDg>(p, in, gr, dl);
+          backward_channel<scalar_t, acc_t, kMix, kDf, kDg>(p, m, in, gr, dl);
         }
       });
     });
@@ -614,7 +574,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_mask_mul_backward(
     dg.finish();
     dg_result = dg.result;
   }
-  return {df_result, dlogits_like(logits, dlogits_acc), dg_result};
+  return {df_result, spatial_mask::dlogits_like(logits, dlogits_acc), dg_result};
 }
 
 }  // namespace cpu

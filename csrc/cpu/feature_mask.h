@@ -82,6 +82,10 @@ struct Output {
 };
 Output allocate_output(const at::Tensor& like, Layout layout);
 
+// dlogits shaped, typed and laid out like at::empty_like(logits), from the contiguous (B, H*W)
+// buffer the kernels wrote (returned as it is when it already is that).
+at::Tensor dlogits_like(const at::Tensor& logits, const at::Tensor& dlogits_buffer);
+
 }  // namespace spatial_mask
 
 namespace cpu {
