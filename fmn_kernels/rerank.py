@@ -295,7 +295,10 @@ def rerank_ref(
     _check_features(query_feats, gallery_feats)
     k1, k2, lam, _ = _check_params(k1, k2, lambda_value, None, gallery_feats.shape[0])
     x = torch.cat([query_feats, gallery_feats]).detach().to("cpu", torch.float64)
-    d2 = ((x.unsqueeze(1) - x.unsqueeze(0)) ** 2).sum(-1)  # point 2, directly
+    d2 = torch.empty(x.shape[0], x.shape[0], dtype=torch.float64)
+    step = max(1, (1 << 22) // max(1, x.shape[0] * x.shape[1]))
+    for r0 in range(0, x.shape[0], step):  # point 2, directly: sum_k (x_ik - x_jk)^2
+        d2[r0:r0 + step] = ((x[r0:r0 + step, None, :] - x[None, :, :]) ** 2).sum(-1)
     w = d2 * d2 if squared_input else d2
     return _ref_core(w, query_feats.shape[0], k1, k2, lam, faiss_compat)
 

@@ -24,7 +24,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -106,6 +109,18 @@ inline float sqdist(const float* a, const float* b, int64_t d) {
   return acc;
 }
 
+// FMN_RERANK_PROFILE=1 prints the wall time of each stage to stderr.
+struct StageClock {
+  bool on = std::getenv("FMN_RERANK_PROFILE") != nullptr;
+  std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
+  void mark(const char* stage) {
+    if (!on) return;
+    auto now = std::chrono::steady_clock::now();
+    std::fprintf(stderr, "fmn::rerank %-12s %8.3f s\n", stage, std::chrono::duration<double>(now - last).count());
+    last = now;
+  }
+};
+
 struct SparseRows {
   std::vector<std::vector<int64_t>> col;
   std::vector<std::vector<float>> val;
@@ -179,6 +194,7 @@ std::tuple<at::Tensor, at::Tensor> rerank(
     return strip;
   };
 
+  StageClock clock;
   // ---- 1. kNN with row maxima over symmetric strips ------------------------------------------
   std::vector<float> heap_val(n * L);
   std::vector<int64_t> heap_idx(n * L);
@@ -239,6 +255,7 @@ std::tuple<at::Tensor, at::Tensor> rerank(
       }
     });
   }
+  clock.mark("knn");
   const int64_t* nbr = heap_idx.data();  // row i: nbr[i * L + s], ascending (w, index)
 
   // ---- 2. reciprocal lists ----------------------------------------------------------------
@@ -256,6 +273,7 @@ std::tuple<at::Tensor, at::Tensor> rerank(
     }
   });
 
+  clock.mark("reciprocal");
   // ---- 3. expansion and 4. weights ----------------------------------------------------------
   SparseRows V(n);
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
@@ -318,6 +336,7 @@ std::tuple<at::Tensor, at::Tensor> rerank(
     }
   });
 
+  clock.mark("weights");
   // ---- 5. query expansion -----------------------------------------------------------------
   SparseRows VqeStore(Q > 1 ? n : 0);
   if (Q > 1) {
@@ -354,6 +373,7 @@ std::tuple<at::Tensor, at::Tensor> rerank(
     });
   }
   const SparseRows& Vqe = Q > 1 ? VqeStore : V;
+  clock.mark("qe");
 
   // ---- 6. inverted index over the gallery rows ---------------------------------------------
   std::vector<int64_t> col_ptr(n + 1, 0);
@@ -375,6 +395,7 @@ std::tuple<at::Tensor, at::Tensor> rerank(
     }
   }
 
+  clock.mark("index");
   // ---- 7. output, a strip of query rows at a time -------------------------------------------
   // Row i: S from the inverted index, then final = (1 - lambda) J + lambda w / rowmax_i over the
   // gallery, in place on w (dense: w already sits in the output; topk: w from the same strips).
@@ -419,6 +440,7 @@ std::tuple<at::Tensor, at::Tensor> rerank(
       finish_rows(a, std::min(q, a + block), strip.data_ptr<float>() + (q - a), width);
     }
   }
+  clock.mark("output");
   return std::make_tuple(out_val, out_idx);
 }
 

@@ -1,0 +1,314 @@
+"""Benchmark of k-reciprocal re-ranking: fmn's backends vs the dense references.
+
+Methods
+  cpu / torch / triton   fmn.rerank backends available for the device
+  numpy                  a dense NumPy implementation of the same semantics (DESIGN section 3),
+                         structured like the widely copied re_ranking() code: N x N float32
+                         matrices, a Python loop per item (CPU)
+  reference              fmn_kernels.rerank.rerank_ref, dense float64 (small N only)
+Cases (d = feature dim; features: unit-norm, identity-clustered, like re-ID embeddings)
+  200x1000      q=200,   g=1000,   d=256
+  1000x5000     q=1000,  g=5000,   d=256
+  market        q=3368,  g=15913,  d=2048 on GPU, d=512 on CPU (CPU only with --full)
+  10kx100k      q=10000, g=100000, d=2048, topk=100 (GPU only)
+Each (case, method) runs in a fresh subprocess: wall time (median of --repeat runs after one
+warm-up where the case is small), process CPU time, peak host memory (ru_maxrss of the worker;
+"host+" is the rise over the inputs), peak device memory (torch.cuda.max_memory_allocated).
+Ratios are against numpy and the reference when they ran; max|d| and the ranking check compare
+the dense output with the reference where available, else with numpy.
+
+    python bench/rerank.py                  # CPU: 200x1000 and 1000x5000
+    python bench/rerank.py --full           # + Market size (and the slow dense baselines there)
+    python bench/rerank.py --device cuda    # GPU cases incl. Market d=2048 and 10k x 100k
+    python bench/rerank.py --csv out.csv    # append rows
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CASES = {
+    "200x1000": dict(q=200, g=1000, d=256, topk=None),
+    "1000x5000": dict(q=1000, g=5000, d=256, topk=None),
+    "market": dict(q=3368, g=15913, d=2048, d_cpu=512, topk=None),
+    "10kx100k": dict(q=10000, g=100000, d=2048, topk=100),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# the dense NumPy implementation (same semantics as rerank_ref, float32, O(N^2) memory)
+# --------------------------------------------------------------------------------------------
+
+def rerank_numpy(query, gallery, k1=20, k2=6, lambda_value=0.3):
+    import numpy as np
+
+    x = np.concatenate([query, gallery]).astype(np.float32)
+    q, n = query.shape[0], x.shape[0]
+    x = x - x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    sq = (x * x).sum(axis=1)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+    np.maximum(d2, 0.0, out=d2)
+    np.fill_diagonal(d2, 0.0)
+    dist = d2 / d2.max(axis=1, keepdims=True)
+    del d2
+    rank = np.argsort(dist, axis=1, kind="stable")
+    k, h, kq = min(k1 + 1, n), min(int(np.around(k1 / 2.0)) + 1, n), min(k2, n)
+
+    def reciprocal(i, length):
+        fwd = rank[i, :length]
+        back = rank[fwd, :length]
+        return fwd[np.where(back == i)[0]]
+
+    v = np.zeros((n, n), dtype=np.float32)
+    for i in range(n):
+        r_i = reciprocal(i, k)
+        expanded = r_i
+        for c in r_i:
+            cand = reciprocal(c, h)
+            if 3 * len(np.intersect1d(cand, r_i)) > 2 * len(cand):
+                expanded = np.append(expanded, cand)
+        expanded = np.unique(expanded)
+        w = np.exp(-dist[i, expanded])
+        v[i, expanded] = w / w.sum()
+    if k2 > 1:
+        v_qe = np.zeros_like(v)
+        for i in range(n):
+            v_qe[i] = v[rank[i, :kq]].mean(axis=0)
+        v = v_qe
+    del rank
+    inv = [np.where(v[q:, c] != 0)[0] for c in range(n)]
+    final = np.empty((q, n - q), dtype=np.float32)
+    for i in range(q):
+        s = np.zeros(n - q, dtype=np.float32)
+        nz = np.where(v[i] != 0)[0]
+        for c in nz:
+            rows = inv[c]
+            s[rows] += np.minimum(v[i, c], v[q + rows, c])
+        jac = 1.0 - s / (2.0 - s)
+        final[i] = (1.0 - lambda_value) * jac + lambda_value * dist[i, q:]
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# worker: one (case, method) in this process
+# --------------------------------------------------------------------------------------------
+
+def make_features(q, g, d, seed=0, device="cpu"):
+    """Unit-norm features clustered by identity (about 8 images per identity)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    n = q + g
+    ids = max(2, n // 8)
+    centres = torch.nn.functional.normalize(torch.randn(ids, d, generator=gen), dim=1)
+    label = torch.randint(0, ids, (n,), generator=gen)
+    x = centres[label] + 0.6 / d ** 0.5 * torch.randn(n, d, generator=gen)
+    x = torch.nn.functional.normalize(x, dim=1)
+    return x[:q].contiguous().to(device), x[q:].contiguous().to(device)
+
+
+def worker(args) -> None:
+    import torch
+
+    cfg = json.loads(args.worker)
+    q, g, d, topk, method, device = cfg["q"], cfg["g"], cfg["d"], cfg["topk"], cfg["method"], cfg["device"]
+    qf, gf = make_features(q, g, d, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+    if method == "numpy":
+        qn, gn = qf.cpu().numpy(), gf.cpu().numpy()
+        run = lambda: rerank_numpy(qn, gn)  # noqa: E731
+    elif method == "reference":
+        from fmn_kernels.rerank import rerank_ref
+
+        run = lambda: rerank_ref(qf.cpu(), gf.cpu())  # noqa: E731
+    else:
+        from fmn_kernels.rerank import rerank
+
+        run = lambda: rerank(qf, gf, topk=topk, backend=method)  # noqa: E731
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times, cpu_times = [], []
+    reps = cfg["repeat"]
+    out = None
+    if cfg["warmup"]:
+        out = run()
+        sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        dev_base = torch.cuda.memory_allocated()
+    for _ in range(reps):
+        out = None
+        sync()
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = run()
+        sync()
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res = dict(
+        time_s=statistics.median(times),
+        cpu_s=statistics.median(cpu_times),
+        host_peak_mb=peak_rss / 1024.0,
+        host_rise_mb=(peak_rss - base_rss) / 1024.0,
+        dev_peak_mb=(torch.cuda.max_memory_allocated() - dev_base) / 2**20 if device == "cuda" else None,
+    )
+    if cfg["save"] and topk is None:
+        import numpy as np
+
+        arr = out if isinstance(out, np.ndarray) else out.detach().cpu().double().numpy()
+        np.save(cfg["save"], arr)
+    print("RESULT " + json.dumps(res))
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------------
+
+def run_worker(cfg: dict, timeout: float):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timeout after {timeout:.0f}s"
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:]), None
+    return None, (proc.stderr.strip().splitlines() or ["failed"])[-1][:160]
+
+
+def compare(out_path, ref_path):
+    import numpy as np
+
+    a, b = np.load(out_path), np.load(ref_path)
+    err = float(np.abs(a - b).max())
+    order = np.argsort(a, axis=1, kind="stable")
+    walked = np.take_along_axis(b, order, axis=1)
+    worst = float(np.diff(walked, axis=1).min()) if walked.shape[1] > 1 else 0.0
+    return err, worst >= -2e-6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--cases", default=None, help="comma list of " + ", ".join(CASES))
+    ap.add_argument("--methods", default=None, help="comma list (default: every available backend + baselines)")
+    ap.add_argument("--full", action="store_true", help="Market size on CPU, dense baselines at every size")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--csv", default=None, help="append the rows to this CSV file")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    import torch
+
+    from fmn_kernels import backend as fb
+
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/rerank.py: --device cuda but CUDA is not available")
+    if args.cases:
+        cases = args.cases.split(",")
+    elif dev == "cuda":
+        cases = list(CASES)
+    else:
+        cases = ["200x1000", "1000x5000"] + (["market"] if args.full else [])
+    backends = []
+    if dev == "cpu":
+        if fb.has_compiled_kernel("rerank", "cpu"):
+            backends.append("cpu")
+        backends.append("torch")
+    else:
+        backends += ["triton"] if fb.triton_runs_on("cuda") else []
+        backends.append("torch")
+    methods_all = args.methods.split(",") if args.methods else backends + ["numpy", "reference"]
+
+    dev_name = torch.cuda.get_device_name() if dev == "cuda" else (platform.processor() or platform.machine())
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# rerank benchmark  device={dev} ({dev_name}), torch {torch.__version__}, "
+          f"threads={torch.get_num_threads()}, load average {load:.2f}, k1=20 k2=6 lambda=0.3, fp32")
+    header = f"{'case':<10} {'q':>6} {'g':>7} {'d':>5} {'topk':>5} {'method':<10} {'time s':>9} {'cpu s':>9} " \
+             f"{'host MB':>9} {'host+ MB':>9} {'dev MB':>9} {'x numpy':>8} {'x ref':>8} {'max|d|':>9} {'rank':>5}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    tmp = tempfile.mkdtemp(prefix="fmn_rerank_bench_")
+    for case in cases:
+        spec = CASES[case]
+        d = spec["d"] if dev == "cuda" else spec.get("d_cpu", spec["d"])
+        q, g, topk = spec["q"], spec["g"], spec["topk"]
+        if case == "10kx100k" and dev != "cuda":
+            continue
+        n = q + g
+        small = n <= 6000
+        results = {}
+        for method in methods_all:
+            if method == "reference" and not (n <= 1200 or (args.full and n <= 6000)):
+                continue
+            if method == "numpy" and (topk is not None or n > 20000 or (n > 6000 and not args.full)):
+                continue
+            dense_method = method in ("numpy", "reference")
+            cfg = dict(q=q, g=g, d=d, topk=None if dense_method else topk, method=method,
+                       device="cpu" if dense_method else dev,
+                       repeat=args.repeat if (small and not dense_method) else 1,
+                       warmup=small and not dense_method or dev == "cuda" and not dense_method,
+                       save=os.path.join(tmp, f"{case}_{method}.npy") if (topk is None and n <= 20000) else None)
+            res, err = run_worker(cfg, args.timeout)
+            results[method] = (res, err, cfg["save"])
+        base_num = results.get("numpy", (None,))[0]
+        base_ref = results.get("reference", (None,))[0]
+        for method, (res, err, save) in results.items():
+            row = dict(date=datetime.datetime.utcnow().isoformat(timespec="seconds"), device=dev, device_name=dev_name,
+                       case=case, q=q, g=g, d=d, topk=topk if method not in ("numpy", "reference") else None,
+                       method=method, error=err)
+            if res:
+                row.update(res)
+                if base_num and method != "numpy":
+                    row["x_numpy"] = base_num["time_s"] / res["time_s"]
+                if base_ref and method != "reference":
+                    row["x_ref"] = base_ref["time_s"] / res["time_s"]
+                against = "reference" if results.get("reference", (None,))[0] else "numpy"
+                if save and method != against and results.get(against, (None,))[0] and os.path.exists(save):
+                    row["max_abs_diff"], row["rank_ok"] = compare(save, results[against][2])
+                    row["compared_with"] = against
+            rows.append(row)
+            fmt = lambda v, f: (format(v, f) if isinstance(v, (int, float)) else "-")  # noqa: E731
+            if res:
+                print(f"{case:<10} {q:>6} {g:>7} {d:>5} {fmt(row['topk'], 'd'):>5} {method:<10} {fmt(row['time_s'], '.3f'):>9} "
+                      f"{fmt(row['cpu_s'], '.2f'):>9} {fmt(row['host_peak_mb'], '.0f'):>9} {fmt(row['host_rise_mb'], '.0f'):>9} "
+                      f"{fmt(row['dev_peak_mb'], '.0f'):>9} {fmt(row.get('x_numpy'), '.1f'):>8} {fmt(row.get('x_ref'), '.1f'):>8} "
+                      f"{fmt(row.get('max_abs_diff'), '.1e'):>9} {str(row.get('rank_ok', '-')):>5}")
+            else:
+                print(f"{case:<10} {q:>6} {g:>7} {d:>5} {'-':>5} {method:<10} failed: {err}")
+    if args.csv:
+        fields = ["date", "device", "device_name", "case", "q", "g", "d", "topk", "method", "time_s", "cpu_s",
+                  "host_peak_mb", "host_rise_mb", "dev_peak_mb", "x_numpy", "x_ref", "max_abs_diff", "rank_ok",
+                  "compared_with", "error"]
+        new = not os.path.exists(args.csv)
+        with open(args.csv, "a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
