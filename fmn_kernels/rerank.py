@@ -159,6 +159,7 @@ def rerank(
     backend: str | None = "auto",
     squared_input: bool = False,
     faiss_compat: bool = False,
+    knn_precision: str = "auto",
 ):
     """k-reciprocal re-ranked distance between queries (q, d) and gallery (g, d).
 
@@ -166,15 +167,24 @@ def rerank(
     ``(values, indices)`` of shape (q, m): the m smallest re-ranked distances of each query in
     ascending (value, gallery index) order. Exact DESIGN section 3 semantics (see the module
     docstring); memory O(N (k1 + k2) ) besides the output and one chunk of rows.
+
+    knn_precision (torch / triton backends): "fp32" computes the kNN GEMM in IEEE fp32 (TF32 off
+    whatever the global setting); "tf32" / "bf16" let tensor cores propose candidates that are
+    rescored exactly, with an error bound that sends any row it cannot certify back to fp32, so
+    the neighbour lists and row maxima are those of fp32. "auto": "tf32" on CUDA, else "fp32".
     """
     _check_features(query_feats, gallery_feats)
     q, g = query_feats.shape[0], gallery_feats.shape[0]
     k1, k2, lam, topk = _check_params(k1, k2, lambda_value, topk, g)
+    if knn_precision not in ("auto", "fp32", "tf32", "bf16"):
+        raise ValueError(f"fmn.rerank: knn_precision must be auto, fp32, tf32 or bf16, got {knn_precision!r}")
+    if knn_precision == "auto":
+        knn_precision = "tf32" if query_feats.device.type == "cuda" else "fp32"
     k_fwd, k_half, raw, clamp = _variant(k1, faiss_compat)
     name = _backend.resolve(_OP, backend, query_feats.device, triton_ok=True)
     cfg = _sparse.Config(
         k_forward=k_fwd, k_half=k_half, k_qe=k2, lambda_value=lam, square_twice=bool(squared_input),
-        raw_weights=raw, clamp_jaccard=clamp,
+        raw_weights=raw, clamp_jaccard=clamp, knn_precision=knn_precision,
     )
     if name == "cpu":
         values, indices = torch.ops.fmn.rerank(

@@ -33,6 +33,7 @@ class Config:
     square_twice: bool
     raw_weights: bool       # softmax of the raw working distance (faiss_compat)
     clamp_jaccard: bool     # J clamped at 0 (faiss_compat)
+    knn_precision: str = "fp32"  # "fp32", or "tf32" / "bf16" candidates rescored exactly
 
 
 def _element_budget(device: torch.device) -> int:
@@ -122,7 +123,20 @@ class FeatureDistances:
             d.mul_(d)
         return d
 
+    def rows_d2(self, rows: torch.Tensor) -> torch.Tensor:
+        """d2 of the given rows against all N columns, fp32 GEMM form (as block, unsquared)."""
+        with _ieee_fp32(self.device):
+            d = self.x[rows] @ self.x.t()
+        d.mul_(-2.0).add_(self.sq[rows, None]).add_(self.sq[None, :]).clamp_min_(0.0)
+        d[torch.arange(rows.numel(), device=self.device), rows] = 0.0
+        return d
+
     def pairs(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        out = self.pairs_d2(rows, cols)
+        return out * out if self.square_twice else out
+
+    def pairs_d2(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """sum_k (x_ik - x_jk)^2 for every (rows[p], cols[p])."""
         if self.use_triton:
             from fmn_kernels.triton.rerank import pair_sqdist
 
@@ -133,7 +147,7 @@ class FeatureDistances:
             for s in range(0, rows.numel(), step):
                 diff = self.x[rows[s:s + step]] - self.x[cols[s:s + step]]
                 out[s:s + step] = (diff * diff).sum(dim=1)
-        return out * out if self.square_twice else out
+        return out
 
 
 class BlockDistances:
@@ -192,6 +206,92 @@ def _knn(src, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         d = src.block(r0, r1, 0, n)
         rowmax[r0:r1] = d.amax(dim=1)
         nbr[r0:r1] = smallest_stable(d, n_keep)[1]
+    return nbr, rowmax
+
+
+# Relative error of one input element rounded to the low-precision format (conservative: chopping).
+_INPUT_ROUNDING = {"tf32": 2.0 ** -10, "bf16": 2.0 ** -8}
+_EXTRA_CANDIDATES = 16
+_MAX_CANDIDATES = 8
+
+
+def _lowp_dots(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
+    """a @ b.T with low-precision inputs and fp32 accumulation (tensor cores on CUDA)."""
+    if precision == "tf32" and a.is_cuda:
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return a @ b.t()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+    if precision == "bf16" and a.is_cuda:
+        try:
+            return torch.mm(a.bfloat16(), b.bfloat16().t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch without mm(out_dtype): bf16 output, within the bound
+            return (a.bfloat16() @ b.bfloat16().t()).float()
+    # CPU: inputs rounded to bf16 (8 bits), products and sums in fp32
+    return a.bfloat16().float() @ b.bfloat16().float().t()
+
+
+def _knn_candidates(src, n_keep: int, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """_knn with low-precision candidate proposal, exact rescoring and a per-row fp32 fallback.
+
+    With x centred, d2~(i, j) = s_i + s_j - 2 <x_i, x_j>~ from low-precision inputs satisfies
+        |d2~(i, j) - d2(i, j)| <= delta_i = c |x_i| max_j |x_j|,   c = 2 (2u + u^2 + 2 d 2^-24)
+    (u the input rounding; the d 2^-24 terms cover fp32 accumulation in both computations).
+    Per row: the P = n_keep + 16 smallest d2~ are rescored exactly (sum_k (x_ik - x_jk)^2); every
+    other column has d2~ >= t (the largest kept d2~), hence d2 >= t - delta_i, so the exact
+    n_keep smallest are among the candidates when the n_keep-th exact value is < t - delta_i.
+    The row max: the 8 largest d2~ are rescored; the rest have d2 <= m + delta_i (m the smallest of
+    those 8 d2~), so the exact max is found when it exceeds m + delta_i. Rows failing either test
+    are recomputed in fp32. Works on d2 (square_twice is monotone and applied at the end).
+    """
+    n, dev, x = src.n, src.device, src.x
+    d = x.shape[1]
+    u = _INPUT_ROUNDING[precision]
+    c = 2.0 * (2.0 * u + u * u + 2.0 * d * 2.0 ** -24)
+    norms = src.sq.sqrt()
+    nmax = norms.max()
+    n_cand = min(n, n_keep + _EXTRA_CANDIDATES)
+    n_top = min(n, _MAX_CANDIDATES)
+    nbr = torch.empty(n, n_keep, dtype=torch.long, device=dev)
+    rowmax = torch.empty(n, dtype=torch.float32, device=dev)
+    step = _rows_per_chunk(n, dev)
+    failed = []
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        approx = _lowp_dots(x[r0:r1], x, precision)
+        approx.mul_(-2.0).add_(src.sq[r0:r1, None]).add_(src.sq[None, :])
+        delta = c * norms[r0:r1] * nmax
+        rows = torch.arange(r0, r1, device=dev)
+        # smallest: rescore, order by (exact, index), test the bound
+        va, ja = torch.topk(approx, n_cand, dim=1, largest=False, sorted=False)
+        exact = src.pairs_d2(rows[:, None].expand_as(ja).reshape(-1), ja.reshape(-1)).view_as(ja)
+        ja, p = torch.sort(ja, dim=1)
+        exact = exact.gather(1, p)
+        exact, p = torch.sort(exact, dim=1, stable=True)
+        ja = ja.gather(1, p)
+        ok = torch.ones(r1 - r0, dtype=torch.bool, device=dev)
+        if n_cand < n:
+            ok &= exact[:, n_keep - 1] < va.amax(dim=1) - delta
+        nbr[r0:r1] = ja[:, :n_keep]
+        # largest
+        vb, jb = torch.topk(approx, n_top, dim=1, largest=True, sorted=False)
+        top_exact = src.pairs_d2(rows[:, None].expand_as(jb).reshape(-1), jb.reshape(-1)).view_as(jb)
+        mx = top_exact.amax(dim=1)
+        if n_top < n:
+            ok &= mx > vb.amin(dim=1) + delta
+        rowmax[r0:r1] = mx
+        del approx
+        failed.append(rows[~ok])
+    failed = torch.cat(failed)
+    for f0 in range(0, failed.numel(), step):
+        rows = failed[f0:f0 + step]
+        dd = src.rows_d2(rows)
+        rowmax[rows] = dd.amax(dim=1)
+        nbr[rows] = smallest_stable(dd, n_keep)[1]
+    if src.square_twice:
+        rowmax.mul_(rowmax)
     return nbr, rowmax
 
 
@@ -341,7 +441,10 @@ def rerank_sparse(src, cfg: Config, *, topk: int | None = None, use_triton: bool
     k_half = min(cfg.k_half, k_fwd)
     k_qe = min(cfg.k_qe, n)
 
-    nbr, rowmax = _knn(src, max(k_fwd, k_qe))
+    if cfg.knn_precision != "fp32" and isinstance(src, FeatureDistances):
+        nbr, rowmax = _knn_candidates(src, max(k_fwd, k_qe), cfg.knn_precision)
+    else:
+        nbr, rowmax = _knn(src, max(k_fwd, k_qe))
     fwd, half = nbr[:, :k_fwd].contiguous(), nbr[:, :k_half].contiguous()
     recip = _reciprocal(fwd)
     recip_h = _reciprocal(half)

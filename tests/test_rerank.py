@@ -366,3 +366,42 @@ def test_larger_against_reference(backend):
     qf, gf = clustered_feats(150, 900, 48, seed=29, clusters=40)
     ref = rerank_ref(qf, gf)
     assert_matches_reference(rerank(qf, gf, backend=backend), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# low-precision kNN candidates (bf16 inputs on CPU stand in for tensor cores)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+@pytest.mark.parametrize("squared_input", [False, True])
+def test_lowp_candidates_match_reference(kind, squared_input, monkeypatch):
+    """bf16 proposals + exact rescoring + fp32 fallback give the fp32 neighbour lists.
+
+    Random features certify every row from the candidates; tight clusters make the bf16 error
+    bound fail on most rows, which must then be recomputed in fp32. Both must match.
+    """
+    fallback_rows = []
+    rows_d2 = rerank_sparse.FeatureDistances.rows_d2
+
+    def counting(self, rows):
+        fallback_rows.append(rows.numel())
+        return rows_d2(self, rows)
+
+    monkeypatch.setattr(rerank_sparse.FeatureDistances, "rows_d2", counting)
+    make = random_feats if kind == "random" else clustered_feats
+    qf, gf = make(30, 250, 32, seed=31)
+    ref = rerank_ref(qf, gf, squared_input=squared_input)
+    out = rerank(qf, gf, backend="torch", knn_precision="bf16", squared_input=squared_input)
+    assert_matches_reference(out, ref)
+    fp32 = rerank(qf, gf, backend="torch", knn_precision="fp32", squared_input=squared_input)
+    assert (out - fp32).abs().max().item() <= 1e-6
+    if kind == "random":
+        assert sum(fallback_rows) == 0
+    else:
+        assert sum(fallback_rows) > 0
+
+
+def test_bad_knn_precision_raises():
+    qf, gf = random_feats(4, 10, 3, seed=0)
+    with pytest.raises(ValueError, match="knn_precision"):
+        rerank(qf, gf, knn_precision="fp8")
