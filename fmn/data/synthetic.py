@@ -151,15 +151,15 @@ def _make_cameras(seed: int, num_cams: int) -> List[Camera]:
     cams = []
     for c in range(num_cams):
         r = _rng(seed, 3, c)
-        level = r.uniform(0.6, 1.25)
-        cast = r.uniform(-0.15, 0.15, size=3)
+        level = r.uniform(0.75, 1.2)
+        cast = r.uniform(-0.08, 0.08, size=3)
         bg = tuple(int(v) for v in r.integers(40, 200, size=3))
         bg2 = tuple(int(np.clip(v + r.integers(-60, 60), 0, 255)) for v in bg)
         clutter = [tuple(int(v) for v in r.integers(0, 256, size=3)) for _ in range(5)]
-        cams.append(Camera(gain=tuple(float(level * (1 + x)) for x in cast), scale=float(r.uniform(0.74, 0.95)),
-                           x_bias=float(r.uniform(-0.08, 0.08)), y_bias=float(r.uniform(-0.05, 0.05)),
-                           occluder_p=float(r.choice([0.0, 0.15, 0.3, 0.45])), blur=float(r.uniform(0.0, 0.9)),
-                           noise=float(r.uniform(2.0, 7.0)), bg=bg, bg2=bg2, clutter=clutter))
+        cams.append(Camera(gain=tuple(float(level * (1 + x)) for x in cast), scale=float(r.uniform(0.8, 0.95)),
+                           x_bias=float(r.uniform(-0.06, 0.06)), y_bias=float(r.uniform(-0.04, 0.04)),
+                           occluder_p=float(r.choice([0.0, 0.1, 0.2, 0.3])), blur=float(r.uniform(0.0, 0.6)),
+                           noise=float(r.uniform(1.5, 4.0)), bg=bg, bg2=bg2, clutter=clutter))
     return cams
 
 
@@ -183,10 +183,10 @@ def render_person(ident: Identity, cam: Camera, rng: np.random.Generator, height
     img.paste(Image.fromarray(np.repeat(grad[:, None, :], W, axis=1)))
     floor_y = int(H * rng.uniform(0.75, 0.92))
     di.rectangle([0, floor_y, W, H], fill=_vary(rng, tuple(int(v * 0.7) for v in cam.bg2), 8))
-    for _ in range(int(rng.integers(2, 7))):
-        col = _vary(rng, _pick(rng, cam.clutter), 20)
+    for _ in range(int(rng.integers(1, 5))):
+        col = tuple(int(0.5 * a + 0.5 * b) for a, b in zip(_vary(rng, _pick(rng, cam.clutter), 20), cam.bg))
         x0, y0 = rng.uniform(-0.2, 1.0) * W, rng.uniform(-0.1, 0.9) * H
-        w, h = rng.uniform(0.08, 0.5) * W, rng.uniform(0.05, 0.35) * H
+        w, h = rng.uniform(0.08, 0.35) * W, rng.uniform(0.05, 0.25) * H
         if rng.random() < 0.5:
             di.rectangle([x0, y0, x0 + w, y0 + h], fill=col)
         else:
@@ -245,7 +245,7 @@ def render_person(ident: Identity, cam: Camera, rng: np.random.Generator, height
     shoes = _vary(rng, ident.shoes, 8)
     for s in ("left", "right"):
         ax, ay = ankles[s]
-        draw("ellipse", [ax - 0.07 * P, ay - 0.02 * P, ax + 0.07 * P, ay + 0.06 * P], shoes, 4)
+        draw("ellipse", [ax - 0.075 * P, ay - 0.03 * P, ax + 0.075 * P, ay + 0.065 * P], shoes, 4)
     # Torso.
     draw("polygon", [(cx - sh_w, sh_y - 0.02 * P), (cx + sh_w, sh_y - 0.02 * P), (cx + hip_w, hip_y + 0.02 * P),
                      (cx - hip_w, hip_y + 0.02 * P)], upper, 2)
@@ -274,7 +274,7 @@ def render_person(ident: Identity, cam: Camera, rng: np.random.Generator, height
     # Logo on the chest, visible from the front only.
     if front and ident.logo != "none":
         lc = _vary(rng, ident.logo_color, 6)
-        lx, ly, ls = cx, Y(0.28), 0.045 * P
+        lx, ly, ls = cx, Y(0.28), 0.06 * P
         if ident.logo == "square":
             draw("rectangle", [lx - ls, ly - ls, lx + ls, ly + ls], lc, 2)
         elif ident.logo == "circle":
@@ -283,21 +283,21 @@ def render_person(ident: Identity, cam: Camera, rng: np.random.Generator, height
             draw("rectangle", [cx - sh_w * 0.9, ly - ls * 0.5, cx + sh_w * 0.9, ly + ls * 0.5], lc, 2)
     # Bags seen from the front or hanging at the side.
     if ident.bag == "backpack" and front:
-        strap = max(1, int(0.022 * P))
+        strap = max(1, int(0.03 * P))
         for sgn in (-1, 1):
             draw("line", [(cx + sgn * sh_w * 0.6, sh_y - 0.02 * P), (cx + sgn * sh_w * 0.55, Y(0.42))], bag_col, 5,
                  width=strap)
     elif ident.bag == "handbag":
         side = "left" if rng.random() < 0.5 else "right"
         wx, wy = wrists[side]
-        draw("rectangle", [wx - 0.06 * P, wy, wx + 0.06 * P, wy + 0.1 * P], bag_col, 5)
+        draw("rectangle", [wx - 0.07 * P, wy, wx + 0.07 * P, wy + 0.12 * P], bag_col, 5)
     elif ident.bag == "shoulder":
         sgn = 1 if rng.random() < 0.5 else -1
-        strap = max(1, int(0.02 * P))
+        strap = max(1, int(0.028 * P))
         draw("line", [(cx - sgn * sh_w * 0.7, sh_y - 0.01 * P), (cx + sgn * sh_w * 1.05, Y(0.47))], bag_col, 5,
              width=strap)
         bx, by = cx + sgn * sh_w * 1.1, Y(0.47)
-        draw("rectangle", [bx - 0.055 * P, by - 0.03 * P, bx + 0.055 * P, by + 0.06 * P], bag_col, 5)
+        draw("rectangle", [bx - 0.07 * P, by - 0.04 * P, bx + 0.07 * P, by + 0.07 * P], bag_col, 5)
 
     # Keypoints (COCO-17); face points only from the front.
     fv = 1.0 if front else 0.0
@@ -345,7 +345,7 @@ def render_person(ident: Identity, cam: Camera, rng: np.random.Generator, height
             kp[i, 2] = 0.0                      # hidden by an occluder
     # Camera: light level and colour cast, blur, sensor noise.
     arr = np.asarray(small, dtype=np.float32)
-    gain = np.array(cam.gain, np.float32) * np.float32(rng.uniform(0.9, 1.1))
+    gain = np.array(cam.gain, np.float32) * np.float32(rng.uniform(0.95, 1.05))
     arr = arr * gain[None, None, :]
     if cam.blur > 0.05:
         arr = np.asarray(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).filter(
