@@ -139,3 +139,13 @@ def test_gpu_cache_and_augmentation(small_dataset):
                                progress=False)
     batch = next(iter(loader))
     assert batch["img"].is_cuda and batch["pid"].is_cuda
+
+
+def test_pk_sampler_advances_epoch_without_set_epoch():
+    pids = [i // 4 for i in range(64)]
+    s = PKSampler(pids, batch_size=8, num_instances=4, seed=0)
+    first, second = list(s), list(s)
+    assert first != second and sorted(first) == sorted(second)
+    ref = PKSampler(pids, batch_size=8, num_instances=4, seed=0)
+    ref.set_epoch(1)
+    assert list(ref) == second and len(s) == len(second)

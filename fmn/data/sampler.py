@@ -47,6 +47,7 @@ class PKSampler(Sampler[int]):
                              f"identities, the training set has {len(self.id_list)}")
         self.epoch = 0
         self._explicit_epoch = False
+        self._started = False
         self._cache = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -82,10 +83,11 @@ class PKSampler(Sampler[int]):
         return mine
 
     def __iter__(self) -> Iterator[int]:
-        epoch = self.epoch
-        batches = self._batches(epoch)
         if not self._explicit_epoch:
-            self.epoch += 1
+            if self._started:
+                self.epoch += 1
+            self._started = True
+        batches = self._batches(self.epoch)
         for b in batches:
             yield from b
 
