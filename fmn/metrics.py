@@ -183,7 +183,7 @@ def _eval_rows(ctx, s: int, e: int, numpy_sort: bool) -> None:
     t, is_pos, gi_s = t.gather(1, perm), is_pos.gather(1, perm), gi_s.gather(1, perm)
 
     # Negatives only: same-identity entries become +inf, then each row is sorted by value.
-    w = block.clone()
+    w = block.clone(memory_format=torch.contiguous_format)
     rows = torch.arange(c, device=dev)[:, None].expand(c, width)
     w[rows[slot_ok], gi[slot_ok]] = float("inf")
     if numpy_sort:

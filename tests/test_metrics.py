@@ -52,6 +52,7 @@ def test_larger_problem_with_heavy_ties_and_float64():
     _assert_same(evaluate(dist.double(), qp, gp, qc, gc), ref)
     _assert_same(evaluate(dist.half(), qp, gp, qc, gc), ref)          # small integers are exact in fp16
     _assert_same(evaluate(dist.numpy(), qp.numpy(), gp.numpy(), qc.numpy(), gc.numpy()), ref)
+    _assert_same(evaluate(dist.t().contiguous().t(), qp, gp, qc, gc), ref)      # non-contiguous
 
 
 def test_queries_without_valid_match_are_skipped():
