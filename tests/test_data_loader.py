@@ -1,5 +1,4 @@
 """Input pipeline: transforms, PK sampler (incl. the distributed split), train / test loaders, cache."""
-import os
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """fmn.evaluator (extraction, eq. 6 descriptor, rows, table, JSON) and fmn.visualize.ranked_list."""
 import json
-import os
 
 import numpy as np
 import pytest

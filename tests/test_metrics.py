@@ -1,5 +1,4 @@
 """fmn.metrics.evaluate against a plain per-query loop and hand-computed cases; euclidean_distance."""
-import numpy as np
 import pytest
 import torch
 
