@@ -38,7 +38,10 @@ DEFAULTS: dict[str, Any] = {
         "num_instances": 4,              # images per identity in a batch (PK sampling)
         "workers": 4,
         "cache": False,
-        "augment": True,                 # horizontal flip + random crop
+        "augment": True,                 # horizontal flip + random crop (paper Sec. 4.2)
+        "flip_p": 0.5,                   # probability of a horizontal flip
+        "pad": 10,                       # random crop: pad by this many pixels, crop back to H x W
+        "erase_p": 0.0,                  # random erasing probability (not in the paper: 0)
     },
     "train": {
         "seed": 0,
@@ -262,6 +265,9 @@ def validate(cfg: dict) -> dict:
     _int(cfg, "data.workers", lo=0)
     _bool(cfg, "data.cache")
     _bool(cfg, "data.augment")
+    _num(cfg, "data.flip_p", lo=0.0, hi=1.0)
+    _int(cfg, "data.pad", lo=0)
+    _num(cfg, "data.erase_p", lo=0.0, hi=1.0)
 
     _int(cfg, "train.seed", lo=0)
     dev = cfg["train"]["device"]

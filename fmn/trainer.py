@@ -410,6 +410,10 @@ def build_train_loader(cfg: dict, dataset, dist_info: fdist.DistInfo):
         seed=cfg["train"]["seed"],
         cache=d["cache"],
         augment=d["augment"],
+        flip_p=d["flip_p"],
+        pad=d["pad"],
+        erase_p=d["erase_p"],
+        progress=cfg["train"]["progress"],
     )
     if dist_info.enabled:
         params = inspect.signature(make_train_loader).parameters
