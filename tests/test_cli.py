@@ -1,6 +1,5 @@
 """The fmn CLI: help, config validation errors, and a tiny synth -> train -> eval -> visualize ->
 rerank run on the synthetic dataset."""
-import glob
 import json
 import os
 
@@ -27,9 +26,9 @@ def test_help_lists_every_command(capsys):
         assert exc.value.code == 0
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
-def test_shipped_configs_are_valid(path):
-    cfg = load_config(path)
+@pytest.mark.parametrize("name", ["market1501", "dukemtmc", "cuhk03", "demo"])
+def test_shipped_configs_are_valid(name):
+    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
     assert cfg["model"]["name"] == "fmn"
 
 
