@@ -52,25 +52,87 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
-// VEC consecutive elements moved as one aligned access (16 bytes for the vectorised paths).
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Packet {
-  T v[VEC];
-};
-
-template <typename T, int VEC>
-__device__ __forceinline__ void load_packet(const T* __restrict__ p, float (&x)[VEC]) {
-  const Packet<T, VEC> packet = *reinterpret_cast<const Packet<T, VEC>*>(p);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) x[i] = to_float(packet.v[i]);
+// Packets: VEC consecutive elements moved as one access. 16-byte packets (4 x float32,
+// 8 x float16 / bfloat16) are loaded and stored as float4 / uint4 through the __ldg / __stwb
+// intrinsics, which are single 128-bit instructions (a plain aggregate store may be split into
+// 32-bit stores by the compiler); VEC == 1 is the element-wise fallback. The inputs are never
+// written by the kernel that reads them, so the read-only path is safe.
+__device__ __forceinline__ void load_packet(const float* __restrict__ p, float (&x)[4]) {
+  const float4 v = __ldg(reinterpret_cast<const float4*>(p));
+  x[0] = v.x;
+  x[1] = v.y;
+  x[2] = v.z;
+  x[3] = v.w;
 }
 
-template <typename T, int VEC>
-__device__ __forceinline__ void store_packet(T* __restrict__ p, const float (&x)[VEC]) {
-  Packet<T, VEC> packet;
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) packet.v[i] = from_float<T>(x[i]);
-  *reinterpret_cast<Packet<T, VEC>*>(p) = packet;
+__device__ __forceinline__ void store_packet(float* __restrict__ p, const float (&x)[4]) {
+  __stwb(reinterpret_cast<float4*>(p), make_float4(x[0], x[1], x[2], x[3]));
+}
+
+// Two 16-bit elements per 32-bit word, element 2k in the low half (little endian).
+__device__ __forceinline__ float low_half(__half*, unsigned int w) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+}
+__device__ __forceinline__ float high_half(__half*, unsigned int w) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+}
+__device__ __forceinline__ float low_half(__nv_bfloat16*, unsigned int w) {
+  return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(w & 0xffffu)));
+}
+__device__ __forceinline__ float high_half(__nv_bfloat16*, unsigned int w) {
+  return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(w >> 16)));
+}
+__device__ __forceinline__ unsigned int pack_pair(__half*, float lo, float hi) {
+  return static_cast<unsigned int>(__half_as_ushort(__float2half_rn(lo))) |
+         (static_cast<unsigned int>(__half_as_ushort(__float2half_rn(hi))) << 16);
+}
+__device__ __forceinline__ unsigned int pack_pair(__nv_bfloat16*, float lo, float hi) {
+  return static_cast<unsigned int>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+         (static_cast<unsigned int>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ void load_half_packet(const T* __restrict__ p, float (&x)[8]) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  T* tag = nullptr;
+  x[0] = low_half(tag, v.x);
+  x[1] = high_half(tag, v.x);
+  x[2] = low_half(tag, v.y);
+  x[3] = high_half(tag, v.y);
+  x[4] = low_half(tag, v.z);
+  x[5] = high_half(tag, v.z);
+  x[6] = low_half(tag, v.w);
+  x[7] = high_half(tag, v.w);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_half_packet(T* __restrict__ p, const float (&x)[8]) {
+  T* tag = nullptr;
+  uint4 v;
+  v.x = pack_pair(tag, x[0], x[1]);
+  v.y = pack_pair(tag, x[2], x[3]);
+  v.z = pack_pair(tag, x[4], x[5]);
+  v.w = pack_pair(tag, x[6], x[7]);
+  __stwb(reinterpret_cast<uint4*>(p), v);
+}
+
+__device__ __forceinline__ void load_packet(const __half* __restrict__ p, float (&x)[8]) { load_half_packet(p, x); }
+__device__ __forceinline__ void load_packet(const __nv_bfloat16* __restrict__ p, float (&x)[8]) {
+  load_half_packet(p, x);
+}
+__device__ __forceinline__ void store_packet(__half* __restrict__ p, const float (&x)[8]) { store_half_packet(p, x); }
+__device__ __forceinline__ void store_packet(__nv_bfloat16* __restrict__ p, const float (&x)[8]) {
+  store_half_packet(p, x);
+}
+
+template <typename T>
+__device__ __forceinline__ void load_packet(const T* __restrict__ p, float (&x)[1]) {
+  x[0] = to_float(*p);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_packet(T* __restrict__ p, const float (&x)[1]) {
+  *p = from_float<T>(x[0]);
 }
 
 // u = min(logit, max_logit) when clamping (NaN stays NaN).
@@ -139,17 +201,17 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 #pragma unroll 4
         for (int64_t c = c0; c < c1; ++c) {
           float x[VEC];
-          load_packet<T, VEC>(fp + c * a.f_strides.channel, x);
+          load_packet(fp + c * a.f_strides.channel, x);
           if constexpr (MIX) {
             float y[VEC];
-            load_packet<T, VEC>(gp + c * a.f_other_strides.channel, y);
+            load_packet(gp + c * a.f_other_strides.channel, y);
 #pragma unroll
             for (int i = 0; i < VEC; ++i) x[i] += (y[i] - x[i]) * m[i];
           } else {
 #pragma unroll
             for (int i = 0; i < VEC; ++i) x[i] *= m[i];
           }
-          store_packet<T, VEC>(op + c * a.out_strides.channel, x);
+          store_packet(op + c * a.out_strides.channel, x);
         }
       }
     }
@@ -177,17 +239,17 @@ __global__ void __launch_bounds__(kThreadsPerBlock) forward_channel_kernel(const
       T* op = o + b * a.out_strides.batch + hw * a.out_strides.spatial;
       for (int64_t p = threadIdx.x; p < packets; p += blockDim.x) {
         float x[VEC];
-        load_packet<T, VEC>(fp + p * VEC, x);
+        load_packet(fp + p * VEC, x);
         if constexpr (MIX) {
           float y[VEC];
-          load_packet<T, VEC>(gp + p * VEC, y);
+          load_packet(gp + p * VEC, y);
 #pragma unroll
           for (int i = 0; i < VEC; ++i) x[i] += (y[i] - x[i]) * m;
         } else {
 #pragma unroll
           for (int i = 0; i < VEC; ++i) x[i] *= m;
         }
-        store_packet<T, VEC>(op + p * VEC, x);
+        store_packet(op + p * VEC, x);
       }
     }
   }
@@ -242,24 +304,24 @@ __global__ void __launch_bounds__(1024) backward_plane_kernel(const SpatialMaskB
 #pragma unroll(MIX && VEC > 4 ? 1 : 2)
         for (int64_t c = row; c < a.channels; c += rows) {
           float dv[VEC], x[VEC];
-          load_packet<T, VEC>(dp + c * a.grad_out_strides.channel, dv);
-          load_packet<T, VEC>(fp + c * a.f_strides.channel, x);
+          load_packet(dp + c * a.grad_out_strides.channel, dv);
+          load_packet(fp + c * a.f_strides.channel, x);
           if constexpr (MIX) {
             float y[VEC];
-            load_packet<T, VEC>(gp + c * a.f_other_strides.channel, y);
+            load_packet(gp + c * a.f_other_strides.channel, y);
 #pragma unroll
             for (int i = 0; i < VEC; ++i) acc[i] += dv[i] * (y[i] - x[i]);
             if (dfp != nullptr) {
               float r[VEC];
 #pragma unroll
               for (int i = 0; i < VEC; ++i) r[i] = dv[i] * (1.f - m[i]);
-              store_packet<T, VEC>(dfp + c * a.df_strides.channel, r);
+              store_packet(dfp + c * a.df_strides.channel, r);
             }
             if (dgp != nullptr) {
               float r[VEC];
 #pragma unroll
               for (int i = 0; i < VEC; ++i) r[i] = dv[i] * m[i];
-              store_packet<T, VEC>(dgp + c * a.df_other_strides.channel, r);
+              store_packet(dgp + c * a.df_other_strides.channel, r);
             }
           } else {
 #pragma unroll
@@ -268,7 +330,7 @@ __global__ void __launch_bounds__(1024) backward_plane_kernel(const SpatialMaskB
               float r[VEC];
 #pragma unroll
               for (int i = 0; i < VEC; ++i) r[i] = dv[i] * m[i];
-              store_packet<T, VEC>(dfp + c * a.df_strides.channel, r);
+              store_packet(dfp + c * a.df_strides.channel, r);
             }
           }
         }
@@ -327,24 +389,24 @@ __global__ void __launch_bounds__(kThreadsPerBlock) backward_channel_kernel(cons
         T* dgp = dg != nullptr ? dg + b * a.df_other_strides.batch + hw * a.df_other_strides.spatial : nullptr;
         for (int64_t p = threadIdx.x; p < packets; p += lanes) {
           float dv[VEC], x[VEC];
-          load_packet<T, VEC>(dp + p * VEC, dv);
-          load_packet<T, VEC>(fp + p * VEC, x);
+          load_packet(dp + p * VEC, dv);
+          load_packet(fp + p * VEC, x);
           if constexpr (MIX) {
             float y[VEC];
-            load_packet<T, VEC>(gp + p * VEC, y);
+            load_packet(gp + p * VEC, y);
 #pragma unroll
             for (int i = 0; i < VEC; ++i) acc += dv[i] * (y[i] - x[i]);
             if (dfp != nullptr) {
               float r[VEC];
 #pragma unroll
               for (int i = 0; i < VEC; ++i) r[i] = dv[i] * (1.f - m);
-              store_packet<T, VEC>(dfp + p * VEC, r);
+              store_packet(dfp + p * VEC, r);
             }
             if (dgp != nullptr) {
               float r[VEC];
 #pragma unroll
               for (int i = 0; i < VEC; ++i) r[i] = dv[i] * m;
-              store_packet<T, VEC>(dgp + p * VEC, r);
+              store_packet(dgp + p * VEC, r);
             }
           } else {
 #pragma unroll
@@ -353,7 +415,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) backward_channel_kernel(cons
               float r[VEC];
 #pragma unroll
               for (int i = 0; i < VEC; ++i) r[i] = dv[i] * m;
-              store_packet<T, VEC>(dfp + p * VEC, r);
+              store_packet(dfp + p * VEC, r);
             }
           }
         }
