@@ -29,6 +29,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -178,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> rerank(
   // a (b - a, N - a) buffer. The kNN pass and the topk output pass call it with the same blocks,
   // so both see bitwise identical values.
   const int64_t block = std::max<int64_t>(16, std::min<int64_t>(512, (int64_t{1} << 22) / n));
-  auto strip_at = [&](int64_t a) {
+  auto strip_at = [&](int64_t a, const std::function<void(int64_t, const float*)>& per_row) {
     const int64_t b = std::min(n, a + block);
     const int64_t width = n - a;
     at::Tensor strip = at::mm(x.narrow(0, a, b - a), x.narrow(0, a, width).t()).contiguous();
@@ -189,6 +190,7 @@ std::tuple<at::Tensor, at::Tensor> rerank(
         const float sr = S2[r];
         for (int64_t j = 0; j < width; ++j) row[j] = working(sr, S2[a + j], row[j], square_twice);
         row[r - a] = 0.0f;
+        if (per_row) per_row(r, row);
       }
     });
     return strip;
@@ -199,36 +201,33 @@ std::tuple<at::Tensor, at::Tensor> rerank(
   std::vector<float> heap_val(n * L);
   std::vector<int64_t> heap_idx(n * L);
   std::vector<int64_t> heap_size(n, 0);
+  std::vector<float> worst(n, std::numeric_limits<float>::infinity());  // heap top once full
   std::vector<float> rowmax(n, 0.0f);
   {
+    float* O = topk == 0 ? out_val.data_ptr<float>() : nullptr;
     for (int64_t a = 0; a < n; a += block) {
       const int64_t b = std::min(n, a + block);
       const int64_t width = n - a;
-      at::Tensor strip = strip_at(a);
-      float* P = strip.data_ptr<float>();
-      if (topk == 0 && a < q) {
-        // the query-gallery part of the strip is the dense output's w, finished in stage 7
-        float* O = out_val.data_ptr<float>();
-        at::parallel_for(a, std::min(b, q), 1, [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r)
-            std::memcpy(O + r * g, P + (r - a) * width + (q - a), g * sizeof(float));
-        });
-      }
-      // rows of the strip: columns a .. N-1
-      at::parallel_for(a, b, 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const float* row = P + (r - a) * width;
-          BoundedHeap h{heap_val.data() + r * L, heap_idx.data() + r * L, L, heap_size[r]};
-          float mx = rowmax[r];
-          for (int64_t j = 0; j < width; ++j) {
-            const float v = row[j];
-            mx = v > mx ? v : mx;
-            if (h.size < h.cap || v <= h.val[0]) h.push(v, a + j);
+      // rows of the strip: columns a .. N-1 (and, for query rows of the dense output, the
+      // query-gallery part of the strip is the output's w, finished in stage 7)
+      at::Tensor strip = strip_at(a, [&](int64_t r, const float* row) {
+        if (O != nullptr && r < q) std::memcpy(O + r * g, row + (q - a), g * sizeof(float));
+        BoundedHeap h{heap_val.data() + r * L, heap_idx.data() + r * L, L, heap_size[r]};
+        float mx = rowmax[r];
+        float top = worst[r];
+        for (int64_t j = 0; j < width; ++j) {
+          const float v = row[j];
+          mx = v > mx ? v : mx;
+          if (v <= top) {
+            h.push(v, a + j);
+            if (h.size == h.cap) top = h.val[0];
           }
-          heap_size[r] = h.size;
-          rowmax[r] = mx;
         }
+        heap_size[r] = h.size;
+        worst[r] = top;
+        rowmax[r] = mx;
       });
+      const float* P = strip.data_ptr<float>();
       // the transposed half: columns j >= b receive rows a .. b-1
       if (b < n) {
         at::parallel_for(b, n, 256, [&](int64_t j0, int64_t j1) {
@@ -236,12 +235,12 @@ std::tuple<at::Tensor, at::Tensor> rerank(
             const float* row = P + (r - a) * width - a;
             for (int64_t j = j0; j < j1; ++j) {
               const float v = row[j];
-              if (v > rowmax[j]) rowmax[j] = v;
-              float* hv = heap_val.data() + j * L;
-              if (heap_size[j] < L || v <= hv[0]) {
-                BoundedHeap h{hv, heap_idx.data() + j * L, L, heap_size[j]};
+              rowmax[j] = v > rowmax[j] ? v : rowmax[j];
+              if (v <= worst[j]) {
+                BoundedHeap h{heap_val.data() + j * L, heap_idx.data() + j * L, L, heap_size[j]};
                 h.push(v, r);
                 heap_size[j] = h.size;
+                if (h.size == h.cap) worst[j] = h.val[0];
               }
             }
           }
@@ -436,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor> rerank(
   } else {
     for (int64_t a = 0; a < q; a += block) {
       const int64_t width = n - a;
-      at::Tensor strip = strip_at(a);
+      at::Tensor strip = strip_at(a, nullptr);
       finish_rows(a, std::min(q, a + block), strip.data_ptr<float>() + (q - a), width);
     }
   }
