@@ -52,17 +52,35 @@ def _rows_per_chunk(n_cols: int, device: torch.device, cap: int | None = None) -
 
 
 @contextlib.contextmanager
+def _cuda_matmul_precision(precision: str):
+    """fp32 CUDA GEMMs in ``precision`` ("ieee" or "tf32") inside the block, then the caller's
+    setting back. Uses the fp32_precision API where torch has it (mixing it with the legacy
+    allow_tf32 flag is an error in recent torch), else the legacy flag."""
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        prev = m.fp32_precision
+        m.fp32_precision = precision
+        try:
+            yield
+        finally:
+            m.fp32_precision = prev
+    else:
+        prev = m.allow_tf32
+        m.allow_tf32 = precision == "tf32"
+        try:
+            yield
+        finally:
+            m.allow_tf32 = prev
+
+
+@contextlib.contextmanager
 def _ieee_fp32(device: torch.device):
     """Full fp32 GEMMs on CUDA (no TF32), whatever the caller's matmul precision setting."""
     if device.type != "cuda":
         yield
         return
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with _cuda_matmul_precision("ieee"):
         yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def smallest_stable(d: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,12 +236,8 @@ _MAX_CANDIDATES = 8
 def _lowp_dots(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     """a @ b.T with low-precision inputs and fp32 accumulation (tensor cores on CUDA)."""
     if precision == "tf32" and a.is_cuda:
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
+        with _cuda_matmul_precision("tf32"):
             return a @ b.t()
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
     if precision == "bf16" and a.is_cuda:
         try:
             return torch.mm(a.bfloat16(), b.bfloat16().t(), out_dtype=torch.float32)

@@ -346,13 +346,15 @@ def test_cuda_matches_reference(backend, kind):
 def test_cuda_ignores_tf32_setting():
     qf, gf = clustered_feats(50, 400, 64, seed=23)
     ref = rerank_ref(qf, gf)
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
     try:
-        out = rerank(qf.cuda(), gf.cuda(), backend="torch")
+        out = rerank(qf.cuda(), gf.cuda(), backend="torch", knn_precision="fp32")
+        out_auto = rerank(qf.cuda(), gf.cuda(), backend="torch")
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
+        torch.set_float32_matmul_precision(prev)
     assert_matches_reference(out, ref)
+    assert_matches_reference(out_auto, ref)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,6 +99,6 @@ def jaccard_overlap(qcols: torch.Tensor, qvals: torch.Tensor, r0: int, r1: int, 
         return s
     _jaccard_overlap_kernel[(r1 - r0,)](
         s, qcols, qvals, ptr.contiguous(), item.contiguous(), ival.contiguous(),
-        r0, qcols.shape[1], g, n, BLOCK=64,
+        r0, qcols.shape[1], g, n, BLOCK=64, num_warps=2,
     )
     return s
