@@ -69,6 +69,7 @@ def load_seed_config(path: str | os.PathLike | None = None, overrides: list[str]
     ``seed.*`` overrides set the model's options; every other override goes through
     ``fmn.config.apply_override``. Unknown keys raise ``ConfigError``."""
     cfg = copy.deepcopy(DEFAULTS)
+    cfg["train"]["stage2"]["epochs"] = 0
     seed_section: dict = {}
     if path is not None:
         path = os.fspath(path)
