@@ -188,10 +188,14 @@ class Trainer:
             self.ddp_model = DDP(self.model, device_ids=ids)
 
     def _set_epoch(self, value: int) -> None:
+        """Tell the sampler (and a collate function that augments, if it has ``set_epoch``) the epoch."""
         for obj in (getattr(self.loader, "batch_sampler", None), getattr(self.loader, "sampler", None), self.loader):
             if obj is not None and hasattr(obj, "set_epoch"):
                 obj.set_epoch(value)
-                return
+                break
+        collate = getattr(self.loader, "collate_fn", None)
+        if collate is not None and hasattr(collate, "set_epoch"):
+            collate.set_epoch(value)
 
     # ------------------------------------------------------------ checkpoints
     def _checkpoint(self, stage: int, epoch: int) -> dict[str, Any]:
