@@ -9,7 +9,8 @@ Stages (N = q + g items, K = forward list length, H = half list length, Q = min(
   5. query expansion: Vqe[i] = (1/Q) sum over the first Q of row i of V[j], merged per column
   6. inverted index: for each column c, the gallery rows j with Vqe[j, c] != 0 and the values
   7. output, a chunk of query rows at a time: S by expanding (query entry, index entry) pairs
-     sharing a column, summed per (row, gallery item) after a sort (deterministic); then
+     sharing a column, summed per (row, gallery item) after a sort on CUDA (atomics would make
+     the float sums order-dependent) and by index_add_ on CPU (sequential there); then
      J = 1 - S / (2 - S) (1 where S = 0), final = (1 - lambda) J + lambda dn on a (rows, g)
      chunk; dense output copies it, topk keeps the m smallest per row.
 Memory: O(N (K + K H + Q |R*|)) for the sparse stages, plus one chunk of rows.
@@ -434,6 +435,10 @@ def _overlap_chunk(qcols, qvals, r0, r1, index, g: int, n: int) -> torch.Tensor:
     pos = ptr[e_col][ent] + (torch.arange(total, device=ec.device) - excl[ent])
     key = e_row[ent] * g + item[pos]
     contrib = torch.minimum(e_val[ent], ival[pos])
+    if not ec.is_cuda:
+        # CPU index_add_ accumulates in index order: deterministic, no sort needed
+        s.index_add_(0, key, contrib)
+        return s.view(r1 - r0, g)
     key, p = torch.sort(key, stable=True)
     csum = torch.cumsum(contrib[p].double(), 0)
     last = torch.ones_like(key, dtype=torch.bool)
