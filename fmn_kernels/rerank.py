@@ -136,6 +136,25 @@ def _check_distances(q_g, q_q, g_g) -> None:
             raise ValueError(f"fmn.rerank: {name} holds negative distances")
 
 
+_fake_registered = {"done": False}
+
+
+def _compiled_op():
+    """torch.ops.fmn.rerank (C++), with its fake (meta) kernel registered once."""
+    if not _fake_registered["done"]:
+
+        def fake(query, gallery, k_forward, k_half, k_qe, lambda_value, square_twice, raw_weights,
+                 clamp_jaccard, topk):
+            q, g = query.shape[0], gallery.shape[0]
+            if topk == 0:
+                return query.new_empty(q, g), query.new_empty(0, dtype=torch.long)
+            return query.new_empty(q, topk), query.new_empty(q, topk, dtype=torch.long)
+
+        torch.library.register_fake("fmn::rerank")(fake)
+        _fake_registered["done"] = True
+    return torch.ops.fmn.rerank.default
+
+
 def _variant(k1: int, faiss_compat: bool) -> tuple[int, int, bool, bool]:
     """(forward list length, half list length, raw weights, clamp J) before capping at N."""
     half = int(round(k1 / 2.0)) + 1  # Python's round is round-half-even, like numpy.around
@@ -187,7 +206,7 @@ def rerank(
         raw_weights=raw, clamp_jaccard=clamp, knn_precision=knn_precision,
     )
     if name == "cpu":
-        values, indices = torch.ops.fmn.rerank(
+        values, indices = _compiled_op()(
             query_feats.detach().float().contiguous(), gallery_feats.detach().float().contiguous(),
             cfg.k_forward, cfg.k_half, cfg.k_qe, cfg.lambda_value, cfg.square_twice, cfg.raw_weights,
             cfg.clamp_jaccard, 0 if topk is None else topk,

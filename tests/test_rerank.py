@@ -159,6 +159,24 @@ def test_small_chunks_exercise_every_chunked_stage(monkeypatch):
     assert (v - full_top[0]).abs().max().item() <= 1e-6
 
 
+@pytest.mark.skipif(not HAS_CPU_EXT, reason="C++ extension not built")
+@pytest.mark.parametrize("topk", [0, 5])
+def test_opcheck_cpu(topk):
+    from fmn_kernels.rerank import _compiled_op
+
+    qf, gf = random_feats(6, 20, 8, seed=2)
+    torch.library.opcheck(_compiled_op(), (qf, gf, 21, 11, 6, 0.3, False, False, False, topk))
+
+
+@pytest.mark.parametrize("backend", _backends_cpu())
+@pytest.mark.parametrize("q,g", [(1, 1), (2, 3), (1, 5), (4, 1)])
+def test_tiny_problems(backend, q, g):
+    qf, gf = random_feats(q, g, 4, seed=q * 10 + g)
+    for p in (dict(k1=20, k2=6), dict(k1=1, k2=6), dict(k1=2, k2=1, lambda_value=0.0),
+              dict(k1=20, k2=6, faiss_compat=True), dict(k1=1, k2=1, faiss_compat=True)):
+        assert_matches_reference(rerank(qf, gf, backend=backend, **p), rerank_ref(qf, gf, **p))
+
+
 def test_backends_agree():
     if not HAS_CPU_EXT:
         pytest.skip("C++ extension not built")
