@@ -5,7 +5,9 @@
 
 Configuration: the sections of ``fmn.config`` (model, data, train, eval, output, synth) plus a
 ``seed`` section with the options of the model named by ``model.name`` (``SEED_OPTIONS``) and
-``parts_root`` / ``kp_sigma`` of the parts-aware loader (``fmn.data.parts``). The schedule is
+``parts_root`` / ``kp_sigma`` of the parts-aware loader (``fmn.data.parts``), used for models
+whose ``needs_parts`` is true (MMGA, region-level MGRAN); the others take ``fmn.data``'s loader
+and need no mask files. The schedule is
 ``train.stage1`` (epochs, lr, milestones, gamma); ``train.stage2.epochs`` must be 0.
 ``train.label_smoothing``, ``train.triplet_weight`` and ``train.triplet_margin`` go to the model's
 loss. Every model exposes ``loss(outputs, batch) -> (loss, stats)``; the trainer is generic:
@@ -150,6 +152,7 @@ def build_parts_loader(cfg: dict, dataset, info: fdist.DistInfo):
         dataset, d["height"], d["width"], batch_size=d["batch_size"], num_instances=d["num_instances"],
         workers=d["workers"], seed=cfg["train"]["seed"], cache=d["cache"], augment=d["augment"],
         num_replicas=info.world_size, rank=info.rank, parts_root=s["parts_root"], kp_sigma=s["kp_sigma"],
+        flip_p=d.get("flip_p", 0.5), pad=d.get("pad", 10), erase_p=d.get("erase_p", 0.0),
         progress=cfg["train"]["progress"] and info.is_main)
 
 
@@ -179,8 +182,13 @@ def train_seed_model(cfg: dict, resume: bool = True, log: Callable[[str], None] 
     if dataset is None:
         dataset = build_dataset(d["name"], d["root"], **d["options"])
     say(dataset.summary())
-    loader = build_parts_loader(cfg, dataset, info)
     model = build_seed_model(cfg, dataset.num_train_pids).to(device)
+    if getattr(model, "needs_parts", True):
+        loader = build_parts_loader(cfg, dataset, info)
+    else:
+        from fmn.trainer import build_train_loader
+
+        loader = build_train_loader(cfg, dataset, info)
     channels_last = (device.type == "cuda") if t["channels_last"] == "auto" else bool(t["channels_last"])
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -228,8 +236,9 @@ def train_seed_model(cfg: dict, resume: bool = True, log: Callable[[str], None] 
         for group in optimizer.param_groups:
             group["lr"] = lr
         seed_everything(epoch_seed(t["seed"], 1, epoch) + info.rank)
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch_seed(t["seed"], 1, epoch))
+        for obj in (loader.sampler, loader.collate_fn):
+            if hasattr(obj, "set_epoch"):
+                obj.set_epoch(epoch_seed(t["seed"], 1, epoch))
         if hasattr(model, "set_epoch"):
             model.set_epoch(epoch)
         run_model.train()
@@ -316,6 +325,25 @@ def load_seed_model(checkpoint: str, overrides: list[str] | None = None) -> tupl
 def default_config(model: str) -> str | None:
     path = os.path.join(CONFIG_DIR, f"{model}.yaml")
     return path if os.path.isfile(path) else None
+
+
+def is_seed_run(args) -> bool:
+    """True when ``fmn train`` arguments name a seed model: ``--model``, the config file's
+    ``model.name``, or a ``--set model.name=...`` override."""
+    names = [getattr(args, "model", None)]
+    for text in getattr(args, "overrides", []) or []:
+        if text.replace(" ", "").startswith("model.name="):
+            names.append(text.split("=", 1)[1].strip())
+    config = getattr(args, "config", None)
+    if config and os.path.isfile(config):
+        with open(config) as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError:
+                data = {}
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            names.append(data["model"].get("name"))
+    return any(n in SEED_MODELS for n in names if n)
 
 
 def cli_train(args) -> int:

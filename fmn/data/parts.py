@@ -214,6 +214,14 @@ class _PartsCollate:
         self.flip_p, self.pad, self.erase_p = flip_p, pad, erase_p
         self._gen = None
         self._gen_pid = None
+        self._epoch = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the augmentation from (seed, epoch), so that a resumed run draws what an
+        uninterrupted one would (with ``workers=0``; worker processes draw from their own seeds)."""
+        self._epoch = int(epoch)
+        self._gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self._epoch) % (2**63 - 1))
+        self._gen_pid = os.getpid()
 
     def _generator(self):
         if self._gen is None or self._gen_pid != os.getpid():
@@ -243,7 +251,7 @@ def make_parts_train_loader(dataset: Union[ReIDDataset, Sequence[Sample]], heigh
                             batch_size: int = 64, num_instances: int = 4, workers: int = 2, seed: int = 0,
                             cache: bool = False, augment: bool = True, num_replicas: int = 1, rank: int = 0,
                             parts_root: Optional[str] = None, kp_sigma: float = 0.1, flip_p: float = 0.5,
-                            pad: int = 10, erase_p: float = 0.5, check: bool = True,
+                            pad: int = 10, erase_p: float = 0.0, check: bool = True,
                             progress: bool = True) -> DataLoader:
     """PK-sampled training loader whose batches also hold ``parts`` (B, 6, H, W) (module docstring).
 

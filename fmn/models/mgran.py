@@ -94,6 +94,7 @@ class MGRAN(SeedModel):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"mgran: threshold must be in (0, 1), got {threshold}")
         self.alignment = alignment
+        self.needs_parts = alignment == "region"
         self.threshold = float(threshold)
         self.mask_weight = float(mask_weight)
         self.train_masks = train_masks

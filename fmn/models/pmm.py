@@ -101,6 +101,8 @@ def batch_drop_mask(batch: int, hw: Tuple[int, int], block: Tuple[int, int], dev
 
 
 class PMM(SeedModel):
+    needs_parts = False
+
     def __init__(self, num_classes: int, stages: Sequence[str] = ("layer2", "layer3", "layer4"),
                  stage_start_epochs: Sequence[int] | None = None, mix_stages: Sequence[str] = ("layer2", "layer3"),
                  mix_block: Sequence[float] = (0.33, 0.5), mix_prob: float = 1.0, batch_drop: bool = False,

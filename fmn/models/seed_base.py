@@ -51,7 +51,11 @@ def check_stages(model: str, key: str, names: Sequence[str]) -> tuple:
 
 
 class SeedModel(nn.Module):
-    """Backbone + identity heads, and the shared plumbing of the models above."""
+    """Backbone + identity heads, and the shared plumbing of the models above.
+
+    ``needs_parts``: training batches must carry the part masks of ``fmn.data.parts``."""
+
+    needs_parts = True
 
     def __init__(self, name: str, num_classes: int, backbone: str = "resnet50",
                  input_size: Sequence[int] = (256, 128), pretrained: str | os.PathLike | None = None,
