@@ -376,7 +376,7 @@ def generate(out_dir: str, num_ids: int = DEFAULTS["num_ids"], num_cams: int = D
 
     Defaults: 96 identities in groups of 4 (48 train / 48 test), 4 cameras, each identity in 2-4
     of them with 4 images per camera, 128x64 images: for seed 0, 576 training images, 148
-    queries and 492 gallery images (including 32 distractors and 16 junk), ~10 s to write.
+    queries and 492 gallery images (including 32 distractors and 16 junk); about 8 s of CPU.
     ``num_distractors`` / ``num_junk`` default to a third / a sixth of ``num_ids``.
     Returns ``out_dir``.
     """
