@@ -13,7 +13,9 @@ Cases (d = feature dim; features: unit-norm, identity-clustered, like re-ID embe
   10kx100k      q=10000, g=100000, d=2048, topk=100 (GPU only)
 Each (case, method) runs in a fresh subprocess: wall time (median of --repeat runs after one
 warm-up where the case is small), process CPU time, peak host memory (ru_maxrss of the worker;
-"host+" is the rise over the inputs), peak device memory (torch.cuda.max_memory_allocated).
+"host+" is the rise over the inputs), peak device memory (torch.cuda.max_memory_allocated,
+inputs included). On a shared CPU the wall time depends on the load (printed); "cpu s" is the
+process CPU time (all threads, OpenMP spin-waits included).
 Ratios are against numpy and the reference when they ran; max|d| and the ranking check compare
 the dense output with the reference where available, else with numpy.
 
@@ -151,7 +153,6 @@ def worker(args) -> None:
         sync()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        dev_base = torch.cuda.memory_allocated()
     for _ in range(reps):
         out = None
         sync()
@@ -166,7 +167,7 @@ def worker(args) -> None:
         cpu_s=statistics.median(cpu_times),
         host_peak_mb=peak_rss / 1024.0,
         host_rise_mb=(peak_rss - base_rss) / 1024.0,
-        dev_peak_mb=(torch.cuda.max_memory_allocated() - dev_base) / 2**20 if device == "cuda" else None,
+        dev_peak_mb=torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
     )
     if cfg["save"] and topk is None:
         import numpy as np
@@ -298,6 +299,21 @@ def main() -> None:
                       f"{fmt(row.get('max_abs_diff'), '.1e'):>9} {str(row.get('rank_ok', '-')):>5}")
             else:
                 print(f"{case:<10} {q:>6} {g:>7} {d:>5} {'-':>5} {method:<10} failed: {err}")
+    # the targets, checked against the fastest fmn backend of each case
+    targets = {("cpu", "1000x5000"): (1.0, None), ("cpu", "market"): (15.0, 2048.0),
+               ("cuda", "market"): (0.010, None), ("cuda", "10kx100k"): (2.0, 20480.0)}
+    for (tdev, tcase), (t_max, mem_max) in targets.items():
+        if tdev != dev:
+            continue
+        done = [r for r in rows if r["case"] == tcase and r["method"] in backends and r.get("time_s") is not None]
+        if not done:
+            continue
+        best = min(done, key=lambda r: r["time_s"])
+        mem = best["dev_peak_mb"] if dev == "cuda" else best["host_peak_mb"]
+        verdict = best["time_s"] <= t_max and (mem_max is None or mem <= mem_max)
+        limit = f"<= {t_max:g} s" + (f", <= {mem_max:.0f} MB" if mem_max else "")
+        print(f"target {tcase} on {dev} ({limit}): {best['method']} {best['time_s']:.3f} s wall, "
+              f"{best['cpu_s']:.2f} s CPU, {mem:.0f} MB peak -> {'met' if verdict else 'NOT met'} (load average {load:.2f})")
     if args.csv:
         fields = ["date", "device", "device_name", "case", "q", "g", "d", "topk", "method", "time_s", "cpu_s",
                   "host_peak_mb", "host_rise_mb", "dev_peak_mb", "x_numpy", "x_ref", "max_abs_diff", "rank_ok",

@@ -322,6 +322,8 @@ TRITON_SCRIPT = textwrap.dedent(
         v, i = rerank(qf, gf, k1, k2, lam, backend="triton", topk=4)
         sv, si = torch.sort(out, dim=1, stable=True)
         assert torch.equal(v, sv[:, :4]) and torch.equal(i, si[:, :4]), "triton topk"
+        lowp = rerank(qf, gf, k1, k2, lam, backend="triton", knn_precision="bf16")
+        assert (lowp.double() - ref).abs().max() <= 1e-5, "triton bf16 candidates"
     print("ok")
     """
 )
