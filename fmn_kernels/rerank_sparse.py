@@ -418,6 +418,11 @@ def _inverted_index(cols, vals, q: int, n: int):
     return ptr, count, item, val
 
 
+def _needs_sorted_sums(device: torch.device) -> bool:
+    """True where index_add_ on floats uses atomics (CUDA): sum after a sort instead."""
+    return device.type != "cpu"
+
+
 def _overlap_chunk(qcols, qvals, r0, r1, index, g: int, n: int) -> torch.Tensor:
     """S for query rows r0:r1 as a dense (r1 - r0, g) chunk: S(i, j) = sum_c min(Vqe[i,c], Vqe[j,c])."""
     ptr, count, item, ival = index
@@ -435,7 +440,7 @@ def _overlap_chunk(qcols, qvals, r0, r1, index, g: int, n: int) -> torch.Tensor:
     pos = ptr[e_col][ent] + (torch.arange(total, device=ec.device) - excl[ent])
     key = e_row[ent] * g + item[pos]
     contrib = torch.minimum(e_val[ent], ival[pos])
-    if not ec.is_cuda:
+    if not _needs_sorted_sums(ec.device):
         # CPU index_add_ accumulates in index order: deterministic, no sort needed
         s.index_add_(0, key, contrib)
         return s.view(r1 - r0, g)

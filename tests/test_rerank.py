@@ -177,6 +177,17 @@ def test_tiny_problems(backend, q, g):
         assert_matches_reference(rerank(qf, gf, backend=backend, **p), rerank_ref(qf, gf, **p))
 
 
+def test_sorted_sum_path(monkeypatch):
+    """The sort + float64 cumsum segment sums used on CUDA, run on CPU."""
+    qf, gf = clustered_feats(30, 150, 16, seed=37)
+    base = rerank(qf, gf, backend="torch")
+    monkeypatch.setattr(rerank_sparse, "_needs_sorted_sums", lambda device: True)
+    out = rerank(qf, gf, backend="torch")
+    assert_matches_reference(out, rerank_ref(qf, gf))
+    assert (out - base).abs().max().item() <= 1e-6
+    assert torch.equal(out, rerank(qf, gf, backend="torch"))
+
+
 def test_backends_agree():
     if not HAS_CPU_EXT:
         pytest.skip("C++ extension not built")
