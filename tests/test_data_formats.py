@@ -121,3 +121,43 @@ def test_custom_folder_tree(tmp_path):
         build_dataset("custom", str(tmp_path / "tree"))
     with pytest.raises(DatasetError, match="not found"):
         build_dataset("custom", str(tmp_path / "nothing"))
+
+
+def test_cuhk03_original_release_extraction(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    root = str(tmp_path)
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, "cuhk03_release"))
+    written = {}
+    with h5py.File(os.path.join(root, "cuhk03_release", "cuhk-03.mat"), "w") as f:
+        g = f.create_group("#refs#")
+        for kind in ("labeled", "detected"):
+            pair_refs = []
+            for pair in range(2):
+                cells = np.empty((10, 2), dtype=h5py.ref_dtype)          # stored (slots, persons)
+                for person in range(2):
+                    for slot in range(10):
+                        name = f"{kind}_{pair}_{person}_{slot}"
+                        if slot in (3, 9):                             # empty slots
+                            ds = g.create_dataset(name, data=np.zeros(2, np.uint64))
+                        else:
+                            img = rng.integers(0, 255, (12, 6, 3), dtype=np.uint8)
+                            ds = g.create_dataset(name, data=img.T)
+                            written[(kind, f"{pair + 1}_{person + 1:03d}_{1 if slot < 5 else 2}_{slot + 1:02d}.png")] = img
+                        cells[slot, person] = ds.ref
+                pair_refs.append(g.create_dataset(f"{kind}_pair{pair}", data=cells).ref)
+            f.create_dataset(kind, data=np.array([pair_refs], dtype=h5py.ref_dtype))
+    files = ["1_001_1_01.png", "1_001_2_06.png", "1_002_1_01.png", "1_002_2_07.png", "2_001_1_02.png", "2_001_2_08.png"]
+    filelist = np.empty((len(files), 1), dtype=object)
+    for i, n in enumerate(files):
+        filelist[i, 0] = np.array([n])
+    savemat(os.path.join(root, "cuhk03_new_protocol_config_detected.mat"), {
+        "filelist": filelist, "labels": np.array([1, 1, 2, 2, 3, 3])[:, None], "camId": np.array([1, 2] * 3)[:, None],
+        "train_idx": np.array([1, 2])[:, None], "query_idx": np.array([3, 5])[:, None],
+        "gallery_idx": np.array([4, 6])[:, None]})
+    ds = build_dataset("cuhk03", root, labeled=False)
+    assert os.path.isdir(os.path.join(root, "images_detected")) and not os.path.isdir(os.path.join(root, "images_labeled"))
+    assert len(os.listdir(os.path.join(root, "images_detected"))) == 2 * 2 * 8
+    for path, _, _ in ds.train + ds.query + ds.gallery:
+        ref = written[("detected", os.path.basename(path))]
+        assert np.array_equal(np.asarray(Image.open(path)), ref)

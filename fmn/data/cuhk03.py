@@ -14,8 +14,12 @@ Two layouts are read, labeled or detected boxes (``labeled=True/False``):
 
 The split file (MATLAB v5, read with scipy.io) holds ``filelist`` (image names), ``labels``
 (identity), ``camId`` (1 or 2, camera within the pair), and 1-based ``train_idx``,
-``query_idx``, ``gallery_idx``. The images are the per-box PNGs extracted from
-``cuhk-03.mat`` (an HDF5 file, whose extraction needs h5py and is not done here).
+``query_idx``, ``gallery_idx``. The images are the boxes of the original release's
+``cuhk-03.mat`` saved as PNG files named ``<pair>_<person:03d>_<view>_<image:02d>.png``
+(view 1 for the first five images of a person, 2 for the last five). When the image folder is
+missing and ``cuhk-03.mat`` is found (in ``root`` or ``root/cuhk03_release``), the boxes are
+extracted once into ``root/images_labeled`` / ``root/images_detected``; that file is MATLAB
+v7.3 (HDF5), so this step needs the ``h5py`` package.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import numpy as np
 from fmn.data.base import DatasetError, ReIDDataset
 from fmn.data.market import CUHK03NP_PATTERN, SPLIT_FOLDERS, read_market_layout
 
-__all__ = ["build_cuhk03"]
+__all__ = ["build_cuhk03", "extract_cuhk03_release"]
 
 _MAT_IMAGE_DIRS = {
     "labeled": ("images_labeled", "labeled", "cuhk03_release/images_labeled"),
@@ -103,6 +107,10 @@ def _read_mat_layout(name: str, root: str, kind: str, images_dir: Optional[str],
         cands = [os.path.join(os.path.dirname(mat_path), d) for d in _MAT_IMAGE_DIRS[kind]]
         cands += [os.path.join(root, d) for d in _MAT_IMAGE_DIRS[kind]]
         images_dir = next((d for d in cands if os.path.isdir(d)), None)
+        release = _release_file(root)
+        if images_dir is None and release is not None:
+            images_dir = os.path.join(root, f"images_{kind}")
+            extract_cuhk03_release(release, root, kinds=(kind,))
         if images_dir is None:
             raise DatasetError(
                 f"{root}: folder of CUHK03 {kind} images not found (looked for {', '.join(sorted(set(cands)))}); "
@@ -127,6 +135,60 @@ def _read_mat_layout(name: str, root: str, kind: str, images_dir: Optional[str],
 
     return ReIDDataset(name, root, split("train_idx"), split("query_idx"), split("gallery_idx"),
                        **options)
+
+
+def _release_file(root: str) -> Optional[str]:
+    for d in (root, os.path.join(root, "cuhk03_release")):
+        f = os.path.join(d, "cuhk-03.mat")
+        if os.path.isfile(f):
+            return f
+    return None
+
+
+def extract_cuhk03_release(mat_path: str, out_root: str, kinds=("labeled", "detected"),
+                           progress: bool = True) -> None:
+    """Save the boxes of the original ``cuhk-03.mat`` as PNG files under
+    ``out_root/images_<kind>/`` with the names used by the new-protocol split files.
+
+    The file (MATLAB v7.3 / HDF5) holds, for ``labeled`` and ``detected``, one cell per camera
+    pair of shape (persons, 10): ten image slots per person, empty where there is no image.
+    Each image is stored transposed (3, W, H). The folder is written to a temporary name and
+    renamed when complete, so an interrupted extraction is redone next time.
+    """
+    try:
+        import h5py
+    except ImportError:
+        raise DatasetError(f"{mat_path}: extracting the CUHK03 images needs h5py (pip install h5py), or "
+                           "extract them yourself into images_labeled/ and images_detected/") from None
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    try:
+        f = h5py.File(mat_path, "r")
+    except Exception as e:
+        raise DatasetError(f"{mat_path}: cannot open as MATLAB v7.3 / HDF5 ({type(e).__name__}: {e})") from None
+    with f:
+        for kind in kinds:
+            if kind not in f:
+                raise DatasetError(f"{mat_path}: no '{kind}' entry; expected 'labeled' and 'detected'")
+            final = os.path.join(out_root, f"images_{kind}")
+            if os.path.isdir(final):
+                continue
+            tmp = final + ".partial"
+            os.makedirs(tmp, exist_ok=True)
+            pairs = f[kind][()].reshape(-1)
+            for pair_id, pair_ref in enumerate(pairs):
+                cells = f[pair_ref][()].T                # (persons, 10) references
+                for person in tqdm(range(cells.shape[0]), desc=f"extract {kind} pair {pair_id + 1}",
+                                   disable=not progress, unit="id"):
+                    for slot in range(cells.shape[1]):
+                        img = f[cells[person, slot]][()]
+                        if img.ndim != 3 or img.size == 0:
+                            continue
+                        view = 1 if slot < 5 else 2
+                        name = f"{pair_id + 1}_{person + 1:03d}_{view}_{slot + 1:02d}.png"
+                        Image.fromarray(np.ascontiguousarray(img.T, dtype=np.uint8)).save(os.path.join(tmp, name))
+            os.replace(tmp, final)
 
 
 def _mat_str(x) -> str:
