@@ -58,6 +58,7 @@ def test_masks_and_keypoints_present_and_valid(synth):
     for path, _, _ in ds.train + ds.query + ds.gallery:
         mask_path, kp_path = parts_paths(path)
         assert os.path.isfile(mask_path) and os.path.isfile(kp_path)
+    assert ds.masks_dir == os.path.join(synth, "parts") and os.path.isdir(ds.masks_dir)
     mask, kp = ds.load_parts(ds.train[0][0])
     assert mask.dtype == np.uint8 and mask.shape == (32, 16)
     assert set(np.unique(mask)) <= {0, 1, 2, 3, 4, 5} and {1, 2, 3} <= set(np.unique(mask).tolist())

@@ -100,6 +100,11 @@ class ReIDDataset:
     def num_cams(self) -> int:
         return 1 + max(c for split in (self.train, self.query, self.gallery) for _, _, c in split)
 
+    @property
+    def masks_dir(self) -> str:
+        """Folder of the body-part masks and keypoints (``parts_root`` or ``<root>/parts``)."""
+        return self.parts_root or os.path.join(self.root, "parts")
+
     def parts_path(self, image_path: str) -> Tuple[str, str]:
         """(mask PNG path, keypoints JSON path) for an image; see :mod:`fmn.data.masks`."""
         from fmn.data.masks import parts_paths
