@@ -211,3 +211,26 @@ def test_bad_inputs_raise_clear_errors():
         forward_op(f, torch.ones(2, 16, dtype=torch.int64), None, "exp_relu", None)
     with pytest.raises(RuntimeError, match="grad_out must have the shape of f"):
         backward_op(torch.randn(2, 3, 4, 3), f, logits, None, "exp_relu", None, True, False)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_larger_tensors(layout):
+    # 2 x 80 x 120 x 119 float32 (9 MB per tensor): several parallel chunks, and rows whose length
+    # is not a multiple of any vector width.
+    gen = torch.Generator().manual_seed(21)
+    shape = (2, 80, 120, 119)
+    f, g, do = (torch.randn(shape, generator=gen).contiguous(memory_format=layout) for _ in range(3))
+    logits = torch.randn(2, 120 * 119, generator=gen)
+    for f_other in (None, g):
+        out = forward_op(f, logits, f_other, "exp_relu", None)
+        torch.testing.assert_close(out, reference(f, logits, f_other, "exp_relu", None))
+        df, dlogits, dother = backward_op(do, f, logits, f_other, "exp_relu", None, True, True)
+        m = torch.exp(torch.relu(logits)).reshape(2, 1, 120, 119)
+        if f_other is None:
+            torch.testing.assert_close(df, do * m)
+            dm = (do * f).sum(1).reshape(2, -1)
+        else:
+            torch.testing.assert_close(df, do * (1 - m))
+            torch.testing.assert_close(dother, do * m)
+            dm = (do * (g - f)).sum(1).reshape(2, -1)
+        torch.testing.assert_close(dlogits, dm * m.reshape(2, -1) * (logits > 0), rtol=1e-4, atol=1e-3)
