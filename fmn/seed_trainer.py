@@ -356,6 +356,15 @@ def cli_train(args) -> int:
             overrides.append(f"{key}={getattr(args, attr)}")
     config = getattr(args, "config", None) or (default_config(args.model) if getattr(args, "model", None) else None)
     cfg = load_seed_config(config, overrides, model=getattr(args, "model", None))
+    root = cfg["data"]["root"]
+    if cfg["data"]["name"] == "synthetic" and not os.path.exists(root) and fdist.current().is_main:
+        from fmn.data.synthetic import generate
+
+        sy = cfg["synth"]
+        _log(f"writing the synthetic dataset to {root}")
+        generate(root, num_ids=sy["num_ids"], num_cams=sy["num_cams"], seed=sy["seed"],
+                 images_per_id_per_cam=sy["images_per_id_per_cam"], height=sy["height"], width=sy["width"],
+                 progress=cfg["train"]["progress"])
     summary = train_seed_model(cfg, resume=not getattr(args, "no_resume", False), log=_log)
     info = fdist.current()
     if info.is_main:
