@@ -169,7 +169,7 @@ def train_seed_model(cfg: dict, resume: bool = True, log: Callable[[str], None] 
 
     from fmn.data import build_dataset
     from fmn.trainer import (CHECKPOINT_FORMAT, NonFiniteLossError, epoch_seed, lr_at, resolve_amp,
-                             resolve_device, seed_everything, unwrap)
+                             resolve_device, seed_everything)
 
     validate_seed(cfg)
     t, d = cfg["train"], cfg["data"]
