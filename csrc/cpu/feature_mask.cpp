@@ -370,7 +370,33 @@ void backward_plane(const Problem& p, const acc_t* mask, const FeaturePointers<s
       const int64_t n = std::min(tile, HW - hw0);
       const acc_t* __restrict__ m = mask + b * HW + hw0;
       std::fill(dm, dm + n, acc_t(0));
-      for (int64_t c = 0; c < C; ++c) {
+      int64_t c = 0;
+      if constexpr (!MIX && !NEED_DF) {
+        // Pure reduction (no full-size output): four channels per pass over dm,
+        //   dm[hw] += sum_{j < 4} do[b, c + j, hw] * f[b, c + j, hw],
+        // so that dm is loaded and stored once per four channels.
+        for (; c + 4 <= C; c += 4) {
+          const scalar_t* dq = gr.grad + b * gr.grad_s.batch + c * gr.grad_s.channel + hw0;
+          const scalar_t* fq = in.f + b * in.fs.batch + c * in.fs.channel + hw0;
+          const int64_t ds = gr.grad_s.channel, fs = in.fs.channel;
+          const scalar_t* __restrict__ d0 = dq;
+          const scalar_t* __restrict__ d1 = dq + ds;
+          const scalar_t* __restrict__ d2 = dq + 2 * ds;
+          const scalar_t* __restrict__ d3 = dq + 3 * ds;
+          const scalar_t* __restrict__ f0 = fq;
+          const scalar_t* __restrict__ f1 = fq + fs;
+          const scalar_t* __restrict__ f2 = fq + 2 * fs;
+          const scalar_t* __restrict__ f3 = fq + 3 * fs;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) {
+            dm[i] += (static_cast<acc_t>(d0[i]) * static_cast<acc_t>(f0[i]) +
+                      static_cast<acc_t>(d1[i]) * static_cast<acc_t>(f1[i])) +
+                     (static_cast<acc_t>(d2[i]) * static_cast<acc_t>(f2[i]) +
+                      static_cast<acc_t>(d3[i]) * static_cast<acc_t>(f3[i]));
+          }
+        }
+      }
+      for (; c < C; ++c) {
         const scalar_t* __restrict__ dp = gr.grad + b * gr.grad_s.batch + c * gr.grad_s.channel + hw0;
         const scalar_t* __restrict__ fp = in.f + b * in.fs.batch + c * in.fs.channel + hw0;
         scalar_t* __restrict__ dfp = NEED_DF ? gr.df + b * gr.df_s.batch + c * gr.df_s.channel + hw0 : nullptr;
