@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {
         "seed": 0,
         "device": "auto",                # auto | cpu | cuda | cuda:N
+        "num_threads": None,             # CPU threads of torch (None: torch's default)
         "amp": "auto",                   # auto (bf16 on a GPU that has it, else none) | none | bf16 | fp16
         "channels_last": "auto",         # auto (on GPU) | true | false
         "momentum": 0.9,
@@ -273,6 +274,7 @@ def validate(cfg: dict) -> dict:
     dev = cfg["train"]["device"]
     _check(isinstance(dev, str) and (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")),
            "train.device", dev, "auto, cpu, cuda or cuda:N")
+    _int(cfg, "train.num_threads", lo=1, allow_none=True)
     _choice(cfg, "train.amp", AMP_CHOICES)
     _choice(cfg, "train.channels_last", ("auto", True, False))
     _num(cfg, "train.momentum", lo=0.0, hi=1.0, hi_open=True)

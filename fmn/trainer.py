@@ -435,6 +435,8 @@ def run_training(cfg: dict, resume: bool = True, log: Callable[[str], None] | No
     from fmn.data import build_dataset
 
     device = resolve_device(cfg["train"]["device"])
+    if cfg["train"].get("num_threads"):
+        torch.set_num_threads(cfg["train"]["num_threads"])
     info = fdist.init_distributed(device.type)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
