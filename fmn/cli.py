@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fmn",
         description="Feature Mask Network for person re-identification: train, evaluate, re-rank, visualise.\n"
-        "Start with `fmn demo` (about 10 minutes on a laptop CPU): it writes a synthetic dataset, trains\n"
+        "Start with `fmn demo` (about 5 minutes on a 2-core CPU): it writes a synthetic dataset, trains\n"
         "both FMN stages and reports GRN / LAN / FMN rank-1 and mAP with and without re-ranking.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
