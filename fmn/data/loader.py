@@ -15,7 +15,7 @@ present); batches are then gathered and augmented there, in the main process.
 """
 from __future__ import annotations
 
-import os
+import hashlib
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -63,16 +63,15 @@ class _Collate:
         self.aug_kwargs = aug_kwargs
         self.samples = samples
         self.cache = cache
-        self._gen = None
-        self._gen_pid = None
 
-    def _generator(self, device):
-        if self._gen is None or self._gen_pid != os.getpid() or self._gen.device != device:
-            info = torch.utils.data.get_worker_info()
-            g = torch.Generator(device=device)
-            g.manual_seed(info.seed if info is not None else self.seed)
-            self._gen, self._gen_pid = g, os.getpid()
-        return self._gen
+    def _generator(self, index: torch.Tensor, device: torch.device) -> torch.Generator:
+        """A generator seeded by (seed, the batch's sample indices): the same batch gets the same
+        augmentation in any worker, after any resume, whatever ran before it."""
+        digest = hashlib.blake2b(index.cpu().numpy().tobytes(), digest_size=8,
+                                 key=str(self.seed).encode()).digest()
+        g = torch.Generator(device=device)
+        g.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+        return g
 
     def __call__(self, items):
         if self.cache is not None:
@@ -90,7 +89,7 @@ class _Collate:
             index = torch.tensor([it[4] for it in items], dtype=torch.int64)
         x = to_float_normalized(imgs)
         if self.augment:
-            x = augment_batch(x, generator=self._generator(x.device), **self.aug_kwargs)
+            x = augment_batch(x, generator=self._generator(index, x.device), **self.aug_kwargs)
         if x.is_cuda:
             pids, camids, index = pids.to(x.device), camids.to(x.device), index.to(x.device)
         return {"img": x, "pid": pids, "camid": camids, "path": paths, "index": index}
