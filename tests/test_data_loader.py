@@ -148,3 +148,22 @@ def test_pk_sampler_advances_epoch_without_set_epoch():
     ref = PKSampler(pids, batch_size=8, num_instances=4, seed=0)
     ref.set_epoch(1)
     assert list(ref) == second and len(s) == len(second)
+
+
+def test_augmentation_is_a_function_of_the_batch(small_dataset):
+    """A batch's augmentation depends on (seed, its sample indices) only: the same in a resumed
+    run and in any worker, whatever batches came before; another batch or seed differs."""
+    from fmn.data.loader import _Collate
+
+    samples = small_dataset.train
+    cache = torch.randint(0, 255, (len(samples), 3, 16, 8), dtype=torch.uint8)
+    kwargs = dict(flip_p=0.5, pad=2, erase_p=0.5)
+    first = _Collate(True, 7, kwargs, samples=samples, cache=cache)
+    a = first([0, 3, 5, 6])["img"]
+    first([1, 2, 4, 7])  # advance whatever state there is
+    again = first([0, 3, 5, 6])["img"]
+    fresh = _Collate(True, 7, kwargs, samples=samples, cache=cache)([0, 3, 5, 6])["img"]
+    other_seed = _Collate(True, 8, kwargs, samples=samples, cache=cache)([0, 3, 5, 6])["img"]
+    plain = _Collate(False, 7, kwargs, samples=samples, cache=cache)([0, 3, 5, 6])["img"]
+    assert torch.equal(a, again) and torch.equal(a, fresh)
+    assert not torch.equal(a, other_seed) and not torch.equal(a, plain)
