@@ -174,6 +174,8 @@ def train_seed_model(cfg: dict, resume: bool = True, log: Callable[[str], None] 
     validate_seed(cfg)
     t, d = cfg["train"], cfg["data"]
     device = resolve_device(t["device"])
+    if t.get("num_threads"):
+        torch.set_num_threads(t["num_threads"])
     info = fdist.init_distributed(device.type)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
