@@ -123,7 +123,7 @@ class MGRAN(SeedModel):
 
     def forward(self, img: torch.Tensor, batch: dict | None = None) -> Dict[str, torch.Tensor]:
         mask_logits = None
-        if self.mask_predictor is not None and (self.training or self.alignment == "region"):
+        if self.mask_predictor is not None:
             mask_logits = self.mask_predictor(img)
         masks = self.region_masks(img, batch, mask_logits).to(img.dtype)
         # region attention at the input: x_r = x * M_r, the 0/1 mask broadcast over the colour channels
