@@ -329,3 +329,20 @@ def test_train_resume_and_reload(synth, tmp_path):
     x = torch.randn(2, 3, H, W)
     with torch.no_grad():
         torch.testing.assert_close(model(x)["descriptor"], summary2["model"].eval()(x)["descriptor"])
+
+
+def test_fmn_cli_dispatches_seed_models(synth, tmp_path):
+    from fmn import cli
+
+    if "--model" not in cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help():
+        pytest.skip("fmn.cli train has no --model option")
+    out = tmp_path / "run"
+    common = ["--set", f"data.root={synth.root}", "--set", f"data.height={H}", "--set", f"data.width={W}",
+              "--set", "data.batch_size=8", "--set", "data.num_instances=2", "--set", "data.workers=0",
+              "--set", "data.cache=false", "--set", "train.progress=false", "--set", "model.base_width=8"]
+    argv = ["train", "--model", "mgran", "--output", str(out), "--no-resume", "--set", "train.stage1.epochs=1",
+            "--set", "train.max_steps_per_epoch=1"] + common
+    assert cli.main(argv) == 0
+    assert cli.main(["eval", "--checkpoint", str(out / "model.pt"), "--no-rerank",
+                     "--set", "train.progress=false"]) == 0
+    assert (out / "results.json").is_file()
