@@ -6,11 +6,11 @@
 
 Compares FusedFeatureMask (every kernel backend available here) with eager PyTorch
 (``f * exp(relu(g @ W + b)).view(B, 1, H, W)`` with autograd) and with ``torch.compile`` of that
-reference, for forward, backward and forward+backward. bf16 runs under torch.autocast, as a model
-would. Reports median times, the ratio to eager and to torch.compile, the bytes the fused op must
-move (forward: read f, write o; backward: read do and f, write df when f needs grad) as GB/s and
-as a percentage of the measured device-to-device copy bandwidth, and the peak memory of
-forward+backward (CUDA only).
+reference, for forward, backward and forward+backward, each including the mask GEMM. bf16 runs
+under torch.autocast, as a model would. Reports median times, the ratio to eager and to
+torch.compile, the bytes the fused op must move (forward: read f, write o, read W; backward: read
+do and f, write df when f needs grad, read W, write dW) as GB/s and as a percentage of the
+measured device-to-device copy bandwidth, and the peak memory of forward+backward (CUDA only).
 """
 from __future__ import annotations
 
@@ -36,30 +36,38 @@ def eager_mixer(f, g, weight, bias):
 
 
 class Timer:
-    """Median wall time of a callable: CUDA events on a GPU, perf_counter on CPU."""
+    """Median wall time of callables: CUDA events on a GPU, perf_counter on CPU. ``interleaved``
+    times several callables round-robin, so that a drift in machine load hits them alike."""
 
     def __init__(self, device: torch.device, warmup: int, reps: int):
         self.device, self.warmup, self.reps = device, warmup, reps
 
-    def __call__(self, fn) -> float:
-        for _ in range(self.warmup):
+    def _once(self, fn) -> float:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             fn()
-        times = []
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def interleaved(self, fns: dict) -> dict:
+        for fn in fns.values():
+            for _ in range(self.warmup):
+                fn()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            for _ in range(self.reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-        else:
-            for _ in range(self.reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        times = {name: [] for name in fns}
+        for _ in range(self.reps):
+            for name, fn in fns.items():
+                times[name].append(self._once(fn))
+        return {name: statistics.median(t) for name, t in times.items()}
+
+    def __call__(self, fn) -> float:
+        return self.interleaved({"fn": fn})["fn"]
 
 
 def copy_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, timer: Timer) -> float:
@@ -70,8 +78,8 @@ def copy_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, timer: 
     return 2 * numel * src.element_size() / t
 
 
-def run_case(name, fn_module, f, g, timer, amp_dtype, device):
-    """(forward, backward, forward+backward) median seconds and peak bytes for one implementation."""
+def make_steps(fn_module, f, g, amp_dtype, device):
+    """Closures (forward, backward, forward+backward, peak bytes of forward+backward) of one implementation."""
     ctx = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else None
 
     def forward():
@@ -81,27 +89,32 @@ def run_case(name, fn_module, f, g, timer, amp_dtype, device):
             return fn_module(f, g)
 
     params = [p for p in (g, f) if p.requires_grad] + list(fn_module.parameters())
-    with torch.no_grad():
-        t_fwd = timer(forward)
+
+    def forward_only():
+        with torch.no_grad():
+            forward()
+
     out = forward()
     grad = torch.randn_like(out)
-    t_bwd = timer(lambda: torch.autograd.grad(out, params, grad, retain_graph=True))
-    del out
+
+    def backward():
+        torch.autograd.grad(out, params, grad, retain_graph=True)
 
     def fwd_bwd():
-        o = forward()
-        torch.autograd.grad(o, params, grad)
+        torch.autograd.grad(forward(), params, grad)
 
-    t_both = timer(fwd_bwd)
-    peak = None
-    if device.type == "cuda":
+    def peak():
+        if device.type != "cuda":
+            return None
+        fwd_bwd()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fwd_bwd()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    return t_fwd, t_bwd, t_both, peak
+        return torch.cuda.max_memory_allocated() - base
+
+    return forward_only, backward, fwd_bwd, peak
 
 
 class Eager(torch.nn.Module):
@@ -171,12 +184,19 @@ def main(argv=None):
                         m.load_state_dict(mixer.state_dict())
                         impls.append((f"fused[{b}]", m))
                     bw = copy_bandwidth(f.numel(), dtype, device, timer)
+                    # Bytes the fused op must move: the feature passes plus the GEMM's weight traffic
+                    # (forward reads W; backward reads W for dg and writes dW).
                     n_bytes = f.numel() * f.element_size()
-                    fwd_bytes = 2 * n_bytes
-                    bwd_bytes = (3 if not args.no_f_grad else 2) * n_bytes
-                    results = {}
-                    for name, mod in impls:
-                        results[name] = run_case(name, mod, f, g, timer, amp, device)
+                    w_bytes = mixer.weight.numel() * mixer.weight.element_size()
+                    fwd_bytes = 2 * n_bytes + w_bytes
+                    bwd_bytes = (3 if not args.no_f_grad else 2) * n_bytes + 2 * w_bytes
+                    steps = {name: make_steps(mod, f, g, amp, device) for name, mod in impls}
+                    t_fwd = timer.interleaved({n: s[0] for n, s in steps.items()})
+                    t_bwd = timer.interleaved({n: s[1] for n, s in steps.items()})
+                    t_both = timer.interleaved({n: s[2] for n, s in steps.items()})
+                    peaks = {n: s[3]() for n, s in steps.items()}
+                    results = {n: (t_fwd[n], t_bwd[n], t_both[n], peaks[n]) for n in steps}
+                    del steps
                     for name, (tf, tb, tfb, peak) in results.items():
                         vs_eager = results["eager"][2] / tfb
                         vs_comp = results["compile"][2] / tfb if "compile" in results else float("nan")
