@@ -197,6 +197,23 @@ at::Tensor dlogits_like(const at::Tensor& logits, const at::Tensor& dlogits_acc)
   return dlogits;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_results(Output& df, bool need_df, Output& df_other,
+                                                                bool need_dother, const at::Tensor& f,
+                                                                const at::Tensor& logits,
+                                                                const at::Tensor& dlogits_buffer) {
+  at::Tensor df_result = at::empty({0}, f.options());
+  if (need_df) {
+    df.finish();
+    df_result = df.result;
+  }
+  at::Tensor dg_result = at::empty({0}, f.options());
+  if (need_dother) {
+    df_other.finish();
+    dg_result = df_other.result;
+  }
+  return {df_result, dlogits_like(logits, dlogits_buffer), dg_result};
+}
+
 }  // namespace spatial_mask
 
 namespace cpu {
@@ -590,17 +607,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_mask_mul_backward(
     });
   }
 
-  at::Tensor df_result = at::empty({0}, f.options());
-  if (need_df) {
-    df.finish();
-    df_result = df.result;
-  }
-  at::Tensor dg_result = at::empty({0}, f.options());
-  if (need_dg) {
-    dg.finish();
-    dg_result = dg.result;
-  }
-  return {df_result, spatial_mask::dlogits_like(logits, dlogits_acc), dg_result};
+  return spatial_mask::backward_results(df, need_df, dg, need_dg, f, logits, dlogits_acc);
 }
 
 }  // namespace cpu

@@ -86,6 +86,13 @@ Output allocate_output(const at::Tensor& like, Layout layout);
 // buffer the kernels wrote (returned as it is when it already is that).
 at::Tensor dlogits_like(const at::Tensor& logits, const at::Tensor& dlogits_buffer);
 
+// The backward's results (df, dlogits, df_other) once the kernels have run: each output that was
+// asked for, finished into its result; an empty (numel 0) tensor for each that was not.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_results(Output& df, bool need_df, Output& df_other,
+                                                                bool need_dother, const at::Tensor& f,
+                                                                const at::Tensor& logits,
+                                                                const at::Tensor& dlogits_buffer);
+
 }  // namespace spatial_mask
 
 namespace cpu {

@@ -152,17 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_mask_mul_backward(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(f.device().index()).stream();
   C10_CUDA_CHECK(launch_spatial_mask_mul_backward(element_type(p.f.scalar_type()), args, stream));
 
-  at::Tensor df_result = at::empty({0}, f.options());
-  if (need_df) {
-    df.finish();
-    df_result = df.result;
-  }
-  at::Tensor dg_result = at::empty({0}, f.options());
-  if (need_dg) {
-    dg.finish();
-    dg_result = dg.result;
-  }
-  return {df_result, spatial_mask::dlogits_like(logits, dlogits32), dg_result};
+  return spatial_mask::backward_results(df, need_df, dg, need_dg, f, logits, dlogits32);
 }
 
 }  // namespace cuda
