@@ -25,6 +25,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module of small tensors: faster there, and no OpenMP
+    spin-waits on a shared CPU. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -13,13 +13,7 @@ from fmn_kernels import backend as kbackend
 H, W = 64, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and one thread does not stall on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_fmn(backbone="resnet18", local_layer="pool1", num_classes=6, **kw):

@@ -21,13 +21,7 @@ TOL = 1e-5        # max |backend - reference|
 RANK_TOL = 2e-6   # walking the backend's order, the reference never steps down by more
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test sizes are small: one intra-op thread avoids OpenMP spin-waits on a shared CPU."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _backends_cpu():
