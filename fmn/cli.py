@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", metavar="PATH", help="local torchvision ImageNet checkpoint for the backbone")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if last.pt exists")
     p.add_argument("--eval", action="store_true", help="evaluate on query/gallery after training")
+    p.add_argument("--model", choices=("fmn", "mmga", "mgran", "pmm"),
+                   help="model to train (default: the config's model.name); mmga, mgran and pmm read "
+                   "configs/<model>.yaml unless --config is given")
 
     p = sub.add_parser("eval", help="evaluate a trained model: GRN, LAN, FMN rank-k and mAP (+ re-ranking)",
                        description="Evaluate a checkpoint on its dataset's query/gallery split. The config stored "
@@ -150,6 +153,10 @@ def load_trained(checkpoint: str, overrides: list[str] | None = None, config: st
     from fmn.trainer import build_model_from_config
 
     state = load_checkpoint(checkpoint)
+    from fmn.seed_trainer import SEED_MODELS, load_seed_model
+
+    if state.get("config", {}).get("model", {}).get("name") in SEED_MODELS:
+        return load_seed_model(checkpoint, overrides)
     if "config" not in state or "model" not in state:
         raise SystemExit(f"fmn: {checkpoint} is not a checkpoint written by `fmn train`")
     if config is not None:
@@ -263,6 +270,12 @@ def cmd_synth(args) -> int:
 
 def cmd_train(args) -> int:
     from fmn.trainer import run_training
+    from fmn.seed_trainer import cli_train, is_seed_run
+
+    if is_seed_run(args):
+        return cli_train(args)
+    if args.model:
+        args.overrides.append(f"model.name={args.model}")
 
     cfg = _load_cfg(args)
     summary = run_training(cfg, resume=not args.no_resume, log=_log)
