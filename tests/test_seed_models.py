@@ -28,14 +28,7 @@ TINY = dict(backbone="resnet18", base_width=8, input_size=(H, W), bnneck=True)
 MODELS = ("mmga", "mgran", "pmm")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny convolutions: one thread avoids oversubscription on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
