@@ -150,22 +150,28 @@ def apply_override(cfg: dict, text: str) -> dict:
     return cfg
 
 
+def read_yaml_sections(path: str) -> dict:
+    """The top-level mapping of the YAML file at ``path`` ({} for an empty file), or ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as fh:
+        try:
+            data = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
     """DEFAULTS <- the YAML file at ``path`` <- each ``key=value`` override; then ``validate``."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as fh:
-            try:
-                data = yaml.safe_load(fh)
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        data = read_yaml_sections(path)
         try:
             _merge(cfg, data, "")
         except ConfigError as exc:

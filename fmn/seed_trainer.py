@@ -39,7 +39,7 @@ from torch import nn
 
 from fmn import distributed as fdist
 from fmn.checkpoint import load_checkpoint, save_checkpoint
-from fmn.config import DEFAULTS, ConfigError, _merge, apply_override, model_kwargs, validate
+from fmn.config import DEFAULTS, ConfigError, _merge, apply_override, model_kwargs, read_yaml_sections, validate
 
 SEED_MODELS = ("mmga", "mgran", "pmm")
 
@@ -75,15 +75,7 @@ def load_seed_config(path: str | os.PathLike | None = None, overrides: list[str]
     seed_section: dict = {}
     if path is not None:
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as fh:
-            try:
-                data = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = read_yaml_sections(path)
         seed_section = data.pop("seed", None) or {}
         if not isinstance(seed_section, dict):
             raise ConfigError(f"{path}: the seed section must be a mapping")

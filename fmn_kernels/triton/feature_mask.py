@@ -130,13 +130,9 @@ def _flat_strides(t: torch.Tensor):
     return _flat_strides(t)
 
 
-def _out_strides(t: torch.Tensor):
-    """(buffer, strides) the kernel writes to: t itself when H and W collapse, else a contiguous
-    buffer that is copied into t afterwards (see _finish)."""
-    return _flat_strides(t)
-
-
 def _finish(t: torch.Tensor, buf: torch.Tensor) -> None:
+    """Copy into an output ``t`` the buffer the kernel wrote, when _flat_strides(t) had to
+    make ``buf`` a contiguous stand-in (H and W of ``t`` do not collapse)."""
     if buf is not t and buf.numel():
         t.copy_(buf)
 
@@ -159,7 +155,7 @@ def spatial_mask_mul_forward(f, logits, f_other, activation, max_logit):
         return out
     f, fs = _flat_strides(f)
     g, gs = _flat_strides(f_other) if f_other is not None else (f, fs)
-    obuf, os_ = _out_strides(out)
+    obuf, os_ = _flat_strides(out)
     u = logits.contiguous()
     block_c, block_p = _blocks(C, P, fs[1] == 1 and fs[2] != 1)
     grid = (B, triton.cdiv(P, block_p))
@@ -186,8 +182,8 @@ def spatial_mask_mul_backward(grad_out, f, logits, f_other, activation, max_logi
     f, fs = _flat_strides(f)
     d, ds = _flat_strides(grad_out)
     g, gs = _flat_strides(f_other) if mix else (f, fs)
-    dfbuf, dfs = _out_strides(df) if need_df else (f, fs)
-    dgbuf, dgs = _out_strides(dother) if need_dother else (f, fs)
+    dfbuf, dfs = _flat_strides(df) if need_df else (f, fs)
+    dgbuf, dgs = _flat_strides(dother) if need_dother else (f, fs)
     u = logits.contiguous()
     du = dlogits if dlogits.is_contiguous() else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     block_c, block_p = _blocks(C, P, fs[1] == 1 and fs[2] != 1)
