@@ -17,18 +17,14 @@ atomic ``<output>/last.pt`` each epoch (resumed by default) and ``<output>/model
 in the checkpoint format of ``fmn.trainer`` (so ``fmn eval`` reads it). A model with
 ``set_epoch`` (PMM's progressive schedule) is told the epoch before each one.
 
-Command line (also reachable as ``fmn train --model mmga|mgran|pmm`` once ``fmn.cli`` forwards):
-
-    python -m fmn.seed_trainer train --model mmga --set data.root=/tmp/synth --eval
-    python -m fmn.seed_trainer eval --checkpoint runs/mmga/model.pt
+Command line: ``fmn train --model mmga|mgran|pmm [--config FILE] [--set KEY=VALUE] [--eval]``
+(``cli_train``) and ``fmn eval --checkpoint runs/mmga/model.pt`` (``load_seed_model``).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
-import sys
 import time
 from contextlib import nullcontext
 from typing import Any, Callable
@@ -382,67 +378,5 @@ def evaluate_seed(model: nn.Module, dataset, cfg: dict, json_path: str | None = 
                           workers=d["workers"], progress=cfg["train"]["progress"])
 
 
-def cli_eval(args) -> int:
-    from fmn.data import build_dataset
-
-    overrides = list(getattr(args, "overrides", []) or [])
-    if getattr(args, "data_root", None):
-        overrides.append(f"data.root={args.data_root}")
-    model, cfg = load_seed_model(args.checkpoint, overrides)
-    if getattr(args, "no_rerank", False):
-        cfg["eval"]["rerank"] = False
-    d = cfg["data"]
-    dataset = build_dataset(d["name"], d["root"], **d["options"])
-    json_path = getattr(args, "json", None) or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                                            "results.json")
-    evaluate_seed(model, dataset, cfg, json_path)
-    _log(f"wrote {json_path}")
-    return 0
-
-
 def _log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fmn.seed_trainer",
-                                     description="Train / evaluate MMGA, MGRAN and PMM.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("train", help="train a seed model (resumes from <output>/last.pt)")
-    p.add_argument("--model", choices=SEED_MODELS, help="model (default config: configs/<model>.yaml)")
-    p.add_argument("--config", "-c", metavar="FILE")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--data-root")
-    p.add_argument("--output", "-o")
-    p.add_argument("--device")
-    p.add_argument("--pretrained", metavar="PATH")
-    p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--eval", action="store_true", help="evaluate on query/gallery after training")
-    p = sub.add_parser("eval", help="evaluate a checkpoint written by the seed trainer")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--data-root")
-    p.add_argument("--no-rerank", action="store_true")
-    p.add_argument("--json")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    from fmn.data.base import DatasetError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return 0
-    if args.command == "train" and not (args.model or args.config):
-        parser.error("train needs --model or --config")
-    try:
-        return cli_train(args) if args.command == "train" else cli_eval(args)
-    except (ConfigError, DatasetError, FileNotFoundError) as exc:
-        print(f"fmn {args.command}: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
