@@ -3,6 +3,7 @@
     python bench/mixer.py                      # the default shapes for this device
     python bench/mixer.py --B 64 --C 64 256 --HW 64x32 56x56 --M 2048 --dtype fp32 bf16
     python bench/mixer.py --csv results.csv    # also append the rows to a CSV
+    python bench/mixer.py --gemm-forms         # also each fused backend with the plain addmm GEMM
 
 Compares FusedFeatureMask (every kernel backend available here) with eager PyTorch
 (``f * exp(relu(g @ W + b)).view(B, 1, H, W)`` with autograd) and with ``torch.compile`` of that
@@ -11,6 +12,8 @@ under torch.autocast, as a model would. Reports median times, the ratio to eager
 torch.compile, the bytes the fused op must move (forward: read f, write o, read W; backward: read
 do and f, write df when f needs grad, read W, write dW) as GB/s and as a percentage of the
 measured device-to-device copy bandwidth, and the peak memory of forward+backward (CUDA only).
+On CPU the fused module also takes the transposed GEMM forms of fmn_kernels/mask_linear.py;
+``--gemm-forms`` adds each fused backend with the plain addmm, to show the two gains apart.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from fmn_kernels import FusedFeatureMask, backend as fmn_backend  # noqa: E402
+from fmn_kernels.feature_mask import spatial_mask_mul  # noqa: E402
+from fmn_kernels.mask_linear import mask_linear_ref  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -126,6 +131,19 @@ class Eager(torch.nn.Module):
         return eager_mixer(f, g, self.weight, self.bias)
 
 
+class FusedPlainGemm(torch.nn.Module):
+    """The fused mask kernel after the plain ``addmm`` (no transposed GEMM forms): separates the
+    gain of the kernel from the gain of fmn_kernels/mask_linear.py."""
+
+    def __init__(self, mixer, backend):
+        super().__init__()
+        self.weight, self.bias, self.backend = mixer.weight, mixer.bias, backend
+
+    def forward(self, f, g):
+        u = mask_linear_ref(g, self.weight, self.bias)
+        return spatial_mask_mul(f, u, "exp_relu", backend=self.backend)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -136,6 +154,8 @@ def main(argv=None):
     p.add_argument("--dtype", nargs="+", default=None, choices=sorted(DTYPES), help="GPU fp32 bf16, CPU fp32")
     p.add_argument("--no-f-grad", action="store_true", help="f does not require grad (FMN stage 2)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--gemm-forms", action="store_true",
+                   help="also time each fused backend with the plain addmm mask GEMM")
     p.add_argument("--backends", nargs="+", default=None, help="fused backends (default: all available)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
@@ -183,6 +203,8 @@ def main(argv=None):
                         m = FusedFeatureMask(args.M, (H, W), backend=b).to(device)
                         m.load_state_dict(mixer.state_dict())
                         impls.append((f"fused[{b}]", m))
+                        if args.gemm_forms:
+                            impls.append((f"fused[{b}]+addmm", FusedPlainGemm(m, b)))
                     bw = copy_bandwidth(f.numel(), dtype, device, timer)
                     # Bytes the fused op must move: the feature passes plus the GEMM's weight traffic
                     # (forward reads W; backward reads W for dg and writes dW).

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fmn_kernels import backend as _backend
+from fmn_kernels.mask_linear import mask_linear
 
 ACTIVATIONS = ("exp_relu", "sigmoid", "identity")
 _OP = "spatial_mask_mul"
@@ -260,7 +261,7 @@ def _mask_logits(f, g, weight, bias):
             f"fmn.FusedFeatureMask: global features have {g.shape[1]} dims, the weight expects {weight.shape[0]}")
     if not g.is_floating_point():
         raise TypeError(f"fmn.FusedFeatureMask: global features must be floating point; got {g.dtype}")
-    return g @ weight if bias is None else torch.addmm(bias, g, weight)
+    return mask_linear(g, weight, bias)
 
 
 class FusedFeatureMask(nn.Module):
