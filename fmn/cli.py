@@ -149,22 +149,16 @@ def _log(msg: str) -> None:
 def load_trained(checkpoint: str, overrides: list[str] | None = None, config: str | None = None):
     """(model in eval mode, config) from a checkpoint written by the trainer."""
     from fmn.checkpoint import load_checkpoint
-    from fmn.config import apply_override, load_config, validate
+    from fmn.config import apply_override, validate, with_sections_of
+    from fmn.seed_trainer import SEED_MODELS, load_any_config, load_seed_model
     from fmn.trainer import build_model_from_config
 
     state = load_checkpoint(checkpoint)
-    from fmn.seed_trainer import SEED_MODELS, load_seed_model
-
     if state.get("config", {}).get("model", {}).get("name") in SEED_MODELS:
-        return load_seed_model(checkpoint, overrides)
+        return load_seed_model(checkpoint, overrides, config)
     if "config" not in state or "model" not in state:
         raise SystemExit(f"fmn: {checkpoint} is not a checkpoint written by `fmn train`")
-    if config is not None:
-        cfg = load_config(config)
-        cfg["model"] = state["config"]["model"]
-        cfg["data"]["height"], cfg["data"]["width"] = state["config"]["data"]["height"], state["config"]["data"]["width"]
-    else:
-        cfg = state["config"]
+    cfg = state["config"] if config is None else with_sections_of(state["config"], load_any_config(config))
     cfg["model"]["pretrained"] = None
     for o in overrides or []:
         apply_override(cfg, o)
@@ -253,10 +247,10 @@ def evaluate_and_visualize(model, dataset, cfg, device, out_dir, json_path=None,
 
 # ---------------------------------------------------------------------------- commands
 def cmd_synth(args) -> int:
-    from fmn.config import load_config
     from fmn.data.synthetic import generate
+    from fmn.seed_trainer import load_any_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_any_config(args.config, args.overrides)
     s = dict(cfg["synth"])
     for key, val in (("num_ids", args.ids), ("num_cams", args.cams),
                      ("images_per_id_per_cam", args.images_per_cam), ("seed", args.seed)):
@@ -411,6 +405,7 @@ COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "train": cmd_train, "eval": cm
 
 def main(argv: list[str] | None = None) -> int:
     from fmn.config import ConfigError
+    from fmn.data.base import DatasetError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -422,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fmn {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, DatasetError) as exc:
         print(f"fmn {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -181,6 +181,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return validate(cfg)
 
 
+def with_sections_of(trained: dict, other: dict) -> dict:
+    """A trained model's config with every section of ``other`` except ``model`` (and the related
+    methods' ``seed`` options), keeping the input size the model was trained at: evaluate or
+    visualise a checkpoint on another dataset or device."""
+    cfg = copy.deepcopy(trained)
+    for section, values in other.items():
+        if section not in ("model", "seed"):
+            cfg[section] = copy.deepcopy(values)
+    cfg["data"]["height"], cfg["data"]["width"] = trained["data"]["height"], trained["data"]["width"]
+    return cfg
+
+
 # ------------------------------------------------------------------------------ validation
 def _get(cfg: dict, key: str) -> Any:
     node = cfg

@@ -35,7 +35,8 @@ from torch import nn
 
 from fmn import distributed as fdist
 from fmn.checkpoint import load_checkpoint, save_checkpoint
-from fmn.config import DEFAULTS, ConfigError, _merge, apply_override, model_kwargs, read_yaml_sections, validate
+from fmn.config import (DEFAULTS, ConfigError, _merge, apply_override, load_config, model_kwargs, read_yaml_sections,
+                        validate, with_sections_of)
 
 SEED_MODELS = ("mmga", "mgran", "pmm")
 
@@ -296,12 +297,16 @@ def train_seed_model(cfg: dict, resume: bool = True, log: Callable[[str], None] 
             "dataset": dataset}
 
 
-def load_seed_model(checkpoint: str, overrides: list[str] | None = None) -> tuple[nn.Module, dict]:
-    """(model in eval mode, config) from a checkpoint written by ``train_seed_model``."""
+def load_seed_model(checkpoint: str, overrides: list[str] | None = None,
+                    config: str | None = None) -> tuple[nn.Module, dict]:
+    """(model in eval mode, config) from a checkpoint written by ``train_seed_model``. ``config``:
+    a config file whose sections other than the model replace the checkpoint's."""
     state = load_checkpoint(checkpoint)
     if "config" not in state or "model" not in state or state["config"].get("model", {}).get("name") not in SEED_MODELS:
         raise ConfigError(f"{checkpoint} is not a checkpoint of {', '.join(SEED_MODELS)} written by the seed trainer")
     cfg = copy.deepcopy(state["config"])
+    if config is not None:
+        cfg = with_sections_of(cfg, load_any_config(config))
     cfg["model"]["pretrained"] = None
     for text in overrides or []:
         apply_override(cfg, text)
@@ -317,23 +322,37 @@ def default_config(model: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def config_model_name(path: str | os.PathLike | None) -> str | None:
+    """``model.name`` of the YAML file at ``path``, or None (no file, no name, or a file the real
+    loader will reject with its own message)."""
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError:
+            return None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model.get("name") if isinstance(model, dict) else None
+
+
 def is_seed_run(args) -> bool:
     """True when ``fmn train`` arguments name a seed model: ``--model``, the config file's
     ``model.name``, or a ``--set model.name=...`` override."""
-    names = [getattr(args, "model", None)]
+    names = [getattr(args, "model", None), config_model_name(getattr(args, "config", None))]
     for text in getattr(args, "overrides", []) or []:
         if text.replace(" ", "").startswith("model.name="):
             names.append(text.split("=", 1)[1].strip())
-    config = getattr(args, "config", None)
-    if config and os.path.isfile(config):
-        with open(config) as fh:
-            try:
-                data = yaml.safe_load(fh) or {}
-            except yaml.YAMLError:
-                data = {}
-        if isinstance(data, dict) and isinstance(data.get("model"), dict):
-            names.append(data["model"].get("name"))
     return any(n in SEED_MODELS for n in names if n)
+
+
+def load_any_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> dict:
+    """The config of an FMN file (``fmn.config.load_config``) or of a related method's file
+    (``load_seed_config``, chosen by the file's ``model.name``), for commands that need only its
+    data, synth and eval sections."""
+    if config_model_name(path) in SEED_MODELS:
+        return load_seed_config(path, overrides)
+    return load_config(path, overrides)
 
 
 def cli_train(args) -> int:

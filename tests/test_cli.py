@@ -110,6 +110,20 @@ def test_synth_train_eval_visualize_rerank(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "FMN" in out and "mAP" in out
 
+    # --config takes every section but the model from another file, a related method's file too
+    assert main(["eval", "--checkpoint", str(ck), "--config", os.path.join(ROOT, "configs", "mmga.yaml"),
+                 "--set", f"data.root={data}", "--set", "eval.rerank=false", "--set", "eval.flip=false",
+                 "--set", "train.progress=false",
+                 "--json", str(run / "res_mmga.json")]) == 0
+    res2 = json.loads((run / "res_mmga.json").read_text())["results"]
+    assert set(res2) == {"GRN", "LAN", "FMN"}   # no re-ranked rows: eval.rerank came from the file
+    assert res2["FMN"] == res["FMN"]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(ck), "--config", os.path.join(ROOT, "configs", "mmga.yaml"),
+                 "--set", f"data.root={tmp_path / 'nowhere'}", "--json", str(run / "res_bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fmn eval: ") and "nowhere" in err and "Traceback" not in err
+
     assert main(["visualize", "--checkpoint", str(ck), "--out", str(run / "vis"), "--queries", "2",
                  "--cases", "2"]) == 0
     for png in ("ranked_list.png", "heatmaps.png"):
@@ -122,6 +136,14 @@ def test_synth_train_eval_visualize_rerank(tmp_path, capsys):
                  "--out", str(tmp_path / "d.pt"), "--k1", "6", "--k2", "3"]) == 0
     dist = torch.load(tmp_path / "d.pt", weights_only=True)
     assert dist.shape == (5, 30) and torch.isfinite(dist).all()
+
+
+@pytest.mark.parametrize("name", ["mmga", "mgran", "pmm", "market1501"])
+def test_synth_reads_every_shipped_config(name, tmp_path):
+    out = tmp_path / "data"
+    assert main(["synth", "--config", os.path.join(ROOT, "configs", f"{name}.yaml"), "--out", str(out),
+                 "--ids", "3", "--cams", "2", "--images-per-cam", "1"]) == 0
+    assert json.loads((out / "synthetic.json").read_text())
 
 
 def test_defaults_round_trip_through_yaml(tmp_path):

@@ -324,7 +324,7 @@ def test_train_resume_and_reload(synth, tmp_path):
         torch.testing.assert_close(model(x)["descriptor"], summary2["model"].eval()(x)["descriptor"])
 
 
-def test_fmn_cli_dispatches_seed_models(synth, tmp_path):
+def test_fmn_cli_dispatches_seed_models(synth, tmp_path, capsys):
     from fmn import cli
 
     if "--model" not in cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help():
@@ -339,3 +339,8 @@ def test_fmn_cli_dispatches_seed_models(synth, tmp_path):
     assert cli.main(["eval", "--checkpoint", str(out / "model.pt"), "--no-rerank",
                      "--set", "train.progress=false"]) == 0
     assert (out / "results.json").is_file()
+    # --config: the data section of another file (here one whose root does not exist) is used
+    other = tmp_path / "other.yaml"
+    other.write_text(f"model: {{name: mgran}}\ndata: {{name: synthetic, root: {tmp_path / 'nowhere'}}}\n")
+    assert cli.main(["eval", "--checkpoint", str(out / "model.pt"), "--config", str(other), "--no-rerank"]) == 2
+    assert "nowhere" in capsys.readouterr().err
