@@ -42,7 +42,8 @@ def eager_mixer(f, g, weight, bias):
 
 class Timer:
     """Median wall time of callables: CUDA events on a GPU, perf_counter on CPU. ``interleaved``
-    times several callables round-robin, so that a drift in machine load hits them alike."""
+    times several callables round-robin, in an order that rotates each round, so that a drift in
+    machine load hits them alike."""
 
     def __init__(self, device: torch.device, warmup: int, reps: int):
         self.device, self.warmup, self.reps = device, warmup, reps
@@ -66,9 +67,11 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         times = {name: [] for name in fns}
-        for _ in range(self.reps):
-            for name, fn in fns.items():
-                times[name].append(self._once(fn))
+        names = list(fns)
+        for rep in range(self.reps):
+            for k in range(len(names)):  # a rotating order: no callable always follows the same one
+                name = names[(rep + k) % len(names)]
+                times[name].append(self._once(fns[name]))
         return {name: statistics.median(t) for name, t in times.items()}
 
     def __call__(self, fn) -> float:
@@ -195,16 +198,21 @@ def main(argv=None):
                     f.requires_grad_(not args.no_f_grad)
                     g = torch.randn(B, args.M, device=device, dtype=dtype, requires_grad=True)
                     mixer = FusedFeatureMask(args.M, (H, W)).to(device)
-                    eager = Eager(mixer)
-                    impls = [("eager", eager)]
-                    if not args.no_compile:
-                        impls.append(("compile", torch.compile(eager)))
-                    for b in backends:
+
+                    def copy_of(b=None):
                         m = FusedFeatureMask(args.M, (H, W), backend=b).to(device)
                         m.load_state_dict(mixer.state_dict())
-                        impls.append((f"fused[{b}]", m))
+                        return m
+
+                    # Every implementation gets its own weights and inputs, so that none runs on
+                    # data its predecessor in the round-robin left in the cache.
+                    impls = [("eager", Eager(copy_of()))]
+                    if not args.no_compile:
+                        impls.append(("compile", torch.compile(Eager(copy_of()))))
+                    for b in backends:
+                        impls.append((f"fused[{b}]", copy_of(b)))
                         if args.gemm_forms:
-                            impls.append((f"fused[{b}]+addmm", FusedPlainGemm(m, b)))
+                            impls.append((f"fused[{b}]+addmm", FusedPlainGemm(copy_of(b), b)))
                     bw = copy_bandwidth(f.numel(), dtype, device, timer)
                     # Bytes the fused op must move: the feature passes plus the GEMM's weight traffic
                     # (forward reads W; backward reads W for dg and writes dW).
@@ -212,7 +220,9 @@ def main(argv=None):
                     w_bytes = mixer.weight.numel() * mixer.weight.element_size()
                     fwd_bytes = 2 * n_bytes + w_bytes
                     bwd_bytes = (3 if not args.no_f_grad else 2) * n_bytes + 2 * w_bytes
-                    steps = {name: make_steps(mod, f, g, amp, device) for name, mod in impls}
+                    steps = {name: make_steps(mod, f.detach().clone().requires_grad_(f.requires_grad),
+                                              g.detach().clone().requires_grad_(True), amp, device)
+                             for name, mod in impls}
                     t_fwd = timer.interleaved({n: s[0] for n, s in steps.items()})
                     t_bwd = timer.interleaved({n: s[1] for n, s in steps.items()})
                     t_both = timer.interleaved({n: s[2] for n, s in steps.items()})
