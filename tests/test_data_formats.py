@@ -161,3 +161,13 @@ def test_cuhk03_original_release_extraction(tmp_path):
     for path, _, _ in ds.train + ds.query + ds.gallery:
         ref = written[("detected", os.path.basename(path))]
         assert np.array_equal(np.asarray(Image.open(path)), ref)
+
+
+def test_cuhk03_mat_without_the_split_fields_names_them(tmp_path):
+    root = _cuhk03_mat_tree(str(tmp_path))
+    mat_path = os.path.join(root, "cuhk03_new_protocol_config_labeled.mat")
+    # e.g. the original cuhk-03.mat's fields saved under the split file's name
+    savemat(mat_path, {"labels": np.array([[1]]), "train_idx": np.array([[1]]), "testsets": np.zeros((1, 2))})
+    with pytest.raises(DatasetError, match=r"cuhk03_new_protocol_config_labeled\.mat: missing field\(s\) "
+                                           r"filelist, camId, query_idx, gallery_idx; expected filelist, labels"):
+        build_dataset("cuhk03", root)

@@ -144,11 +144,18 @@ class ReIDDataset:
                 f"query={q}, gallery={g}, cams={self.num_cams})")
 
 
+def is_image_name(name: str) -> bool:
+    """An image file name by its extension; hidden names (``.DS_Store``, macOS ``._*`` resource
+    forks that archives made on a Mac carry beside every image) are not images."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def list_images(folder: str) -> List[str]:
     """Sorted image files (by extension) directly inside ``folder``; a clear error if it is missing."""
     if not os.path.isdir(folder):
         raise DatasetError(f"{folder}: folder not found")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    names = sorted(n for n in os.listdir(folder)
+                   if is_image_name(n) and os.path.isfile(os.path.join(folder, n)))
     return [os.path.join(folder, n) for n in names]
 
 

@@ -24,7 +24,7 @@ import os
 import re
 from typing import Dict, List
 
-from fmn.data.base import IMAGE_EXTENSIONS, DatasetError, ReIDDataset, Sample
+from fmn.data.base import DatasetError, ReIDDataset, Sample, is_image_name
 
 __all__ = ["build_custom", "read_csv", "read_folder_tree"]
 
@@ -44,11 +44,20 @@ def build_custom(root: str, **options) -> ReIDDataset:
                        "with train/, query/, gallery/ sub-folders of identity folders")
 
 
+def _read_rows(csv_path: str) -> List[List[str]]:
+    """The CSV's rows; UTF-8 with or without the byte-order mark spreadsheet programs write."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            return list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{csv_path}: not a UTF-8 text file ({e.reason} at byte {e.start}); expected a CSV "
+                           "with rows path,pid,camid,split") from None
+
+
 def read_csv(csv_path: str, name: str = "custom", **options) -> ReIDDataset:
     base = os.path.dirname(os.path.abspath(csv_path))
     splits: Dict[str, List[Sample]] = {"train": [], "query": [], "gallery": []}
-    with open(csv_path, newline="") as f:
-        rows = list(csv.reader(f))
+    rows = _read_rows(csv_path)
     start = 0
     if rows and [c.strip().lower() for c in rows[0]][:4] == ["path", "pid", "camid", "split"]:
         start = 1
@@ -92,9 +101,14 @@ def _split_dirs(root: str) -> Dict[str, str]:
     return found
 
 
+def _identity_dirs(split_dir: str) -> List[str]:
+    """The identity folders of a split: sub-folders, except hidden ones (``.ipynb_checkpoints``)."""
+    return [d for d in os.listdir(split_dir) if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d))]
+
+
 def read_folder_tree(root: str, name: str = "custom", **options) -> ReIDDataset:
     dirs = _split_dirs(root)
-    ids = sorted({d for s in dirs.values() for d in os.listdir(s) if os.path.isdir(os.path.join(s, d))})
+    ids = sorted({d for s in dirs.values() for d in _identity_dirs(s)})
     numeric = all(d.lstrip("-").isdigit() for d in ids)
     id_map = {d: (int(d) if numeric else i + 1) for i, d in enumerate(ids)}
     splits: Dict[str, List[Sample]] = {}
@@ -102,8 +116,8 @@ def read_folder_tree(root: str, name: str = "custom", **options) -> ReIDDataset:
         out: List[Sample] = []
         for ident in sorted(os.listdir(folder)):
             idir = os.path.join(folder, ident)
-            if not os.path.isdir(idir):
-                if ident.lower().endswith(IMAGE_EXTENSIONS):
+            if ident.startswith(".") or not os.path.isdir(idir):
+                if is_image_name(ident):
                     raise DatasetError(f"{idir}: image directly under {folder}; expected "
                                        f"{folder}/<identity>/<image>")
                 continue
@@ -111,7 +125,7 @@ def read_folder_tree(root: str, name: str = "custom", **options) -> ReIDDataset:
             if pid == -1:
                 continue
             for fname in sorted(os.listdir(idir)):
-                if not fname.lower().endswith(IMAGE_EXTENSIONS):
+                if not is_image_name(fname) or not os.path.isfile(os.path.join(idir, fname)):
                     continue
                 stem = os.path.splitext(fname)[0]
                 m = _CAM.search(stem)

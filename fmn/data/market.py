@@ -29,9 +29,10 @@ __all__ = [
     "build_dukemtmc",
 ]
 
-MARKET_PATTERN = re.compile(r"^(-1|\d+)_c(\d+)s(\d+)_(\d+)_(\d+)\.(jpe?g|png)$", re.IGNORECASE)
-DUKE_PATTERN = re.compile(r"^(-1|\d+)_c(\d+)_f(\d+)\.(jpe?g|png)$", re.IGNORECASE)
-CUHK03NP_PATTERN = re.compile(r"^(-1|\d+)_c(\d+)_(\d+)\.(jpe?g|png)$", re.IGNORECASE)
+# The extension group accepts every name in base.IMAGE_EXTENSIONS (the files list_images returns).
+MARKET_PATTERN = re.compile(r"^(-1|\d+)_c(\d+)s(\d+)_(\d+)_(\d+)\.(jpe?g|png|bmp)$", re.IGNORECASE)
+DUKE_PATTERN = re.compile(r"^(-1|\d+)_c(\d+)_f(\d+)\.(jpe?g|png|bmp)$", re.IGNORECASE)
+CUHK03NP_PATTERN = re.compile(r"^(-1|\d+)_c(\d+)_(\d+)\.(jpe?g|png|bmp)$", re.IGNORECASE)
 
 SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 
@@ -90,10 +91,12 @@ def read_market_layout(name: str, root: str, pattern: re.Pattern, expected: str,
 
 
 def build_market1501(root: str, **options) -> ReIDDataset:
-    """Market-1501 (``root`` or ``root/Market-1501-v15.09.15`` / ``root/market1501``)."""
+    """Market-1501 (``root`` or ``root/Market-1501-v15.09.15`` / ``root/market1501`` /
+    ``root/market1501/Market-1501-v15.09.15``, the torchreid layout)."""
     return read_market_layout(
         "market1501", root, MARKET_PATTERN, "0002_c1s1_000451_03.jpg (PPPP_cCsS_FFFFFF_BB.jpg)",
-        candidates=("Market-1501-v15.09.15", "Market-1501", "market1501"), **options)
+        candidates=("Market-1501-v15.09.15", "Market-1501", "market1501", "market1501/Market-1501-v15.09.15"),
+        **options)
 
 
 def build_dukemtmc(root: str, **options) -> ReIDDataset:

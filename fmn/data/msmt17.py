@@ -2,7 +2,7 @@
 
 Layout (V1; V2 uses ``mask_train_v2/`` and ``mask_test_v2/`` for the image folders)::
 
-    root/[MSMT17_V1/]train/0000/0000_000_01_0303morning_0015_0.jpg ...
+    root/[MSMT17_V1/ or msmt17/MSMT17_V1/]train/0000/0000_000_01_0303morning_0015_0.jpg ...
     root/[MSMT17_V1/]test/...
     root/[MSMT17_V1/]list_train.txt  list_val.txt  list_query.txt  list_gallery.txt
 
@@ -27,7 +27,8 @@ _VERSIONS = (("MSMT17_V1", "train", "test"), ("MSMT17_V2", "mask_train_v2", "mas
 
 def _find_base(root: str):
     tried = []
-    for sub in ("",) + tuple(v[0] for v in _VERSIONS):
+    subs = tuple(v[0] for v in _VERSIONS)
+    for sub in ("",) + subs + tuple(f"msmt17/{v}" for v in subs[:2]):      # + the torchreid layout
         base = os.path.join(root, sub) if sub else root
         if not os.path.isfile(os.path.join(base, "list_train.txt")):
             tried.append(base)
