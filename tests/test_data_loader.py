@@ -167,3 +167,13 @@ def test_augmentation_is_a_function_of_the_batch(small_dataset):
     plain = _Collate(False, 7, kwargs, samples=samples, cache=cache)([0, 3, 5, 6])["img"]
     assert torch.equal(a, again) and torch.equal(a, fresh)
     assert not torch.equal(a, other_seed) and not torch.equal(a, plain)
+
+
+def test_pk_sampler_fewer_batches_than_replicas_is_an_error():
+    pids = [0, 0, 1, 1, 2, 2]                                  # P=2, K=2: one batch per epoch
+    one = PKSampler(pids, batch_size=4, num_instances=2, num_replicas=1)
+    assert len(one) == 4 and len(list(one)) == 4
+    for rank in (0, 1):
+        s = PKSampler(pids, batch_size=4, num_instances=2, num_replicas=2, rank=rank)
+        with pytest.raises(ValueError, match=r"1 batch\(es\).*fewer than num_replicas=2"):
+            list(s)

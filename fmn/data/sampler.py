@@ -20,7 +20,8 @@ class PKSampler(Sampler[int]):
     ``DataLoader(batch_size=P*K, drop_last=True)``.
 
     Distributed: every replica builds the same batch list from ``(seed, epoch)`` and takes
-    batches ``rank, rank + num_replicas, ...``, truncated to the same count on every replica;
+    batches ``rank, rank + num_replicas, ...``, truncated to the same count on every replica
+    (an epoch with fewer batches than replicas is an error, not an empty epoch);
     ``batch_size`` is per replica. Call ``set_epoch(e)`` each epoch (as with
     ``DistributedSampler``); without it, each new iteration advances the epoch by one.
     """
@@ -78,6 +79,11 @@ class PKSampler(Sampler[int]):
             batches.append(batch)
             active = [p for p in active if chunks[p]]
         n_each = len(batches) // self.num_replicas
+        if n_each == 0:
+            raise ValueError(
+                f"PK sampling formed {len(batches)} batch(es) of P={P} identities x K={K} images from "
+                f"{len(self.id_list)} identities, fewer than num_replicas={self.num_replicas}: some replicas would "
+                "train on nothing; use a smaller batch_size or num_instances, or fewer processes")
         mine = batches[self.rank: n_each * self.num_replicas: self.num_replicas]
         self._cache = (epoch, mine)
         return mine
