@@ -149,7 +149,7 @@ def evaluate_model(model: torch.nn.Module, dataset, height: int, width: int, dev
                    workers: int = 2, progress: bool = True, verbose: bool = True) -> Dict[str, Dict[str, float]]:
     """Extract query and gallery features of ``dataset``, print the results table, save JSON.
 
-    The JSON file holds ``{"dataset", "num_query", "num_gallery", "height", "width", "flip",
+    The JSON file holds ``{"dataset", "root", "num_query", "num_gallery", "height", "width", "flip",
     "alpha", "rerank", "seconds", "results": {row: {...}}}``. Returns the results dict.
     """
     from fmn.data.loader import make_test_loader

@@ -3,9 +3,13 @@
 Protocol (DESIGN §4). For query ``i`` with identity ``p`` seen by camera ``c``:
 
 * gallery items with identity ``p`` AND camera ``c`` are removed from its ranking;
+* gallery items with the junk identity -1 (Market-1501) are removed from every ranking, and a
+  query with identity -1 has no true match; identity 0 (distractors) is an ordinary negative;
 * the remaining items with identity ``p`` are its true matches (positives); a query without
   any positive is skipped, and ``num_valid`` counts the queries that were kept;
-* the gallery is ranked by ascending distance, ties broken by gallery index;
+* the gallery is ranked by ascending distance, ties broken by gallery index (a stable sort:
+  of two items at exactly the same distance, the one with the lower gallery index ranks first);
+* distances must be finite: NaN or +-inf anywhere in ``dist`` is an error;
 * CMC rank-k: fraction of valid queries with a positive among the first k;
 * AP: non-interpolated, ``AP = (1/P) * sum_i i / r_i`` where ``r_i`` is the 1-based rank of
   the i-th positive in the filtered ranking; mAP is the mean over valid queries.
@@ -40,11 +44,23 @@ __all__ = ["evaluate", "evaluate_reference", "euclidean_distance"]
 _NUMPY_SORT = True
 
 
+# Market-1501's junk identity: removed from every query's ranking (DESIGN §5).
+JUNK_PID = -1
+
+
 def _as_tensor(x, name: str, dtype=None, device=None) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
-    elif not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(x)
+    try:
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(np.ascontiguousarray(x))
+        elif not isinstance(x, torch.Tensor):
+            x = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name} must be numeric (a tensor, array or sequence of numbers), "
+                        f"got {type(x).__name__}: {e}") from None
+    x = x.detach()
+    if dtype is not None and not dtype.is_floating_point and x.is_floating_point():
+        if not bool((x == x.round()).all()):
+            raise ValueError(f"{name} must hold integer ids, got non-integral values")
     if dtype is not None:
         x = x.to(dtype)
     if device is not None:
@@ -74,6 +90,20 @@ def _check_inputs(dist, q_pids, g_pids, q_camids, g_camids):
         dist = dist.float()
     elif not dist.is_floating_point():
         dist = dist.double()
+    # NaN and +-inf propagate to a row's max or min: two reductions, no matrix-sized temporary.
+    finite = torch.isfinite(dist.amax(1)) & torch.isfinite(dist.amin(1))
+    if not bool(finite.all()):
+        r = int((~finite).nonzero()[0, 0])
+        c = int((~torch.isfinite(dist[r])).nonzero()[0, 0])
+        raise ValueError(f"evaluate: dist contains a non-finite value (NaN or inf): "
+                         f"dist[{r}, {c}] = {float(dist[r, c])} (query row {r}, gallery column {c})")
+    # Junk gallery items (identity -1) take no part in any ranking: drop their columns.
+    junk = g_pids == JUNK_PID
+    if bool(junk.any()):
+        keep = ~junk
+        if not bool(keep.any()):
+            raise ValueError(f"evaluate: all {ng} gallery items have the junk identity {JUNK_PID}")
+        dist, g_pids, g_camids = dist[:, keep], g_pids[keep], g_camids[keep]
     return dist, q_pids, g_pids, q_camids, g_camids
 
 
@@ -84,7 +114,8 @@ def evaluate(dist, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
     Args:
         dist: (q, g) tensor or array of distances; any float dtype, CPU or CUDA. fp16/bf16 are
             widened to fp32 and integers to fp64, both exactly; no value is rounded.
-        q_pids, g_pids, q_camids, g_camids: identities and cameras, length q or g.
+        q_pids, g_pids, q_camids, g_camids: integer identities and cameras, length q or g.
+            Gallery items of identity -1 (junk) are left out of every ranking.
         max_rank: length of the returned CMC curve.
         chunk_elems: rows are processed in blocks of about this many matrix entries
             (default 4M on CPU, 64M on GPU).
@@ -95,8 +126,10 @@ def evaluate(dist, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
         of queries that have at least one true match.
 
     Raises:
-        ValueError: mismatched shapes, empty query set or gallery, NaN distances, or no query
-            with a true match in the gallery.
+        ValueError: mismatched shapes, empty query set or gallery (or a gallery of junk only),
+            non-finite (NaN or +-inf) distances, non-integral ids, or no query with a true match
+            in the gallery.
+        TypeError: ids or distances that are not numeric.
     """
     if max_rank < 1:
         raise ValueError(f"max_rank must be >= 1, got {max_rank}")
@@ -190,10 +223,6 @@ def _eval_rows(ctx, s: int, e: int, numpy_sort: bool) -> None:
         w.numpy().sort(axis=1)
     else:
         w = torch.sort(w, dim=1).values
-    # NaN sorts last; every entry is either in ``w`` or among the same-identity items.
-    if bool(w[:, -1].isnan().any()) or bool(t_all.isnan().any()):
-        bad = s + int(torch.isnan(block).any(1).nonzero()[0, 0])
-        raise ValueError(f"evaluate: dist contains NaN (first in query row {bad})")
     t = t.contiguous()
     n_before = torch.searchsorted(w, t, right=False)
     hi = torch.searchsorted(w, t, right=True)
@@ -227,9 +256,11 @@ def _count_ties(block, g_pids, q_pids_chunk, r_idx, t, gi, pairs_per_step: int =
 
 def evaluate_reference(dist, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50):
     """Plain per-query loop of the same protocol; the oracle for :func:`evaluate` in tests."""
-    dist = np.asarray(torch.as_tensor(dist).double().cpu())
+    dist = np.asarray(torch.as_tensor(dist).detach().double().cpu())
     q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
     q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
+    keep = g_pids != JUNK_PID
+    dist, g_pids, g_camids = dist[:, keep], g_pids[keep], g_camids[keep]
     cmc_sum = np.zeros(max_rank)
     aps = []
     for i in range(dist.shape[0]):

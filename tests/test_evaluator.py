@@ -116,3 +116,86 @@ def test_ranked_list_png(colour_dataset, tmp_path):
     assert tuple(im[0, x0 + 1]) == (20, 170, 40)
     with pytest.raises(ValueError, match="query index 9"):
         ranked_list(d, qpath, gpath, qp, gp, qc, gc, str(tmp_path / "r2.png"), queries=[9])
+
+
+def _feature_problem(seed, nq=14, ng=45):
+    g = torch.Generator().manual_seed(seed)
+    qf = {"grn": torch.randn(nq, 8, generator=g) * 3, "lan": torch.randn(nq, 6, generator=g) + 0.5}
+    gf = {"grn": torch.randn(ng, 8, generator=g) * 3, "lan": torch.randn(ng, 6, generator=g) + 0.5}
+    qp, gp = torch.arange(nq) % 6, torch.arange(ng) % 7        # ids 0 (distractor) .. 6
+    qc, gc = torch.arange(nq) % 2, torch.arange(ng) % 3
+    return qf, gf, qp, gp, qc, gc
+
+
+def _hand_descriptors(qf, gf, alpha):
+    """Eq. (6) and the per-branch rows, written out in float64 without fmn.evaluator."""
+    unit = lambda x: x.double() / x.double().norm(dim=1, keepdim=True)
+    return {"GRN": (unit(qf["grn"]), unit(gf["grn"])), "LAN": (unit(qf["lan"]), unit(gf["lan"])),
+            "FMN": (torch.cat([alpha * unit(qf["grn"]), (1 - alpha) * unit(qf["lan"])], 1),
+                    torch.cat([alpha * unit(gf["grn"]), (1 - alpha) * unit(gf["lan"])], 1))}
+
+
+def _row(dist, qp, gp, qc, gc):
+    cmc, mAP, n = evaluate(dist, qp, gp, qc, gc, max_rank=20)
+    return {"rank1": 100 * float(cmc[0]), "rank5": 100 * float(cmc[4]), "rank10": 100 * float(cmc[9]),
+            "rank20": 100 * float(cmc[19]), "mAP": 100 * mAP, "valid_queries": n}
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+def test_every_row_matches_direct_computation(alpha):
+    qf, gf, qp, gp, qc, gc = _feature_problem(2)
+    res = evaluate_features(qf, gf, qp, gp, qc, gc, rerank=False, alpha=alpha)
+    hand = _hand_descriptors(qf, gf, alpha)
+    assert list(res) == list(hand)
+    # The FMN distance is the quadrature sum of the weighted branch distances.
+    d = {k: torch.cdist(*v) for k, v in hand.items()}
+    assert torch.allclose(d["FMN"] ** 2, alpha ** 2 * d["GRN"] ** 2 + (1 - alpha) ** 2 * d["LAN"] ** 2)
+    for name, dist in d.items():
+        expect = _row(dist, qp, gp, qc, gc)
+        assert res[name] == pytest.approx(expect, abs=1e-9), name
+    assert res["FMN"] != res["GRN"] and res["FMN"] != res["LAN"]         # the rows do differ here
+
+
+def test_rerank_rows_match_direct_computation():
+    rr = pytest.importorskip("fmn_kernels.rerank").rerank
+    qf, gf, qp, gp, qc, gc = _feature_problem(3)
+    res = evaluate_features(qf, gf, qp, gp, qc, gc, rerank=True)
+    assert list(res) == ["GRN", "LAN", "FMN", "GRN+RR", "LAN+RR", "FMN+RR"]
+    for name, (q, g) in _hand_descriptors(qf, gf, 0.5).items():
+        expect = _row(rr(q.float(), g.float(), k1=20, k2=6, lambda_value=0.3), qp, gp, qc, gc)
+        assert res[name + "+RR"] == pytest.approx(expect, abs=1e-9), name
+    assert res["FMN+RR"] != res["FMN"]
+
+
+def test_evaluate_features_bad_inputs():
+    qf, gf, qp, gp, qc, gc = _feature_problem(4)
+    with pytest.raises(ValueError, match="q_pids"):
+        evaluate_features(qf, gf, qp[:-1], gp, qc[:-1], gc, rerank=False)
+    with pytest.raises(ValueError, match="keys differ"):
+        evaluate_features({"grn": qf["grn"]}, gf, qp, gp, qc, gc, rerank=False)
+    bad = {k: v.clone() for k, v in qf.items()}
+    bad["grn"][3, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        evaluate_features(bad, gf, qp, gp, qc, gc, rerank=False)
+    empty = {k: v[:0] for k, v in qf.items()}
+    with pytest.raises(ValueError, match="query set is empty"):
+        evaluate_features(empty, gf, qp[:0], gp, qc[:0], gc, rerank=False)
+
+
+def test_evaluate_model_json_is_strict_and_complete(colour_dataset, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    res = evaluate_model(TwoBranch(), colour_dataset, 16, 8, "cpu", batch_size=3, rerank=False,
+                         json_path=str(out), workers=0, progress=True, verbose=True)
+    printed = capsys.readouterr()
+    assert "colours: 4 queries, 12 gallery images" in printed.out and "extract" in printed.err
+
+    def no_constants(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    data = json.loads(out.read_text(), parse_constant=no_constants)
+    assert {"dataset", "root", "num_query", "num_gallery", "height", "width", "flip", "alpha", "rerank",
+            "seconds", "results"} <= set(data)
+    assert data["num_gallery"] == 12 and data["flip"] is True and data["rerank"] is False
+    assert list(data["results"]) == ["GRN", "LAN", "FMN"]
+    for row in data["results"].values():
+        assert row["valid_queries"] == 4 and all(0 <= row[k] <= 100 for k in ("rank1", "rank5", "mAP"))
