@@ -2,22 +2,45 @@
 
 A checkpoint holds only tensors and plain containers of numbers and strings. It is written to a
 temporary file in the same folder, flushed and fsynced, then moved over the target with
-``os.replace``, so a kill at any moment leaves either the previous file or the new one.
+``os.replace`` and the folder fsynced, so a kill at any moment leaves either the previous file or
+the new one. A file that cannot be read (truncated, corrupt, not a weights-only checkpoint) or
+whose weights do not fit the model gives one ``CheckpointError`` naming the file.
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from typing import Any
 
 import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or whose weights do not fit the model."""
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> str:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    # created like any other file (mode 0o666 less the umask), unlike tempfile.mkstemp's 0o600
+    tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
@@ -28,6 +51,7 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> str:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(folder)
     return path
 
 
@@ -35,10 +59,52 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unexpected end of file"
+        raise CheckpointError(
+            f"{path}: cannot load this checkpoint ({type(exc).__name__}: {reason}). The file is truncated, "
+            "corrupt, or not a checkpoint of tensors and plain containers (fmn loads with weights_only=True)"
+        ) from exc
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not an fmn checkpoint (expected a dict, got {type(obj).__name__})")
+        raise CheckpointError(f"{path}: not an fmn checkpoint (expected a dict, got {type(obj).__name__})")
     return obj
+
+
+def _examples(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: str | os.PathLike,
+                       saved_config: dict | None = None, config: dict | None = None) -> None:
+    """``model.load_state_dict(weights)``, or one ``CheckpointError`` naming ``path`` when the
+    weights were written for a different model (missing or extra keys, other shapes), listing the
+    model settings that differ between ``saved_config`` and ``config`` when both are given."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k} is {tuple(weights[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
+              for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or shapes):
+        model.load_state_dict(weights)
+        return
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} tensor(s) of another shape ({_examples(shapes, 2)})")
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) ({_examples(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) ({_examples(unexpected)})")
+    diff = ""
+    if isinstance(saved_config, dict) and isinstance(config, dict):
+        keys = sorted(k for k in set(saved_config) | set(config) if saved_config.get(k) != config.get(k))
+        if keys:
+            diff = "; model settings that differ (checkpoint -> now): " + ", ".join(
+                f"{k}: {saved_config.get(k)!r} -> {config.get(k)!r}" for k in keys)
+    raise CheckpointError(f"{os.fspath(path)} was written for a different model: {'; '.join(parts)}{diff}")
 
 
 def model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:

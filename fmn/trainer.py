@@ -8,8 +8,11 @@ trains MN + LAN with cross-entropy plus the ranking loss max(0, p_t^G - p_t^L + 
 Each epoch ends with an atomic checkpoint ``<out>/last.pt``; ``fit(resume=True)`` continues from it,
 so a killed run loses at most the epoch that was running. Every epoch reseeds the RNGs from
 (seed, stage, epoch) and calls the sampler's ``set_epoch``, so a resumed run follows the same
-data order and augmentation as an uninterrupted one. A NaN or Inf loss raises
-``NonFiniteLossError`` before the step is applied; the last good checkpoint stays in place.
+data order and augmentation as an uninterrupted one; ``train_log.jsonl`` is rewritten from the
+checkpoint's history, so it too matches. A NaN or Inf loss raises ``NonFiniteLossError`` before
+the step is applied, and non-finite weights are never checkpointed: the last good checkpoint
+stays in place. A checkpoint written for another model configuration is refused with the
+settings that differ.
 
 AMP (bf16 / fp16) and channels_last are used on GPU; under torchrun the model is wrapped in DDP
 (gloo on CPU, nccl on GPU) and the identity sampler splits identities across ranks.
@@ -30,7 +33,7 @@ import torch
 from torch import nn
 
 from fmn import distributed as fdist
-from fmn.checkpoint import load_checkpoint, save_checkpoint
+from fmn.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from fmn.losses import accuracy, batch_hard_triplet, cross_entropy, ranking_loss
 
 CHECKPOINT_FORMAT = "fmn-checkpoint-v1"
@@ -142,6 +145,7 @@ class Trainer:
         self.tb = None
         self.last_checkpoint = os.path.join(out_dir, "last.pt")
         self.final_checkpoint = os.path.join(out_dir, "model.pt")
+        self.log_file = os.path.join(out_dir, "train_log.jsonl")
         if self.dist.is_main:
             os.makedirs(out_dir, exist_ok=True)
 
@@ -211,6 +215,30 @@ class Trainer:
             "config": self.cfg,
             "history": self.history,
         }
+
+    def _write_log(self) -> None:
+        """Start ``train_log.jsonl`` over from the history (empty, or the resumed checkpoint's): a
+        fresh run does not append to an old log, and an epoch whose line was written but whose
+        checkpoint was not (killed while saving) is not logged twice."""
+        if self.dist.is_main:
+            with open(self.log_file, "w") as fh:
+                fh.writelines(json.dumps(record) + "\n" for record in self.history)
+
+    def _check_finite_weights(self, stage: int, epoch: int) -> None:
+        """Refuse to checkpoint non-finite weights (an update can overflow on a finite loss)."""
+        bad = [k for k, v in unwrap(self.model).state_dict().items()
+               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        failed = bool(bad)
+        if self.dist.enabled:
+            failed = fdist.any_true(failed, self.device)
+        if failed:
+            raise NonFiniteLossError(
+                f"stage {stage} epoch {epoch + 1}: weights are not finite after the epoch "
+                f"({', '.join(bad[:3]) if bad else 'on another rank'}); training stopped without saving them. "
+                f"The last good checkpoint is {self.last_checkpoint}"
+                + ("" if os.path.exists(self.last_checkpoint) else " (none written yet)")
+                + ". Try a lower learning rate, train.grad_clip, model.mask_max_logit or train.amp=none."
+            )
 
     def save(self, stage: int, epoch: int, path: str | None = None) -> None:
         if self.dist.is_main:
@@ -322,6 +350,7 @@ class Trainer:
     def _start_stage(self, stage: int, fresh: bool) -> None:
         model = unwrap(self.model)
         model.set_stage(stage)
+        model.zero_grad(set_to_none=True)  # no stale stage-1 gradients kept alive on the frozen GRN
         if stage == 2 and fresh and self.cfg["model"].get("lan_init") == "grn" and hasattr(model, "copy_grn_into_lan"):
             model.copy_grn_into_lan()
         self._wrap()
@@ -334,14 +363,20 @@ class Trainer:
         """Train both stages (resuming from ``<out>/last.pt`` if present); returns a summary."""
         stage, epoch = 1, 0
         state = None
+        self.history = []
         if resume and os.path.exists(self.last_checkpoint):
             state = load_checkpoint(self.last_checkpoint, map_location="cpu")
             if state.get("format") != CHECKPOINT_FORMAT:
                 raise ValueError(f"{self.last_checkpoint}: not an fmn training checkpoint")
-            unwrap(self.model).load_state_dict(state["model"])
+            model = unwrap(self.model)
+            saved = state.get("config", {}).get("model") if isinstance(state.get("config"), dict) else None
+            saved = dict(saved or {}, num_classes=state.get("num_classes"))
+            now = dict(self.cfg.get("model", {}), num_classes=getattr(model, "num_classes", None))
+            load_model_weights(model, state["model"], self.last_checkpoint, saved, now)
             stage, epoch = int(state["stage"]), int(state["epoch"])
             self.history = list(state.get("history", []))
             self.log(f"resuming from {self.last_checkpoint}: stage {stage}, {epoch} epoch(s) done")
+        self._write_log()
         self._open_tensorboard()
         kill = _kill_point()
         seed = self.tcfg["seed"]
@@ -376,8 +411,9 @@ class Trainer:
                 )
                 self._scalars(f"stage{s}/epoch", dict(stats, lr=lr), e + 1)
                 if self.dist.is_main:
-                    with open(os.path.join(self.out_dir, "train_log.jsonl"), "a") as fh:
+                    with open(self.log_file, "a") as fh:
                         fh.write(json.dumps(record) + "\n")
+                self._check_finite_weights(s, e)
                 self.save(s, e + 1)
             state = None
         final_stage = 2 if self.tcfg["stage2"]["epochs"] > 0 else 1
