@@ -404,6 +404,7 @@ COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "train": cmd_train, "eval": cm
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fmn.checkpoint import CheckpointError
     from fmn.config import ConfigError
     from fmn.data.base import DatasetError
 
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fmn {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, DatasetError) as exc:
+    except (FileNotFoundError, DatasetError, CheckpointError) as exc:
         print(f"fmn {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -27,12 +27,25 @@ class DistInfo:
         return self.rank == 0
 
 
+def _env_int(name: str, default: str | None = None) -> int:
+    text = os.environ.get(name, default)
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise RuntimeError(f"fmn: environment variable {name} must be an integer; got {text!r}") from None
+
+
 def init_distributed(device_type: str = "cpu") -> DistInfo:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_int("WORLD_SIZE", "1")
     if world <= 1:
         return DistInfo()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if "RANK" not in os.environ:
+        raise RuntimeError(
+            f"fmn: WORLD_SIZE={world} but RANK is not set; start multi-process training with torchrun "
+            "(e.g. torchrun --nproc_per_node=N -m fmn.cli train ...), which sets RANK, LOCAL_RANK and "
+            "MASTER_ADDR/MASTER_PORT")
+    rank = _env_int("RANK")
+    local_rank = _env_int("LOCAL_RANK", str(rank))
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":

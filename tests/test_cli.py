@@ -124,6 +124,11 @@ def test_synth_train_eval_visualize_rerank(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("fmn eval: ") and "nowhere" in err and "Traceback" not in err
 
+    (run / "broken.pt").write_bytes(ck.read_bytes()[:1000])
+    assert main(["eval", "--checkpoint", str(run / "broken.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fmn eval: ") and "broken.pt" in err and "Traceback" not in err
+
     assert main(["visualize", "--checkpoint", str(ck), "--out", str(run / "vis"), "--queries", "2",
                  "--cases", "2"]) == 0
     for png in ("ranked_list.png", "heatmaps.png"):

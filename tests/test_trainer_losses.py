@@ -164,3 +164,18 @@ def test_distributed_helpers_on_a_one_process_group(tmp_path):
     finally:
         fdist.cleanup()
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2"}, "RANK is not set"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE must be an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK must be an integer"),
+])
+def test_distributed_env_errors_are_clear(monkeypatch, env, message):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RuntimeError, match=message):
+        fdist.init_distributed("cpu")
+    assert not dist.is_initialized()
