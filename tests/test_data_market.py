@@ -129,7 +129,8 @@ def test_corrupt_and_truncated_images_name_the_file(tmp_path):
     trunc = os.path.join(root, "query", "0004_c2s1_000401_00.jpg")
     big = np.random.default_rng(0).integers(0, 255, (64, 32, 3), dtype=np.uint8)
     Image.fromarray(big).save(trunc, quality=95)
-    data = open(trunc, "rb").read()
+    with open(trunc, "rb") as f:
+        data = f.read()
     with open(trunc, "wb") as f:
         f.write(data[: len(data) // 2])
     with pytest.raises(ImageReadError, match=r"0004_c2s1_000401_00\.jpg"):

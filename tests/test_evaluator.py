@@ -94,7 +94,8 @@ def test_evaluate_model_table_and_json(colour_dataset, tmp_path):
     out = str(tmp_path / "res" / "results.json")
     res = evaluate_model(TwoBranch(), colour_dataset, 16, 8, "cpu", batch_size=4, rerank=False, json_path=out,
                          workers=0, progress=False, verbose=False)
-    data = json.load(open(out))
+    with open(out) as fh:
+        data = json.load(fh)
     assert data["results"] == res and data["num_query"] == 4 and data["alpha"] == 0.5
     assert res["GRN"]["rank1"] == pytest.approx(100.0)     # colour identifies the person here
     table = format_results(res)

@@ -35,7 +35,8 @@ def synth(tmp_path_factory):
 
 def test_layout_and_loader(synth):
     ds = build_dataset("synthetic", synth)
-    meta = json.load(open(os.path.join(synth, "synthetic.json")))
+    with open(os.path.join(synth, "synthetic.json")) as fh:
+        meta = json.load(fh)
     assert ds.num_train_pids == 4                     # groups of 4 alternate: ids 1-4 train, 5-8 test
     assert {p for _, p, _ in ds.query} == {5, 6, 7, 8}
     gal_pids = {p for _, p, _ in ds.gallery}
@@ -85,7 +86,8 @@ def test_parts_errors_name_the_file(synth, tmp_path):
 
 
 def test_groups_share_global_look_and_differ_locally(synth):
-    meta = json.load(open(os.path.join(synth, "synthetic.json")))
+    with open(os.path.join(synth, "synthetic.json")) as fh:
+        meta = json.load(fh)
     ids = meta["identities"]
     by_group = {}
     for i in ids:
