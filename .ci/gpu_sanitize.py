@@ -213,7 +213,7 @@ def module_case(chk: Checker, backend: str, dname: str, lay: str, device, autoca
     import torch
 
     import fmn
-    from fmn_kernels import feature_mask_ref
+    from fmn_kernels import spatial_mask_mul_ref
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dname]
     B, C, H, W, M = 3, 5, 7, 9, 16
@@ -235,7 +235,12 @@ def module_case(chk: Checker, backend: str, dname: str, lay: str, device, autoca
     p64 = [t.detach().double().requires_grad_(True) for t in params]
     if autocast:  # the GEMM runs on operands rounded to the autocast dtype
         p64 = [t.detach().to(dtype).double().requires_grad_(True) if i else t for i, t in enumerate(p64)]
-    ref = feature_mask_ref(p64[0], p64[1], p64[2], p64[3])
+    # The module's logits come out of the GEMM in the compute dtype: round the reference's logits
+    # the same way (straight through for the gradient), so that a logit that rounding moves across
+    # the ReLU gate at 0 flips the gate in both, not in the kernel alone.
+    u64 = torch.addmm(p64[3], p64[1], p64[2])
+    u64 = u64 + (u64.to(dtype).double() - u64).detach()
+    ref = spatial_mask_mul_ref(p64[0], u64, "exp_relu")
     want = grads(ref, p64, grad.double())
     tag = f"module {backend} {'autocast ' if autocast else ''}{dname} {lay}"
     tol = TOL[dname]
