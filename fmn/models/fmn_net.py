@@ -30,7 +30,7 @@ from torch import nn
 
 from fmn_kernels import FusedFeatureMask
 from fmn.models.heads import ClassifierHead
-from fmn.models.resnet import BACKBONES, build_resnet, load_pretrained
+from fmn.models.resnet import BACKBONES, build_resnet, check_images, load_pretrained
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -97,9 +97,7 @@ class FeatureMaskNetwork(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.grn_head = ClassifierHead(self.feature_dim, num_classes, bnneck=bnneck, dropout=dropout)
 
-        # the local layer sits after the stem (stride 4) and n_before stages (stride 2 each after layer1)
-        strides = 2 + max(0, self.n_before - 1)
-        self.mask_hw = (_half_up(height, strides), _half_up(width, strides))
+        self.mask_hw = self.local_hw(height, width)
         self.mn = FusedFeatureMask(
             self.feature_dim, self.mask_hw, bias=mask_bias, max_logit=mask_max_logit, backend=backend
         )
@@ -115,6 +113,21 @@ class FeatureMaskNetwork(nn.Module):
 
         self.stage = 1
         self.set_stage(1)
+
+    def local_hw(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) of the local layer for (height, width) images: the stem halves twice (conv1,
+        maxpool), then every stage after layer1 once, each rounding up."""
+        strides = 2 + max(0, self.n_before - 1)
+        return _half_up(int(height), strides), _half_up(int(width), strides)
+
+    def _check_input(self, x: torch.Tensor, mask: bool) -> None:
+        check_images("fmn", x)
+        if mask and self.local_hw(*x.shape[-2:]) != self.mask_hw:
+            h, w = self.input_size
+            raise ValueError(
+                f"fmn: the model was built for input_size ({h}, {w}) (a {self.mask_hw[0]}x{self.mask_hw[1]} mask "
+                f"over {self.local_layer}); got images of size {x.shape[-2]}x{x.shape[-1]} "
+                f"({self.local_layer} {self.local_hw(*x.shape[-2:])}): resize them to {h}x{w}")
 
     # ------------------------------------------------------------------ stages
     def grn_modules(self) -> list[nn.Module]:
@@ -175,14 +188,16 @@ class FeatureMaskNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor, return_mask: bool = False) -> dict[str, torch.Tensor]:
         frozen = self.stage == 2 and self.training
+        self._check_input(x, mask=return_mask or not (self.training and self.stage == 1))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             local, _, g = self.grn_features(x)
             grn_logits = self.grn_head(g) if self.training else None
         if self.training and self.stage == 1:
             out = {"grn_logits": grn_logits, "grn_feat": g}
             if return_mask:
+                # the mask only: the LAN does not run in stage 1 (its BN statistics must not move)
                 with torch.no_grad():
-                    out["mask"] = self.lan_features(local, g)[0]
+                    out["mask"] = self.mn(local, g, return_mask=True)[1]
             return out
         mask, _, l = self.lan_features(local, g, return_mask)
         if self.training:
@@ -197,6 +212,7 @@ class FeatureMaskNetwork(nn.Module):
     def activation_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Maps for heatmaps (paper Fig. 4): the predicted mask (B, H, W) over the local layer and
         the GRN and LAN activation maps (B, h, w): the channel mean of the final feature maps."""
+        self._check_input(x, mask=True)
         local, grn_map, g = self.grn_features(x)
         mask, lan_map, _ = self.lan_features(local, g)
         return {"mask": mask.float(), "grn": grn_map.float().mean(1), "lan": lan_map.float().mean(1)}

@@ -122,6 +122,7 @@ class MGRAN(SeedModel):
         return (mask_logits.float() >= math.log(self.threshold / (1.0 - self.threshold))).to(torch.float32)
 
     def forward(self, img: torch.Tensor, batch: dict | None = None) -> Dict[str, torch.Tensor]:
+        self.check_images(img)
         mask_logits = None
         if self.mask_predictor is not None:
             mask_logits = self.mask_predictor(img)

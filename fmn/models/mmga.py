@@ -67,6 +67,7 @@ class MMGA(SeedModel):
         return weighted.float().sum((2, 3)) / mass[:, None]
 
     def _run(self, img: torch.Tensor):
+        self.check_images(img)
         x = self.backbone.stem(img)
         att: Dict[str, torch.Tensor] = {}
         parts = {"upper": [], "lower": []}

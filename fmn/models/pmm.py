@@ -3,7 +3,8 @@
 Multi-stage classifiers: each backbone stage s in ``stages`` has its own pooled feature
 f_s = GAP(stage output) and identity classifier. Training is progressive: the classifier of
 stage s joins the loss from epoch ``stage_start_epochs[s]`` on (``set_epoch``, called by the
-trainer every epoch); the default switches the shallow stages on first.
+trainer every epoch). The model's default starts them all at epoch 0; configs/pmm.yaml switches the
+shallow stages on first ([0, 1, 2]).
 
 Attentive feature Hard-Mix (A-Hard-Mix), in training after each stage in ``mix_stages``: per
 sample b, the energy E_b(y, x) = sum_c f_b(c, y, x)^2 is summed over every bh x bw window of
@@ -142,6 +143,7 @@ class PMM(SeedModel):
         return tuple(s for s in self.stages if self.stage_start[s] <= self.epoch)
 
     def forward(self, img: torch.Tensor, batch: dict | None = None) -> Dict[str, torch.Tensor]:
+        self.check_images(img)
         pid = batch.get("pid") if (self.training and batch is not None) else None
         x = self.backbone.stem(img)
         feats, mixes = {}, {}

@@ -151,6 +151,15 @@ class ResNet(nn.Module):
         return x if self.fc is None else self.fc(x)
 
 
+def check_images(owner: str, x) -> None:
+    """One clear error for anything but a float batch of RGB images (B, 3, H, W)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{owner}: expected a batch of RGB images of shape (B, 3, H, W); got {got}")
+    if not x.is_floating_point():
+        raise TypeError(f"{owner}: expected floating-point (normalised) images; got {x.dtype}")
+
+
 _SPECS: dict[str, tuple[type, list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
@@ -189,22 +198,36 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat state dict.
 
     Accepts a plain state dict or one nested under ``state_dict`` / ``model``; strips a
-    ``module.`` prefix left by DataParallel/DDP. Loaded with ``weights_only=True``.
+    ``module.`` prefix left by DataParallel/DDP. Loaded with ``weights_only=True``. A file that is
+    not such a checkpoint (not a torch file, a pickled module, no tensors) raises one
+    ``CheckpointError`` naming it.
     """
+    from fmn.checkpoint import CheckpointError
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError ... here
+        if "Weights only load failed" in str(exc):
+            why = ("it holds pickled Python objects (e.g. a whole nn.Module); only state dicts of tensors are "
+                   "loaded (weights_only=True): save model.state_dict() instead")
+        else:
+            why = f"torch.load failed with {type(exc).__name__}: {str(exc).strip()[:200]}"
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint of weights; {why}") from exc
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
     out = {}
     for k, v in obj.items():
         if not torch.is_tensor(v):
             continue
         out[k[len("module."):] if k.startswith("module.") else k] = v
+    if not out:
+        raise CheckpointError(f"{path}: the checkpoint holds no tensors (keys: {', '.join(map(str, list(obj)[:8]))})")
     return out
 
 
@@ -218,9 +241,13 @@ def load_pretrained(
     """Load a local ImageNet checkpoint into ``module`` (non-strict) and report what did not match.
 
     Keys starting with ``skip_prefixes`` (the ImageNet classifier by default) are not loaded.
-    Tensors whose shape differs from the module's are reported and skipped. Returns
+    A tensor whose shape differs from the module's raises ``CheckpointError`` naming the key(s) and
+    both shapes (e.g. an ImageNet checkpoint for a ``base_width`` != 64 network), and so does a
+    checkpoint of which no tensor fits the module; nothing is loaded then. Returns
     ``(missing, unexpected)`` key lists; ``log`` receives a one-paragraph report.
     """
+    from fmn.checkpoint import CheckpointError
+
     state = read_state_dict(path)
     own = module.state_dict()
     load, mismatched, skipped = {}, [], []
@@ -231,15 +258,22 @@ def load_pretrained(
             mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
         else:
             load[k] = v
+    if mismatched:
+        raise CheckpointError(
+            f"{os.fspath(path)}: {len(mismatched)} tensor(s) do not fit the model (checkpoint vs model shape): "
+            + ", ".join(mismatched[:8]) + (" ..." if len(mismatched) > 8 else ""))
+    own_keys = set(own)
+    if not any(k in own_keys for k in load):
+        raise CheckpointError(
+            f"{os.fspath(path)}: none of the checkpoint's {len(state)} tensors matches a parameter of the model "
+            f"(checkpoint keys: {', '.join(list(state)[:4])}; model keys: {', '.join(list(own)[:4])})")
     result = module.load_state_dict(load, strict=False)
     missing = [k for k in result.missing_keys if not any(k.startswith(p) for p in skip_prefixes)]
     unexpected = list(result.unexpected_keys)
     if log is not None:
-        lines = [f"loaded {len(load)} tensors from {os.fspath(path)}"]
+        lines = [f"loaded {len(load) - len(unexpected)} tensors from {os.fspath(path)}"]
         if skipped:
             lines.append(f"  not loaded (classifier): {len(skipped)} keys")
-        if mismatched:
-            lines.append(f"  shape mismatch, not loaded ({len(mismatched)}): " + ", ".join(mismatched[:8]))
         lines.append(f"  missing keys ({len(missing)}): " + (", ".join(missing[:12]) or "none"))
         lines.append(f"  unexpected keys ({len(unexpected)}): " + (", ".join(unexpected[:12]) or "none"))
         log("\n".join(lines))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmn.models.heads import ClassifierHead
-from fmn.models.resnet import BACKBONES, build_resnet, load_pretrained
+from fmn.models.resnet import BACKBONES, build_resnet, check_images, load_pretrained
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 IGNORED_KEYS = ("local_layer", "mask_max_logit")
@@ -82,6 +82,10 @@ class SeedModel(nn.Module):
     def set_backend(self, backend: str | None) -> "SeedModel":
         self.backend = backend
         return self
+
+    def check_images(self, img: torch.Tensor) -> None:
+        """One clear error for anything but a float (B, 3, H, W) batch of images."""
+        check_images(self.model_name, img)
 
     def head(self, dim: int) -> ClassifierHead:
         return ClassifierHead(dim, self.num_classes, bnneck=self.bnneck, dropout=self.dropout)
