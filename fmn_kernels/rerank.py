@@ -187,10 +187,12 @@ def rerank(
     ascending (value, gallery index) order. Exact DESIGN section 3 semantics (see the module
     docstring); memory O(N (k1 + k2) ) besides the output and one chunk of rows.
 
-    knn_precision (torch / triton backends): "fp32" computes the kNN GEMM in IEEE fp32 (TF32 off
-    whatever the global setting); "tf32" / "bf16" let tensor cores propose candidates that are
-    rescored exactly, with an error bound that sends any row it cannot certify back to fp32, so
-    the neighbour lists and row maxima are those of fp32. "auto": "tf32" on CUDA, else "fp32".
+    knn_precision (torch / triton backends): the precision of the kNN GEMM that proposes
+    candidates: "fp32" IEEE fp32 (TF32 off whatever the global setting), "tf32" / "bf16" tensor
+    cores. Candidates are always rescored with the exact fp32 d2 (sum of squared differences of
+    the features as given), with an error bound that sends any row it cannot certify to an exact
+    scan, so the neighbour lists and row maxima are those of the exact d2 whatever the precision
+    (ties stay exact and go to the lower index). "auto": "tf32" on CUDA, else "fp32".
     """
     _check_features(query_feats, gallery_feats)
     q, g = query_feats.shape[0], gallery_feats.shape[0]
@@ -286,6 +288,8 @@ def _ref_core(w: torch.Tensor, q: int, k1: int, k2: int, lam: float, faiss_compa
             cand = recip_h[c]
             if 3 * len(set(cand) & r_i) > 2 * len(cand):
                 expanded.update(cand)
+        if not expanded:  # a lower-index duplicate can push i out of its own list: V[i] = 0
+            continue
         members = torch.tensor(sorted(expanded), dtype=torch.long)
         # point 8: weights from exact distances (faiss_compat: softmax of the raw distance)
         x = w[i, members] if raw else dn[i, members]

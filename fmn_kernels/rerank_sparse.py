@@ -2,7 +2,9 @@
 
 Stages (N = q + g items, K = forward list length, H = half list length, Q = min(k2, N)):
   1. kNN with row maxima: row chunks of the working distance w (a GEMM per chunk), per row the
-     max over all N columns and the L = max(K, Q) smallest (value, index)-ordered columns.
+     max over all N columns and the L = max(K, Q) smallest (value, index)-ordered columns; from
+     features the GEMM only proposes candidates, rescored with the exact d2 and certified by an
+     error bound (else the row is scanned exactly): see _knn_candidates.
   2. reciprocal masks: recip[i, s] = i in nbr[nbr[i, s], :K]   (and the same for the first H)
   3. expansion: R*(i) as a padded, sorted, duplicate-free list of columns (sentinel N)
   4. weights: exact distances of every (i, j in R*(i)) pair, V = normalised exp(-dn)
@@ -115,13 +117,16 @@ def smallest_stable(d: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor
 class FeatureDistances:
     """Working distance from features: w = |x_i - x_j|^2 (squared again with square_twice).
 
-    Features are centred (distances are translation invariant) to shrink the norms that the
-    GEMM form n_i + n_j - 2 x_i.x_j cancels. Blocks use that form in fp32 (clamped at 0, exact 0
-    on the diagonal); pairs use sum_k (x_ik - x_jk)^2 directly.
+    The exact d2 of section 3 is sum_k (x_ik - x_jk)^2 in fp32 on the features as given (pairs,
+    rows_d2): a function of the two vectors only, so equal distances stay exactly equal and ties
+    go to the lower index. Blocks use the GEMM form n_i + n_j - 2 x_i.x_j in fp32 (clamped at 0,
+    exact 0 on the diagonal) on centred features (distances are translation invariant, smaller
+    norms cancel less): it proposes kNN candidates (rescored exactly) and gives the output's dn.
     """
 
     def __init__(self, query: torch.Tensor, gallery: torch.Tensor, *, square_twice: bool, use_triton: bool = False):
-        x = torch.cat([query.detach(), gallery.detach()]).float()
+        x = torch.cat([query.detach(), gallery.detach()]).float().contiguous()
+        self.raw = x
         x = (x - x.mean(dim=0, dtype=torch.float64).float()).contiguous()
         self.x = x
         self.sq = (x * x).sum(dim=1)
@@ -143,12 +148,14 @@ class FeatureDistances:
         return d
 
     def rows_d2(self, rows: torch.Tensor) -> torch.Tensor:
-        """d2 of the given rows against all N columns, fp32 GEMM form (as block, unsquared)."""
-        with _ieee_fp32(self.device):
-            d = self.x[rows] @ self.x.t()
-        d.mul_(-2.0).add_(self.sq[rows, None]).add_(self.sq[None, :]).clamp_min_(0.0)
-        d[torch.arange(rows.numel(), device=self.device), rows] = 0.0
-        return d
+        """Exact d2 (as pairs_d2, unsquared) of the given rows against all N columns."""
+        out = torch.empty(rows.numel(), self.n, dtype=torch.float32, device=self.device)
+        cols = torch.arange(self.n, device=self.device)
+        step = max(1, (1 << 22) // self.n)  # index pairs per call
+        for s in range(0, rows.numel(), step):
+            r = rows[s:s + step]
+            out[s:s + step] = self.pairs_d2(r.repeat_interleave(self.n), cols.repeat(r.numel())).view(-1, self.n)
+        return out
 
     def pairs(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         out = self.pairs_d2(rows, cols)
@@ -159,12 +166,12 @@ class FeatureDistances:
         if self.use_triton:
             from fmn_kernels.triton.rerank import pair_sqdist
 
-            out = pair_sqdist(self.x, rows, cols)
+            out = pair_sqdist(self.raw, rows, cols)
         else:
             out = torch.empty(rows.numel(), device=self.device, dtype=torch.float32)
             step = max(1, _element_budget(self.device) // (2 * self.x.shape[1]))
             for s in range(0, rows.numel(), step):
-                diff = self.x[rows[s:s + step]] - self.x[cols[s:s + step]]
+                diff = self.raw[rows[s:s + step]] - self.raw[cols[s:s + step]]
                 out[s:s + step] = (diff * diff).sum(dim=1)
         return out
 
@@ -229,13 +236,16 @@ def _knn(src, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # Relative error of one input element rounded to the low-precision format (conservative: chopping).
-_INPUT_ROUNDING = {"tf32": 2.0 ** -10, "bf16": 2.0 ** -8}
+_INPUT_ROUNDING = {"fp32": 0.0, "tf32": 2.0 ** -10, "bf16": 2.0 ** -8}
 _EXTRA_CANDIDATES = 16
 _MAX_CANDIDATES = 8
 
 
 def _lowp_dots(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     """a @ b.T with low-precision inputs and fp32 accumulation (tensor cores on CUDA)."""
+    if precision == "fp32":
+        with _ieee_fp32(a.device):
+            return a @ b.t()
     if precision == "tf32" and a.is_cuda:
         with _cuda_matmul_precision("tf32"):
             return a @ b.t()
@@ -249,23 +259,29 @@ def _lowp_dots(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor
 
 
 def _knn_candidates(src, n_keep: int, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """_knn with low-precision candidate proposal, exact rescoring and a per-row fp32 fallback.
+    """_knn with GEMM candidate proposal, exact rescoring and a per-row exact fallback.
 
-    With x centred, d2~(i, j) = s_i + s_j - 2 <x_i, x_j>~ from low-precision inputs satisfies
-        |d2~(i, j) - d2(i, j)| <= delta_i = c |x_i| max_j |x_j|,   c = 2 (2u + u^2 + 2 d 2^-24)
-    (u the input rounding; the d 2^-24 terms cover fp32 accumulation in both computations).
+    With x centred, d2~(i, j) = s_i + s_j - 2 <x_i, x_j>~ (inputs rounded to the GEMM precision,
+    u = 0 for fp32; fp32 accumulation) and the exact d2 (pairs_d2: fp32 sum of squared
+    differences of the features as given) satisfy, with n_i = |x_i|, M = max_j n_j,
+        |d2~(i, j) - d2(i, j)| <= delta_i = c_in n_i M + c_acc (n_i + M)^2
+    c_in = 2 (2u + u^2) (rounded inputs), c_acc = 1.25 (2 gamma_d + 10 e), e = 2^-24,
+    gamma_d = d e / (1 - d e): the GEMM form's dot, norms and additions, the centring and the
+    exact sum's own rounding.
     Per row: the P = n_keep + 16 smallest d2~ are rescored exactly (sum_k (x_ik - x_jk)^2); every
     other column has d2~ >= t (the largest kept d2~), hence d2 >= t - delta_i, so the exact
     n_keep smallest are among the candidates when the n_keep-th exact value is < t - delta_i.
     The row max: the 8 largest d2~ are rescored; the rest have d2 <= m + delta_i (m the smallest of
     those 8 d2~), so the exact max is found when it exceeds m + delta_i. Rows failing either test
-    are recomputed in fp32. Works on d2 (square_twice is monotone and applied at the end).
+    are recomputed exactly. Works on d2 (square_twice is monotone and applied at the end).
     """
     n, dev, x = src.n, src.device, src.x
     d = x.shape[1]
     u = _INPUT_ROUNDING[precision]
-    c = 2.0 * (2.0 * u + u * u + 2.0 * d * 2.0 ** -24)
-    norms = src.sq.sqrt()
+    e = 2.0 ** -24
+    c_in = 2.0 * (2.0 * u + u * u)
+    c_acc = 1.25 * (2.0 * d * e / max(1e-3, 1.0 - d * e) + 10.0 * e)
+    norms = src.sq.sqrt() * (1.0 + 2.0 * d * e)  # upper bounds despite the rounding of sq
     nmax = norms.max()
     n_cand = min(n, n_keep + _EXTRA_CANDIDATES)
     n_top = min(n, _MAX_CANDIDATES)
@@ -277,7 +293,7 @@ def _knn_candidates(src, n_keep: int, precision: str) -> tuple[torch.Tensor, tor
         r1 = min(n, r0 + step)
         approx = _lowp_dots(x[r0:r1], x, precision)
         approx.mul_(-2.0).add_(src.sq[r0:r1, None]).add_(src.sq[None, :])
-        delta = c * norms[r0:r1] * nmax
+        delta = c_in * norms[r0:r1] * nmax + c_acc * (norms[r0:r1] + nmax) ** 2
         rows = torch.arange(r0, r1, device=dev)
         # smallest: rescore, order by (exact, index), test the bound
         va, ja = torch.topk(approx, n_cand, dim=1, largest=False, sorted=False)
@@ -465,7 +481,7 @@ def rerank_sparse(src, cfg: Config, *, topk: int | None = None, use_triton: bool
     k_half = min(cfg.k_half, k_fwd)
     k_qe = min(cfg.k_qe, n)
 
-    if cfg.knn_precision != "fp32" and isinstance(src, FeatureDistances):
+    if isinstance(src, FeatureDistances):
         nbr, rowmax = _knn_candidates(src, max(k_fwd, k_qe), cfg.knn_precision)
     else:
         nbr, rowmax = _knn(src, max(k_fwd, k_qe))

@@ -402,10 +402,10 @@ def test_larger_against_reference(backend):
 @pytest.mark.parametrize("kind", ["random", "clustered"])
 @pytest.mark.parametrize("squared_input", [False, True])
 def test_lowp_candidates_match_reference(kind, squared_input, monkeypatch):
-    """bf16 proposals + exact rescoring + fp32 fallback give the fp32 neighbour lists.
+    """bf16 proposals + exact rescoring + exact fallback give the fp32 neighbour lists.
 
     Random features certify every row from the candidates; tight clusters make the bf16 error
-    bound fail on most rows, which must then be recomputed in fp32. Both must match.
+    bound fail on most rows, which must then be recomputed exactly. Both must match.
     """
     fallback_rows = []
     rows_d2 = rerank_sparse.FeatureDistances.rows_d2

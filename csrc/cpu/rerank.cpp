@@ -1,21 +1,26 @@
 // Sparse k-reciprocal re-ranking on the CPU: at::parallel_for (OpenMP) and BLAS GEMMs via at::mm.
 //
-// Notation: x the centred features (N, d), s_i = |x_i|^2, w(i, j) the working distance
-//   w = max(s_i + s_j - 2 x_i.x_j, 0)  (w(i, i) = 0),  squared once more when square_twice.
+// Notation: x the centred features (N, d), s_i = |x_i|^2, d2~(i, j) = max(s_i + s_j - 2 x_i.x_j, 0)
+//   (d2~(i, i) = 0) the GEMM form; d2(i, j) = sum_k (f_ik - f_jk)^2 the exact fp32 distance of the
+//   features f as given (a function of the two vectors only: equal distances tie exactly);
+//   w the working distance d2 (or d2~), squared once more when square_twice.
 // Stages:
 //   1. kNN with row maxima over symmetric strips: for a block of rows [a, b) one GEMM gives
 //      x[a:b] . x[a:N]^T; every value updates the row heap of i (rows of the strip) and, for
 //      columns j >= b, the heap of j (the transposed half), so each pair's dot product is computed
-//      once. Heaps keep the L smallest (w, index) pairs; rowmax[i] = max_j w(i, j) over all N.
+//      once. Heaps keep the L + 16 smallest (d2~, index) pairs (candidates); rowmax[i] =
+//      max_j d2~(i, j) over all N. The candidates are rescored with d2 and sorted by (d2, index);
+//      |d2~ - d2| <= delta_i (bound below) certifies that the first L are the exact list, else the
+//      row is rescanned with d2.
 //   2. reciprocal lists R(i) = {j in T(i) : i in T(j)}, Rh likewise with the half lists.
 //   3. R*(i) = R(i) + Rh(c) for c in R(i) with 3 |Rh(c) & R(i)| > 2 |Rh(c)|.
-//   4. V[i, j] = exp(-w(i, j) / rowmax_i) / sum over R*(i), w(i, j) = sum_k (x_ik - x_jk)^2
+//   4. V[i, j] = exp(-w(i, j) / rowmax_i) / sum over R*(i), w from d2 = sum_k (f_ik - f_jk)^2
 //      computed directly for every member (raw_weights: exp(-(w - min w)) normalised).
 //   5. Vqe[i] = (1 / Q) sum_{j in first Q of row i} V[j]   (Q = min(k_qe, N); Vqe = V if Q = 1).
 //   6. inverted index over gallery rows: column c -> [(j - q, Vqe[j, c])].
 //   7. per query row i: S(i, j) = sum_{c in supp Vqe[i]} sum_{(j, v) in index[c]} min(Vqe[i, c], v),
-//      J = 1 - S / (2 - S), final = (1 - lambda) J + lambda w(i, j) / rowmax_i. Dense output: w
-//      is copied into the output from the kNN strips of the query rows and finished in place;
+//      J = 1 - S / (2 - S), final = (1 - lambda) J + lambda w~(i, j) / rowmax_i (w~ from d2~).
+//      Dense output: d2~ is copied into the output from the kNN strips of the query rows and finished in place;
 //      topk: the same strips are recomputed (identical GEMM calls, so identical values) and each
 //      row is reduced to its m smallest (value, index) pairs.
 #include "cpu/rerank.h"
@@ -31,6 +36,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace fmn {
@@ -94,10 +100,9 @@ struct BoundedHeap {
   }
 };
 
-inline float working(float si, float sj, float dot, bool square_twice) {
+inline float gemm_d2(float si, float sj, float dot) {
   float w = si + sj - 2.0f * dot;
-  w = w > 0.0f ? w : 0.0f;
-  return square_twice ? w * w : w;
+  return w > 0.0f ? w : 0.0f;
 }
 
 inline float sqdist(const float* a, const float* b, int64_t d) {
@@ -156,13 +161,15 @@ std::tuple<at::Tensor, at::Tensor> rerank(
   const int64_t H = std::min(k_half, K);
   const int64_t Q = std::min(k_qe, n);
   const int64_t L = std::max(K, Q);
+  const int64_t LC = std::min(n, L + 16);  // candidates per row from the GEMM form
   const float lam = static_cast<float>(lambda_value);
 
-  // centred features: distances are translation invariant, smaller norms cancel less
-  at::Tensor x = at::cat({query, gallery}, 0);
-  x = (x - x.to(at::kDouble).mean(0).to(at::kFloat)).contiguous();
+  // f: the features as given (exact d2); x: centred for the GEMM form (translation invariant,
+  // smaller norms cancel less)
+  const at::Tensor f = at::cat({query, gallery}, 0).contiguous();
+  const float* F = f.data_ptr<float>();
+  at::Tensor x = (f - f.to(at::kDouble).mean(0).to(at::kFloat)).contiguous();
   const at::Tensor sq_t = (x * x).sum(1).contiguous();
-  const float* X = x.data_ptr<float>();
   const float* S2 = sq_t.data_ptr<float>();
 
   // Output: dense (q, g), or the m smallest per query row.
@@ -175,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> rerank(
     out_idx = at::empty({q, topk}, x.options().dtype(at::kLong));
   }
 
-  // Strip [a, b): working distances w(r, a + j) for rows a <= r < b, columns a <= a + j < N, in
+  // Strip [a, b): d2~(r, a + j) (unsquared) for rows a <= r < b, columns a <= a + j < N, in
   // a (b - a, N - a) buffer. The kNN pass and the topk output pass call it with the same blocks,
   // so both see bitwise identical values.
   const int64_t block = std::max<int64_t>(16, std::min<int64_t>(512, (int64_t{1} << 22) / n));
@@ -188,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> rerank(
       for (int64_t r = r0; r < r1; ++r) {
         float* row = P + (r - a) * width;
         const float sr = S2[r];
-        for (int64_t j = 0; j < width; ++j) row[j] = working(sr, S2[a + j], row[j], square_twice);
+        for (int64_t j = 0; j < width; ++j) row[j] = gemm_d2(sr, S2[a + j], row[j]);
         row[r - a] = 0.0f;
         if (per_row) per_row(r, row);
       }
@@ -198,8 +205,8 @@ std::tuple<at::Tensor, at::Tensor> rerank(
 
   StageClock clock;
   // ---- 1. kNN with row maxima over symmetric strips ------------------------------------------
-  std::vector<float> heap_val(n * L);
-  std::vector<int64_t> heap_idx(n * L);
+  std::vector<float> heap_val(n * LC);
+  std::vector<int64_t> heap_idx(n * LC);
   std::vector<int64_t> heap_size(n, 0);
   std::vector<float> worst(n, std::numeric_limits<float>::infinity());  // heap top once full
   std::vector<float> rowmax(n, 0.0f);
@@ -212,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> rerank(
       // query-gallery part of the strip is the output's w, finished in stage 7)
       at::Tensor strip = strip_at(a, [&](int64_t r, const float* row) {
         if (O != nullptr && r < q) std::memcpy(O + r * g, row + (q - a), g * sizeof(float));
-        BoundedHeap h{heap_val.data() + r * L, heap_idx.data() + r * L, L, heap_size[r]};
+        BoundedHeap h{heap_val.data() + r * LC, heap_idx.data() + r * LC, LC, heap_size[r]};
         float mx = rowmax[r];
         float top = worst[r];
         for (int64_t j = 0; j < width; ++j) {
@@ -237,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor> rerank(
               const float v = row[j];
               rowmax[j] = v > rowmax[j] ? v : rowmax[j];
               if (v <= worst[j]) {
-                BoundedHeap h{heap_val.data() + j * L, heap_idx.data() + j * L, L, heap_size[j]};
+                BoundedHeap h{heap_val.data() + j * LC, heap_idx.data() + j * LC, LC, heap_size[j]};
                 h.push(v, r);
                 heap_size[j] = h.size;
                 if (h.size == h.cap) worst[j] = h.val[0];
@@ -249,13 +256,53 @@ std::tuple<at::Tensor, at::Tensor> rerank(
     }
     at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        BoundedHeap h{heap_val.data() + r * L, heap_idx.data() + r * L, L, heap_size[r]};
+        BoundedHeap h{heap_val.data() + r * LC, heap_idx.data() + r * LC, LC, heap_size[r]};
         h.sort_ascending();
       }
     });
   }
   clock.mark("knn");
-  const int64_t* nbr = heap_idx.data();  // row i: nbr[i * L + s], ascending (w, index)
+  // Exact lists. With n_i = |x_i|, M = max n_j, e = 2^-24, gamma = d e / (1 - d e):
+  //   |d2~(i, j) - d2(i, j)| <= delta_i = 1.25 (2 gamma + 10 e) (n_i + M)^2
+  // (the GEMM form's dot, norms and additions, the centring, and d2's own rounding). Every column
+  // outside the LC candidates has d2~ >= t (the largest candidate d2~), so d2 >= t - delta_i: the
+  // L-th exact candidate below that proves the list; otherwise the row is rescanned exactly.
+  std::vector<int64_t> nbr_store(n * L);
+  {
+    const double e = std::ldexp(1.0, -24);
+    const double c_acc = 1.25 * (2.0 * d * e / std::max(1e-3, 1.0 - d * e) + 10.0 * e);
+    double nmax = 0.0;
+    for (int64_t i = 0; i < n; ++i) nmax = std::max(nmax, std::sqrt(static_cast<double>(S2[i])));
+    const double grow = 1.0 + 2.0 * d * e;  // norms from the rounded s_i, made upper bounds
+    nmax *= grow;
+    at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+      std::vector<std::pair<float, int64_t>> cand;
+      for (int64_t i = r0; i < r1; ++i) {
+        const float* fi = F + i * d;
+        const float* hv = heap_val.data() + i * LC;
+        const int64_t* hi = heap_idx.data() + i * LC;
+        cand.resize(LC);
+        for (int64_t t = 0; t < LC; ++t) cand[t] = {sqdist(fi, F + hi[t] * d, d), hi[t]};
+        std::sort(cand.begin(), cand.end());
+        bool ok = true;
+        if (LC < n) {
+          const double ni = std::sqrt(static_cast<double>(S2[i])) * grow;
+          const double delta = c_acc * (ni + nmax) * (ni + nmax);
+          ok = static_cast<double>(cand[L - 1].first) < static_cast<double>(hv[LC - 1]) - delta;
+        }
+        if (!ok) {
+          cand.resize(n);
+          for (int64_t j = 0; j < n; ++j) cand[j] = {sqdist(fi, F + j * d, d), j};
+          std::partial_sort(cand.begin(), cand.begin() + L, cand.end());
+        }
+        for (int64_t t = 0; t < L; ++t) nbr_store[i * L + t] = cand[t].second;
+      }
+    });
+    if (square_twice)
+      for (int64_t i = 0; i < n; ++i) rowmax[i] *= rowmax[i];
+  }
+  clock.mark("exact lists");
+  const int64_t* nbr = nbr_store.data();  // row i: nbr[i * L + s], ascending (d2, index)
 
   // ---- 2. reciprocal lists ----------------------------------------------------------------
   auto in_prefix = [&](int64_t row, int64_t len, int64_t who) {
@@ -312,10 +359,10 @@ std::tuple<at::Tensor, at::Tensor> rerank(
       std::sort(members.begin(), members.end());
       const int64_t cnt = static_cast<int64_t>(members.size());
       w.resize(cnt);
-      const float* xi = X + i * d;
+      const float* fi = F + i * d;
       float wmin = std::numeric_limits<float>::infinity();
       for (int64_t m = 0; m < cnt; ++m) {
-        float v = sqdist(xi, X + members[m] * d, d);
+        float v = sqdist(fi, F + members[m] * d, d);
         if (square_twice) v *= v;
         if (raw_weights) {
           wmin = std::min(wmin, v);
@@ -414,7 +461,8 @@ std::tuple<at::Tensor, at::Tensor> rerank(
         float* row = W + (i - r0) * ld;
         const bool has_max = rowmax[i] > 0.0f;
         for (int64_t j = 0; j < g; ++j) {
-          const float dn = has_max ? row[j] / rowmax[i] : 0.0f;
+          const float w = square_twice ? row[j] * row[j] : row[j];
+          const float dn = has_max ? w / rowmax[i] : 0.0f;
           float jac = 1.0f - s[j] / (2.0f - s[j]);
           if (clamp_jaccard && jac < 0.0f) jac = 0.0f;
           row[j] = (1.0f - lam) * jac + lam * dn;
