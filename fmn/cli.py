@@ -13,6 +13,7 @@ Settings come from the defaults (the paper's), then ``--config FILE``, then each
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -109,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a trained model: GRN, LAN, FMN rank-k and mAP (+ re-ranking)",
                        description="Evaluate a checkpoint on its dataset's query/gallery split. The config stored "
-                       "in the checkpoint is used; --set overrides it (e.g. --set data.root=...).")
-    p.add_argument("--checkpoint", required=True, help="model.pt or last.pt written by fmn train")
+                       "in the checkpoint is used; --config FILE replaces its sections other than the model (the "
+                       "input size stays as trained) and --set overrides values (e.g. --set data.root=...).")
+    p.add_argument("--checkpoint", help="model.pt or last.pt written by fmn train "
+                   "(default: <output.dir>/model.pt of the config)")
     _add_config_args(p)
     _add_shortcuts(p)
     p.add_argument("--no-rerank", action="store_true", help="skip k-reciprocal re-ranking rows")
@@ -121,50 +124,134 @@ def build_parser() -> argparse.ArgumentParser:
                        "array, one row per image) with k-reciprocal encoding (Zhong et al. 2017).")
     p.add_argument("--query", required=True, help="query features (q, d): .pt or .npy")
     p.add_argument("--gallery", required=True, help="gallery features (g, d): .pt or .npy")
-    p.add_argument("--out", required=True, help="output .pt or .npy: the (q, g) distance, or with --topk "
-                   "a dict/npz of values and indices")
-    p.add_argument("--k1", type=int, default=20)
-    p.add_argument("--k2", type=int, default=6)
-    p.add_argument("--lambda-value", type=float, default=0.3)
-    p.add_argument("--topk", type=int, help="keep only the k smallest distances per query")
+    p.add_argument("--out", required=True, help="output .pt, .npy or .npz (written atomically; missing folders "
+                   "are created): the (q, g) distance, or with --topk a dict/npz of values and indices")
+    p.add_argument("--k1", type=int, default=20, help="k-reciprocal neighbours (default 20)")
+    p.add_argument("--k2", type=int, default=6, help="query expansion neighbours (default 6)")
+    p.add_argument("--lambda-value", type=float, default=0.3,
+                   help="weight of the original distance in the final one, in [0, 1] (default 0.3)")
+    p.add_argument("--topk", type=int, help="keep only the k smallest distances per query (a .npy --out "
+                   "becomes .npz)")
 
     p = sub.add_parser("visualize", help="ranked-list PNG and attention heatmaps (mask, GRN, LAN) of a model",
                        description="Write ranked_list.png (top-10 gallery images per query, green = same "
                        "identity) and heatmaps.png (paper Fig. 4: query, GRN rank-1, FMN rank-1 with the "
-                       "predicted mask and the GRN and LAN activation maps).")
-    p.add_argument("--checkpoint", required=True)
+                       "predicted mask and the GRN and LAN activation maps). For MMGA, MGRAN and PMM "
+                       "checkpoints: the ranked list of the fused descriptor only.")
+    p.add_argument("--checkpoint", help="model.pt or last.pt written by fmn train "
+                   "(default: <output.dir>/model.pt of the config)")
     _add_config_args(p)
     _add_shortcuts(p)
     p.add_argument("--out", help="output folder (default: <checkpoint folder>/vis)")
-    p.add_argument("--queries", type=int, default=6, help="number of queries in the ranked list")
-    p.add_argument("--cases", type=int, default=3, help="number of query cases in the heatmap figure")
+    p.add_argument("--queries", type=_positive_int, default=6, help="number of queries in the ranked list")
+    p.add_argument("--cases", type=_positive_int, default=3, help="number of query cases in the heatmap figure")
     return parser
 
 
 # ----------------------------------------------------------------------------- helpers
+class UsageError(Exception):
+    """A bad command-line input: printed as one line on stderr, exit status 2."""
+
+
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _check_output_file(path: str, what: str) -> None:
+    """Fail before any work when ``path`` cannot become a file: it is a folder, or a parent is a file."""
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a folder; give a file name")
+    _check_output_dir(os.path.dirname(os.path.abspath(path)), what)
+
+
+def _check_output_dir(folder: str, what: str) -> None:
+    """Fail before any work when ``folder`` cannot be created or written to."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(f"{what}: cannot create {folder}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{what}: cannot write to {probe} (permission denied)")
+
+
+def _atomic_write(path: str, write) -> str:
+    """``write(tmp_path)``, then move the file over ``path``: a reader never sees half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    base = os.path.basename(path)
+    # keep the extension last: numpy and PIL choose the format from it
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{base}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _write_json(path: str, payload: dict) -> str:
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(payload, fh, indent=2)
+    return _atomic_write(path, write)
+
+
+def _resolve_device(cfg):
+    """The config's torch device, or one clear error (e.g. cuda asked for on a machine without it)."""
+    from fmn.trainer import resolve_device
+
+    try:
+        return resolve_device(cfg["train"]["device"])
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from None
+
+
+
+
 def load_trained(checkpoint: str, overrides: list[str] | None = None, config: str | None = None):
     """(model in eval mode, config) from a checkpoint written by the trainer."""
-    from fmn.checkpoint import load_checkpoint
-    from fmn.config import apply_override, validate, with_sections_of
+    from fmn.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+    from fmn.config import apply_override, model_kwargs, validate, with_sections_of
     from fmn.seed_trainer import SEED_MODELS, load_any_config, load_seed_model
     from fmn.trainer import build_model_from_config
 
     state = load_checkpoint(checkpoint)
-    if state.get("config", {}).get("model", {}).get("name") in SEED_MODELS:
-        return load_seed_model(checkpoint, overrides, config)
-    if "config" not in state or "model" not in state:
-        raise SystemExit(f"fmn: {checkpoint} is not a checkpoint written by `fmn train`")
-    cfg = state["config"] if config is None else with_sections_of(state["config"], load_any_config(config))
+    saved = state.get("config")
+    if isinstance(saved, dict) and isinstance(saved.get("model"), dict) and saved["model"].get("name") in SEED_MODELS:
+        try:
+            return load_seed_model(checkpoint, overrides, config)
+        except RuntimeError as exc:   # load_state_dict: the overrides changed the architecture
+            reason = str(exc).strip().splitlines()
+            raise CheckpointError(f"{checkpoint} was written for a different model than this config builds "
+                                  f"(model.* and data.height/width must stay as trained): "
+                                  f"{reason[1].strip() if len(reason) > 1 else reason[0]}") from None
+    if not isinstance(saved, dict) or "model" not in state or "num_classes" not in state:
+        raise CheckpointError(f"{checkpoint} is not a checkpoint written by `fmn train`")
+    cfg = copy.deepcopy(saved) if config is None else with_sections_of(saved, load_any_config(config))
     cfg["model"]["pretrained"] = None
     for o in overrides or []:
         apply_override(cfg, o)
     validate(cfg)
     model = build_model_from_config(cfg, int(state["num_classes"]))
-    model.load_state_dict(state["model"])
+    # a mismatch (e.g. --set model.backbone=... or data.height=...) is one error naming what differs
+    try:
+        saved_kwargs = model_kwargs(saved)
+    except (KeyError, TypeError):
+        saved_kwargs = None
+    load_model_weights(model, state["model"], checkpoint, saved_config=saved_kwargs, config=model_kwargs(cfg))
     if hasattr(model, "set_stage"):
         model.set_stage(int(state.get("stage", 2)))
     model.eval()
@@ -172,9 +259,7 @@ def load_trained(checkpoint: str, overrides: list[str] | None = None, config: st
 
 
 def _device(cfg):
-    from fmn.trainer import resolve_device
-
-    return resolve_device(cfg["train"]["device"])
+    return _resolve_device(cfg)
 
 
 def _dataset(cfg):
@@ -198,7 +283,6 @@ def _features(model, dataset, cfg, device):
 
 
 def _write_results(path, dataset, cfg, results, seconds, extra=None):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     payload = {
         "dataset": dataset.name, "root": dataset.root, "num_query": len(dataset.query),
         "num_gallery": len(dataset.gallery), "height": cfg["data"]["height"], "width": cfg["data"]["width"],
@@ -206,8 +290,7 @@ def _write_results(path, dataset, cfg, results, seconds, extra=None):
         "seconds": round(seconds, 3), "results": results,
     }
     payload.update(extra or {})
-    with open(path, "w") as fh:
-        json.dump(payload, fh, indent=2)
+    _write_json(path, payload)
 
 
 def evaluate_and_visualize(model, dataset, cfg, device, out_dir, json_path=None, visualize=True,
@@ -242,6 +325,22 @@ def evaluate_and_visualize(model, dataset, cfg, device, out_dir, json_path=None,
         fig4(model, qpaths, gpaths, picked[:cases], qp, gp, hm, cfg["data"]["height"], cfg["data"]["width"], device)
         outputs.update(ranked_list=rl, heatmaps=hm)
         _log(f"wrote {rl}\nwrote {hm}")
+    elif visualize and "descriptor" in qf:
+        # a related method (MMGA, MGRAN, PMM): the ranked list of its fused descriptor, as evaluated;
+        # the Fig. 4 heatmaps show FMN's mask and its GRN / LAN branches, which these models lack
+        from fmn.heatmap import pick_fig4_cases
+        from fmn.visualize import ranked_list
+
+        dist = euclidean_distance(qf["descriptor"].float(), gf["descriptor"].float())
+        picked = pick_fig4_cases(dist, dist, qp, gp, qc, gc, count=queries)
+        rl = os.path.join(out_dir, "ranked_list.png")
+        ranked_list(dist, qpaths, gpaths, qp, gp, qc, gc, rl, queries=[c[0] for c in picked], topk=10)
+        outputs.update(ranked_list=rl)
+        _log(f"wrote {rl}\nno heatmaps.png: the Fig. 4 heatmaps (mask, GRN, LAN) need an FMN model, "
+             f"this is {cfg['model']['name']}")
+    elif visualize:
+        raise UsageError(f"the model gives neither FMN's grn/lan features nor a fused descriptor "
+                         f"(features: {', '.join(sorted(qf))}); nothing to draw")
     return results, outputs
 
 
@@ -250,12 +349,15 @@ def cmd_synth(args) -> int:
     from fmn.data.synthetic import generate
     from fmn.seed_trainer import load_any_config
 
-    cfg = load_any_config(args.config, args.overrides)
-    s = dict(cfg["synth"])
+    overrides = list(args.overrides)
     for key, val in (("num_ids", args.ids), ("num_cams", args.cams),
                      ("images_per_id_per_cam", args.images_per_cam), ("seed", args.seed)):
-        if val is not None:
-            s[key] = val
+        if val is not None:   # validated with the config: one clear error for --ids 1 or --seed -1
+            overrides.append(f"synth.{key}={val}")
+    s = load_any_config(args.config, overrides)["synth"]
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file; give a folder that is empty or absent")
+    _check_output_dir(args.out, "--out")
     generate(args.out, num_ids=s["num_ids"], num_cams=s["num_cams"], seed=s["seed"],
              images_per_id_per_cam=s["images_per_id_per_cam"], height=s["height"], width=s["width"])
     _log(f"wrote the synthetic dataset to {args.out}")
@@ -266,12 +368,31 @@ def cmd_train(args) -> int:
     from fmn.trainer import run_training
     from fmn.seed_trainer import cli_train, is_seed_run
 
+    if args.model:   # --model against another model named by --set or by a related method's config file
+        from fmn.seed_trainer import SEED_MODELS, config_model_name
+
+        for text in args.overrides:
+            key, _, value = text.partition("=")
+            if key.strip() == "model.name" and value.strip() != args.model:
+                raise UsageError(f"--model {args.model} conflicts with --set {text.strip()}; give one of them")
+        named = config_model_name(args.config)
+        if named in SEED_MODELS and named != args.model:
+            raise UsageError(f"--model {args.model} conflicts with --config {args.config} (a config of {named}); "
+                             f"drop one of them")
     if is_seed_run(args):
+        from fmn.seed_trainer import default_config, load_seed_config
+
+        config = args.config or (default_config(args.model) if args.model else None)
+        cfg = load_seed_config(config, _overrides(args), model=args.model)
+        _resolve_device(cfg)
+        _check_output_dir(cfg["output"]["dir"], "output.dir")
         return cli_train(args)
     if args.model:
         args.overrides.append(f"model.name={args.model}")
 
     cfg = _load_cfg(args)
+    _resolve_device(cfg)
+    _check_output_dir(cfg["output"]["dir"], "output.dir")
     summary = run_training(cfg, resume=not args.no_resume, log=_log)
     from fmn import distributed as fdist
 
@@ -287,13 +408,25 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _checkpoint_arg(args) -> str:
+    """--checkpoint, or <output.dir>/model.pt of the config (``fmn eval --config FILE`` after
+    ``fmn train --config FILE``)."""
+    if args.checkpoint:
+        return args.checkpoint
+    from fmn.seed_trainer import load_any_config
+
+    return os.path.join(load_any_config(args.config, _overrides(args))["output"]["dir"], "model.pt")
+
+
 def cmd_eval(args) -> int:
-    model, cfg = load_trained(args.checkpoint, _overrides(args), args.config)
+    checkpoint = _checkpoint_arg(args)
+    json_path = args.json or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "results.json")
+    _check_output_file(json_path, "--json")
+    model, cfg = load_trained(checkpoint, _overrides(args), args.config)
     if args.no_rerank:
         cfg["eval"]["rerank"] = False
     device = _device(cfg)
     model.to(device)
-    json_path = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "results.json")
     evaluate_and_visualize(model, _dataset(cfg), cfg, device, os.path.dirname(json_path), json_path=json_path,
                            visualize=False)
     _log(f"wrote {json_path}")
@@ -305,12 +438,21 @@ def _read_feats(path):
     import torch
 
     if not os.path.isfile(path):
-        raise SystemExit(f"fmn rerank: feature file not found: {path}")
-    if path.endswith(".npy"):
-        return torch.from_numpy(np.load(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+        raise UsageError(f"feature file not found: {path}")
+    try:
+        if path.endswith(".npy"):
+            obj = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:   # not a .npy array / a torch file of tensors: say so in one line
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"cannot read features from {path} (expected a .pt tensor or a .npy array; "
+                         f"{type(exc).__name__}: {reason})") from None
     if not torch.is_tensor(obj):
-        raise SystemExit(f"fmn rerank: {path} must hold one tensor (n, d), got {type(obj).__name__}")
+        raise UsageError(f"{path} must hold one tensor (n, d), got {type(obj).__name__}")
+    if not (obj.dtype.is_floating_point or obj.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32,
+                                                          torch.int64)):
+        raise UsageError(f"{path}: expected real-valued features, got dtype {obj.dtype}")
     return obj
 
 
@@ -320,35 +462,50 @@ def cmd_rerank(args) -> int:
 
     from fmn_kernels.rerank import rerank
 
+    for flag in ("k1", "k2"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not 0.0 <= args.lambda_value <= 1.0:
+        raise UsageError(f"--lambda-value must lie in [0, 1], got {args.lambda_value}")
+    out = args.out
+    if args.topk and out.endswith(".npy"):
+        out = out[:-4] + ".npz"   # values and indices: two arrays
+    _check_output_file(out, "--out")
     q, g = _read_feats(args.query), _read_feats(args.gallery)
     if q.dim() != 2 or g.dim() != 2 or q.shape[1] != g.shape[1]:
-        raise SystemExit(f"fmn rerank: expected (q, d) and (g, d) features, got {tuple(q.shape)} and {tuple(g.shape)}")
+        raise UsageError(f"expected (q, d) and (g, d) features, got {tuple(q.shape)} and {tuple(g.shape)}")
+    for path, feats in ((args.query, q), (args.gallery, g)):
+        if feats.shape[0] == 0 or feats.shape[1] == 0:
+            raise UsageError(f"{path} holds no features (shape {tuple(feats.shape)})")
+    if args.topk is not None and not 1 <= args.topk <= g.shape[0]:
+        raise UsageError(f"--topk must lie in 1..{g.shape[0]} (the gallery size), got {args.topk}")
     t0 = time.time()
     res = rerank(q.float(), g.float(), k1=args.k1, k2=args.k2, lambda_value=args.lambda_value, topk=args.topk)
     if args.topk:
         values, indices = res
-        if args.out.endswith(".npy") or args.out.endswith(".npz"):
-            out = args.out if args.out.endswith(".npz") else args.out[:-4] + ".npz"
-            np.savez(out, values=values.cpu().numpy(), indices=indices.cpu().numpy())
+        if out.endswith(".npz"):
+            _atomic_write(out, lambda tmp: np.savez(tmp, values=values.cpu().numpy(), indices=indices.cpu().numpy()))
         else:
-            out = args.out
-            torch.save({"values": values.cpu(), "indices": indices.cpu()}, out)
+            _atomic_write(out, lambda tmp: torch.save({"values": values.cpu(), "indices": indices.cpu()}, tmp))
     else:
-        out = args.out
         if out.endswith(".npy"):
-            np.save(out, res.cpu().numpy())
+            _atomic_write(out, lambda tmp: np.save(tmp, res.cpu().numpy()))
+        elif out.endswith(".npz"):
+            _atomic_write(out, lambda tmp: np.savez(tmp, dist=res.cpu().numpy()))
         else:
-            torch.save(res.cpu(), out)
+            _atomic_write(out, lambda tmp: torch.save(res.cpu(), tmp))
     _log(f"re-ranked {q.shape[0]} x {g.shape[0]} in {time.time() - t0:.2f}s -> {out}")
     return 0
 
 
 def cmd_visualize(args) -> int:
-    model, cfg = load_trained(args.checkpoint, _overrides(args), args.config)
+    checkpoint = _checkpoint_arg(args)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "vis")
+    _check_output_dir(out, "--out")
+    model, cfg = load_trained(checkpoint, _overrides(args), args.config)
     device = _device(cfg)
     model.to(device)
     cfg["eval"]["rerank"] = False
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "vis")
     evaluate_and_visualize(model, _dataset(cfg), cfg, device, out, queries=args.queries, cases=args.cases)
     return 0
 
@@ -366,6 +523,8 @@ def cmd_demo(args) -> int:
     cfg = load_config(config, _overrides(args))
     out = cfg["output"]["dir"]
     root = cfg["data"]["root"]
+    _resolve_device(cfg)
+    _check_output_dir(out, "output.dir")
     if cfg["data"]["name"] == "synthetic" and not os.path.isfile(os.path.join(root, "synthetic.json")):
         s = cfg["synth"]
         _log(f"[1/4] writing the synthetic dataset to {root}")
@@ -389,8 +548,7 @@ def cmd_demo(args) -> int:
     with open(outputs["results"]) as fh:
         payload = json.load(fh)
     payload["timing_seconds"]["total"] = round(total, 1)
-    with open(outputs["results"], "w") as fh:
-        json.dump(payload, fh, indent=2)
+    _write_json(outputs["results"], payload)
     grn, fmn_row = results.get("GRN", {}), results.get("FMN", {})
     if grn and fmn_row:
         verdict = "above" if fmn_row["mAP"] > grn["mAP"] else "NOT above"
@@ -418,8 +576,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fmn {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, DatasetError, CheckpointError) as exc:
-        print(f"fmn {args.command}: {exc}", file=sys.stderr)
+    except (UsageError, DatasetError, CheckpointError, ValueError, OSError) as exc:
+        # bad input named by the library (ValueError), a file or folder problem (OSError): one line
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"fmn {args.command}: {message}", file=sys.stderr)
         return 2
 
 

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from fmn.visualize import save_image
+
 # (position, r, g, b) stops of a jet-like colour map
 _STOPS = np.array([
     [0.00, 0.0, 0.0, 0.5],
@@ -114,9 +116,7 @@ def attention_figure(model: torch.nn.Module, paths: Sequence[str], out_png: str,
     panels = activation_panels(model, paths, height, width, device)
     titles = list(titles) if titles is not None else [os.path.basename(p) for p in paths]
     img = _grid(panels, titles, ["image", "mask", "GRN", "LAN"], list(colors) if colors else None, group=group)
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    img.save(out_png)
-    return out_png
+    return save_image(img, out_png)
 
 
 def pick_fig4_cases(dist_grn: torch.Tensor, dist_fmn: torch.Tensor, q_pids, g_pids, q_camids, g_camids,

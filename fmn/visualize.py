@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fmn.data.base import read_image
 
-__all__ = ["ranked_list"]
+__all__ = ["ranked_list", "save_image"]
 
 GREEN = (20, 170, 40)
 RED = (210, 30, 30)
@@ -71,6 +71,20 @@ def ranked_list(dist, q_paths: Sequence[str], g_paths: Sequence[str], q_pids, g_
             color = GREEN if g_pids[j] == q_pids[q] else RED
             canvas.paste(_tile(g_paths[j], th, tw, border, color), (x, y))
             draw.text((x + 2, y + cell_h + 1), f"{r + 1}: {d[j]:.2f}", fill=color, font=font)
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    canvas.save(out_png)
-    return out_png
+    return save_image(canvas, out_png)
+
+
+def save_image(img: Image.Image, path: str) -> str:
+    """Save ``img`` (format from the extension) atomically: written to a temporary file in the same
+    folder, then moved over ``path``, so a reader never sees half a picture."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        img.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
