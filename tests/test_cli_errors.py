@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from fmn import cli
 from fmn.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,6 +47,16 @@ def test_synth_bad_arguments(runs, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["synth", "--out", str(tmp_path / "file"), "--ids", "2"]) == 2
     assert "is a file" in one_error(capsys, "synth")
+
+
+def test_fmn_debug_shows_the_traceback(runs, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("x")
+    argv = ["synth", "--out", str(tmp_path / "file"), "--ids", "2"]
+    assert main(argv) == 2
+    capsys.readouterr()
+    monkeypatch.setenv("FMN_DEBUG", "1")
+    with pytest.raises(cli.UsageError, match="is a file"):
+        main(argv)
 
 
 def test_train_bad_inputs(runs, tmp_path, capsys):
