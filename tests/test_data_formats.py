@@ -171,3 +171,10 @@ def test_cuhk03_mat_without_the_split_fields_names_them(tmp_path):
     with pytest.raises(DatasetError, match=r"cuhk03_new_protocol_config_labeled\.mat: missing field\(s\) "
                                            r"filelist, camId, query_idx, gallery_idx; expected filelist, labels"):
         build_dataset("cuhk03", root)
+
+
+def test_unknown_dataset_option_is_a_clear_error(tmp_path):
+    from fmn.data import DatasetError, build_dataset
+
+    with pytest.raises(DatasetError, match=r"market1501: unknown dataset option 'foo' \(data.options\)"):
+        build_dataset("market1501", str(tmp_path), foo=1)

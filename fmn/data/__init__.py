@@ -78,7 +78,15 @@ def build_dataset(name: str, root: str, verify_images: bool = False, verbose: bo
     key = _ALIASES.get(str(name).lower(), str(name).lower())
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
-    ds = DATASETS[key](root, **options)
+    try:
+        ds = DATASETS[key](root, **options)
+    except TypeError as exc:
+        if not options or "unexpected keyword argument" not in str(exc):
+            raise
+        bad = str(exc).split("unexpected keyword argument", 1)[1].strip(" '\"")
+        raise DatasetError(
+            f"{key}: unknown dataset option {bad!r} (data.options); given: {', '.join(sorted(options))}. "
+            "See fmn.data's module docstring for each dataset's options") from None
     if verify_images:
         ds.verify_images(progress=verbose)
     summary = ds.summary()
