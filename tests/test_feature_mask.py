@@ -332,11 +332,17 @@ def test_max_logit_clamps():
     assert activation_ref(u, max_logit=1.0).max() <= torch.e + 1e-6
 
 
-def test_spatial_mix_function():
-    for device, backend in CASES:
-        f, fo = torch.randn(2, 3, 4, 5, device=device), torch.randn(2, 3, 4, 5, device=device)
-        mask = (torch.rand(2, 4, 5, device=device) > 0.5).float()
-        torch.testing.assert_close(spatial_mix(f, fo, mask, backend=backend), torch.where(mask[:, None] > 0, fo, f))
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (2, 16, 8, 8)])
+def test_spatial_mix_with_a_hard_mask_copies_exactly(device, backend, layout, shape):
+    """PMM's Hard-Mix: where the mask is 1 the output is the partner's feature, bit for bit."""
+    b, c, h, w = shape
+    f = _layout(torch.randn(shape, device=device) * 100, layout)
+    fo = _layout(torch.randn(shape, device=device) * 100, layout)
+    mask = (torch.rand(b, h, w, device=device) > 0.5).float()
+    out = spatial_mix(f, fo, mask, backend=backend)
+    assert torch.equal(out, torch.where(mask[:, None] > 0, fo, f))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -289,7 +289,8 @@ struct FeaturePointers {
 // Forward, plane layout. One work item = one (b, c) plane: the contiguous row f[b, c, 0:HW] is
 // multiplied by the row m[b, 0:HW] (which stays in L1 across the channels of b):
 //   o[b, c, hw] = f[b, c, hw] * m[b, hw]                                 (no mix)
-//   o[b, c, hw] = f[b, c, hw] + (g[b, c, hw] - f[b, c, hw]) * m[b, hw]   (mix, g = f_other)
+//   o[b, c, hw] = f[b, c, hw] * (1 - m[b, hw]) + g[b, c, hw] * m[b, hw]   (mix, g = f_other;
+//   this form gives f and g exactly where m is 0 or 1, as the reference does)
 template <typename scalar_t, typename acc_t, bool MIX>
 void forward_plane(const Problem& p, const acc_t* mask, const FeaturePointers<scalar_t>& in, scalar_t* out,
                    Strides3 os) {
@@ -305,8 +306,7 @@ void forward_plane(const Problem& p, const acc_t* mask, const FeaturePointers<sc
         const scalar_t* __restrict__ gp = in.g + b * in.gs.batch + c * in.gs.channel;
 #pragma omp simd
         for (int64_t i = 0; i < HW; ++i) {
-          const acc_t x = static_cast<acc_t>(fp[i]);
-          op[i] = static_cast<scalar_t>(x + (static_cast<acc_t>(gp[i]) - x) * m[i]);
+          op[i] = static_cast<scalar_t>(static_cast<acc_t>(fp[i]) * (acc_t(1) - m[i]) + static_cast<acc_t>(gp[i]) * m[i]);
         }
       } else {
 #pragma omp simd
@@ -331,11 +331,10 @@ void forward_channel(const Problem& p, const acc_t* mask, const FeaturePointers<
       scalar_t* __restrict__ op = out + b * os.batch + hw * os.spatial;
       if constexpr (MIX) {
         const scalar_t* __restrict__ gp = in.g + b * in.gs.batch + hw * in.gs.spatial;
+        const acc_t keep = acc_t(1) - m;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t x = static_cast<acc_t>(fp[c]);
-          op[c] = static_cast<scalar_t>(x + (static_cast<acc_t>(gp[c]) - x) * m);
-        }
+        for (int64_t c = 0; c < C; ++c)
+          op[c] = static_cast<scalar_t>(static_cast<acc_t>(fp[c]) * keep + static_cast<acc_t>(gp[c]) * m);
       } else {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) op[c] = static_cast<scalar_t>(static_cast<acc_t>(fp[c]) * m);

@@ -170,7 +170,8 @@ __device__ __forceinline__ float mask_slope(const MaskFunction& mf, float logit,
 // ---------------------------------------------------------------------------------------------
 // Forward, plane layout.
 //   o[b, c, hw] = f[b, c, hw] * m[b, hw]                                (no mix)
-//   o[b, c, hw] = f[b, c, hw] + (g[b, c, hw] - f[b, c, hw]) * m[b, hw]  (mix, g = f_other)
+//   o[b, c, hw] = f[b, c, hw] * (1 - m[b, hw]) + g[b, c, hw] * m[b, hw]  (mix, g = f_other;
+//   exact f and g where m is 0 or 1, as the reference)
 // A thread owns VEC consecutive hw positions of one b and a block of `channels_per_block`
 // channels: it evaluates m for its positions once, keeps it in registers and walks its channels.
 // A warp touches 32 * VEC consecutive elements of one plane per step (coalesced).
@@ -206,7 +207,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
             float y[VEC];
             load_packet(gp + c * a.f_other_strides.channel, y);
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) x[i] += (y[i] - x[i]) * m[i];
+            for (int i = 0; i < VEC; ++i) x[i] = x[i] * (1.f - m[i]) + y[i] * m[i];
           } else {
 #pragma unroll
             for (int i = 0; i < VEC; ++i) x[i] *= m[i];
@@ -244,7 +245,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) forward_channel_kernel(const
           float y[VEC];
           load_packet(gp + p * VEC, y);
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) x[i] += (y[i] - x[i]) * m;
+          for (int i = 0; i < VEC; ++i) x[i] = x[i] * (1.f - m) + y[i] * m;
         } else {
 #pragma unroll
           for (int i = 0; i < VEC; ++i) x[i] *= m;
