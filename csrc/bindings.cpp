@@ -27,7 +27,7 @@ TORCH_LIBRARY(fmn, m) {
       "rerank(Tensor query, Tensor gallery, int k_forward, int k_half, int k_qe, float lambda_value, "
       "bool square_twice, bool raw_weights, bool clamp_jaccard, int topk) -> (Tensor, Tensor)");
   // o = f * act(logits)                          (f_other absent)
-  // o = f + (f_other - f) * act(logits)          (f_other present: spatial_mix)
+  // o = f * (1 - act(logits)) + f_other * act(logits)  (f_other present: spatial_mix)
   // f, f_other: (B, C, H, W); logits: (B, H*W); act in {exp_relu, sigmoid, identity};
   // max_logit clamps logits from above before act.
   m.def("spatial_mask_mul(Tensor f, Tensor logits, Tensor? f_other, str activation, float? max_logit) -> Tensor");

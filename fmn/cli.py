@@ -574,18 +574,16 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("FMN_DEBUG", "0").lower() not in ("", "0", "false", "no")
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as exc:
-        if debug:
-            raise
-        print(f"fmn {args.command}: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except (UsageError, DatasetError, CheckpointError, ValueError, OSError) as exc:
+    except (UsageError, ConfigError, DatasetError, CheckpointError, ValueError, OSError) as exc:
         # bad input named by the library (ValueError), a file or folder problem (OSError): one line
         if debug:
             raise
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        if not isinstance(exc, (UsageError, DatasetError, CheckpointError, FileNotFoundError)):
-            message += " (FMN_DEBUG=1 shows the traceback)"
+        if isinstance(exc, ConfigError):
+            message = f"configuration error: {exc}"
+        else:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            if not isinstance(exc, (UsageError, DatasetError, CheckpointError, FileNotFoundError)):
+                message += " (FMN_DEBUG=1 shows the traceback)"
         print(f"fmn {args.command}: {message}", file=sys.stderr)
         return 2
 

@@ -30,7 +30,6 @@ from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
-import yaml
 from torch import nn
 
 from fmn import distributed as fdist
@@ -327,12 +326,11 @@ def config_model_name(path: str | os.PathLike | None) -> str | None:
     loader will reject with its own message)."""
     if not path or not os.path.isfile(path):
         return None
-    with open(path) as fh:
-        try:
-            data = yaml.safe_load(fh) or {}
-        except yaml.YAMLError:
-            return None
-    model = data.get("model") if isinstance(data, dict) else None
+    try:
+        data = read_yaml_sections(os.fspath(path))
+    except ConfigError:
+        return None
+    model = data.get("model")
     return model.get("name") if isinstance(model, dict) else None
 
 

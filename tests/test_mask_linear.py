@@ -64,7 +64,6 @@ def test_gradcheck_float64(bias):
 
 
 def test_strided_inputs():
-    g, w, b = _inputs(6, 10, 8, torch.float32, seed=5)
     g_nc = torch.randn(10, 6).t()                 # (6, 10), transposed view
     w_nc = torch.randn(8, 10).t()                 # (10, 8), transposed view
     b_nc = torch.randn(16)[::2]                   # stride 2

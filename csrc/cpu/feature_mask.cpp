@@ -2,7 +2,7 @@
 //
 // Forward:   u = min(logits, max_logit) (if given),  m = act(u)
 //            o = f * m                      (no mix)
-//            o = f + (f_other - f) * m      (mix)
+//            o = f * (1 - m) + f_other * m  (mix)
 // Backward, given do = grad_out:
 //            no mix: df = do * m,            dm = sum_c do * f
 //            mix:    df = do * (1 - m),      df_other = do * m,   dm = sum_c do * (f_other - f)

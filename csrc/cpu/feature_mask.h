@@ -4,7 +4,7 @@
 //   u = min(logits, max_logit)           (clamp only when max_logit is given)
 //   m = act(u),  act in {exp_relu: exp(max(u, 0)), sigmoid: 1 / (1 + exp(-u)), identity: u}
 //   o = f * m[b, hw]                     (f_other absent; m broadcast over channels)
-//   o = f + (f_other - f) * m[b, hw]     (f_other present: spatial_mix)
+//   o = f * (1 - m[b, hw]) + f_other * m[b, hw]   (f_other present: spatial_mix)
 //
 // f, f_other, o: (B, C, H, W); logits: (B, H*W).
 #pragma once

@@ -3,7 +3,7 @@
 //   u = min(logits, max_logit)           (clamp only when max_logit is given)
 //   m = act(u),  act in {exp_relu: exp(max(u, 0)), sigmoid: 1 / (1 + exp(-u)), identity: u}
 //   o = f * m[b, hw]                     (f_other absent; m broadcast over channels)
-//   o = f + (f_other - f) * m[b, hw]     (f_other present: spatial_mix)
+//   o = f * (1 - m[b, hw]) + f_other * m[b, hw]   (f_other present: spatial_mix)
 //
 // Features are (B, C, HW) views with per-tensor strides, in one of two layouts shared by all
 // feature tensors of a call:

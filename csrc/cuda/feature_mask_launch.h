@@ -12,7 +12,7 @@
 namespace fmn {
 namespace cuda {
 
-// o = f * act(min(logits, max_logit))  or  f + (f_other - f) * act(...); o like empty_like(f).
+// o = f * act(min(logits, max_logit))  or  f * (1 - act(...)) + f_other * act(...); o like empty_like(f).
 at::Tensor spatial_mask_mul(const at::Tensor& f,
                             const at::Tensor& logits,
                             const std::optional<at::Tensor>& f_other,

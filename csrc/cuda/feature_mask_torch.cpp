@@ -65,6 +65,23 @@ void check_on_cuda(const char* op_name, const at::Tensor& f) {
               f.defined() ? f.device() : c10::Device(c10::DeviceType::CPU));
 }
 
+// The arguments both kernels take alike: sizes, layout, mask function, logits, f and f_other.
+template <typename Args>
+void set_inputs(Args& args, const Problem& p) {
+  args.batch = p.batch;
+  args.channels = p.channels;
+  args.spatial = p.spatial;
+  args.layout = mask_layout(p.layout);
+  args.mask = mask_function(p);
+  args.logits = p.logits.const_data_ptr<float>();
+  args.f = p.f.const_data_ptr();
+  args.f_strides = feature_strides(p.f, p.layout);
+  if (p.f_other.defined()) {
+    args.f_other = p.f_other.const_data_ptr();
+    args.f_other_strides = feature_strides(p.f_other, p.layout);
+  }
+}
+
 }  // namespace
 
 at::Tensor spatial_mask_mul(const at::Tensor& f,
@@ -81,18 +98,7 @@ at::Tensor spatial_mask_mul(const at::Tensor& f,
   if (out.result.numel() == 0) return out.result;
 
   SpatialMaskForwardArgs args{};
-  args.batch = p.batch;
-  args.channels = p.channels;
-  args.spatial = p.spatial;
-  args.layout = mask_layout(p.layout);
-  args.mask = mask_function(p);
-  args.logits = p.logits.const_data_ptr<float>();
-  args.f = p.f.const_data_ptr();
-  args.f_strides = feature_strides(p.f, p.layout);
-  if (p.f_other.defined()) {
-    args.f_other = p.f_other.const_data_ptr();
-    args.f_other_strides = feature_strides(p.f_other, p.layout);
-  }
+  set_inputs(args, p);
   args.out = out.target.mutable_data_ptr();
   args.out_strides = feature_strides(out.target, p.layout);
 
@@ -125,20 +131,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_mask_mul_backward(
   const at::Tensor dlogits32 = at::empty({p.batch, p.spatial}, logits.options().dtype(at::kFloat));
 
   SpatialMaskBackwardArgs args{};
-  args.batch = p.batch;
-  args.channels = p.channels;
-  args.spatial = p.spatial;
-  args.layout = mask_layout(p.layout);
-  args.mask = mask_function(p);
-  args.logits = p.logits.const_data_ptr<float>();
+  set_inputs(args, p);
   args.grad_out = p.grad_out.const_data_ptr();
   args.grad_out_strides = feature_strides(p.grad_out, p.layout);
-  args.f = p.f.const_data_ptr();
-  args.f_strides = feature_strides(p.f, p.layout);
-  if (mix) {
-    args.f_other = p.f_other.const_data_ptr();
-    args.f_other_strides = feature_strides(p.f_other, p.layout);
-  }
   if (need_df && df.target.numel() > 0) {
     args.df = df.target.mutable_data_ptr();
     args.df_strides = feature_strides(df.target, p.layout);
