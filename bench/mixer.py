@@ -11,9 +11,17 @@ reference, for forward, backward and forward+backward, each including the mask G
 under torch.autocast, as a model would. Reports median times, the ratio to eager and to
 torch.compile, the bytes the fused op must move (forward: read f, write o, read W; backward: read
 do and f, write df when f needs grad, read W, write dW) as GB/s and as a percentage of the
-measured device-to-device copy bandwidth, and the peak memory of forward+backward (CUDA only).
+measured device-to-device copy bandwidth, and the peak memory of forward+backward beyond the
+inputs (tensor storage: the CUDA allocator's counters, or on CPU the allocator's events under the
+profiler; see fmn_kernels/profiling.py), with the output alive through the backward as in a model.
 On CPU the fused module also takes the transposed GEMM forms of fmn_kernels/mask_linear.py;
 ``--gemm-forms`` adds each fused backend with the plain addmm, to show the two gains apart.
+
+CPU times include first-touch page faults of freshly allocated outputs whenever glibc has handed
+heap memory back to the system; they make CPU runs spread widely. To time the kernels alone, keep
+the heap:
+
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184:glibc.malloc.top_pad=268435456 python bench/mixer.py
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from fmn_kernels import FusedFeatureMask, backend as fmn_backend  # noqa: E402
 from fmn_kernels.feature_mask import spatial_mask_mul  # noqa: E402
 from fmn_kernels.mask_linear import mask_linear_ref  # noqa: E402
+from fmn_kernels.profiling import peak_allocated_bytes  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,12 +52,16 @@ def eager_mixer(f, g, weight, bias):
 class Timer:
     """Median wall time of callables: CUDA events on a GPU, perf_counter on CPU. ``interleaved``
     times several callables round-robin, in an order that rotates each round, so that a drift in
-    machine load hits them alike."""
+    machine load hits them alike. A callable may be a pair (setup, run): setup runs untimed before
+    each run."""
 
     def __init__(self, device: torch.device, warmup: int, reps: int):
         self.device, self.warmup, self.reps = device, warmup, reps
 
     def _once(self, fn) -> float:
+        if isinstance(fn, tuple):
+            setup, fn = fn
+            setup()
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -63,7 +76,7 @@ class Timer:
     def interleaved(self, fns: dict) -> dict:
         for fn in fns.values():
             for _ in range(self.warmup):
-                fn()
+                self._once(fn)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         times = {name: [] for name in fns}
@@ -102,27 +115,25 @@ def make_steps(fn_module, f, g, amp_dtype, device):
         with torch.no_grad():
             forward()
 
-    out = forward()
-    grad = torch.randn_like(out)
+    grad = torch.randn_like(forward())
+    graph = {}
 
-    def backward():
-        torch.autograd.grad(out, params, grad, retain_graph=True)
+    # The backward runs on a fresh graph each time (its forward untimed): torch.compile's backward
+    # may donate saved buffers, which rules out retain_graph.
+    def new_graph():
+        graph["out"] = forward()
+
+    def backward_only():
+        torch.autograd.grad(graph.pop("out"), params, grad)
 
     def fwd_bwd():
         torch.autograd.grad(forward(), params, grad)
 
     def peak():
-        if device.type != "cuda":
-            return None
         fwd_bwd()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fwd_bwd()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        return peak_allocated_bytes(fwd_bwd, device)
 
-    return forward_only, backward, fwd_bwd, peak
+    return forward_only, (new_graph, backward_only), fwd_bwd, peak
 
 
 class Eager(torch.nn.Module):
@@ -236,7 +247,8 @@ def main(argv=None):
                                      fwd_bytes / tf / 1e9, 100 * fwd_bytes / tf / bw,
                                      bwd_bytes / tb / 1e9, 100 * bwd_bytes / tb / bw,
                                      peak / 2**20 if peak is not None else float("nan")))
-                    print(f"  {dname} B={B} C={C} {H}x{W}: copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+                    print(f"  {dname} B={B} C={C} {H}x{W}: copy bandwidth {bw / 1e9:.1f} GB/s, "
+                          f"one feature tensor {n_bytes / 2**20:.1f} MB, W {w_bytes / 2**20:.1f} MB", flush=True)
 
     widths = [max(len(h), 9) for h in header]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))

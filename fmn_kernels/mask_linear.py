@@ -4,18 +4,18 @@
     dg = du @ W^T,   dW = g^T @ du,   db = sum_b du
 
 B is small (a batch) and M, N are large (2048 and 2048 for FMN's pool1 mask), so every one of
-the three GEMMs is skinny. On CPU, MKL runs the same products markedly faster in the transposed
-forms
+the three GEMMs is skinny. On CPU, MKL runs the backward's dg markedly faster in the transposed
+form
 
-    u^T = W^T @ g^T        (forward)
-    dg^T = W @ du^T        (backward)
+    dg^T = W @ du^T
 
-(on the 2-core CI machine, fp32, B=32, M=N=2048, cold caches: forward 5.6 -> 4.4 ms, dg
-6.1 -> 3.5 ms; `python bench/mixer.py --gemm-forms` shows the gain inside the mixing network's
-forward+backward). The results are the same sums over the
-same products; only the blocking of the BLAS call changes, so values agree with `addmm` to
-float rounding. cuBLAS gains nothing from this, so CUDA tensors, autocast regions and dtypes
-that MKL does not serve (fp16, bf16) take the plain `addmm`.
+(on the 2-core CI machine, fp32, B=32, M=N=2048, cold caches, round-robin medians of 110 calls:
+3.0 against 3.8-4.4 ms). The forward's transposed form u^T = W^T @ g^T measured 4.0-4.3 against
+3.3-4.3 ms for the plain addmm there, so the forward stays addmm; dW = g^T @ du gains nothing
+either way. The results are the same sums over the same products; only the blocking of the BLAS
+call changes, so values agree with `addmm` to float rounding. cuBLAS gains nothing from this, so
+CUDA tensors, autocast regions and dtypes that MKL does not serve (fp16, bf16) take the plain
+`addmm` and its autograd.
 """
 from __future__ import annotations
 
@@ -28,15 +28,11 @@ def mask_linear_ref(g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 class _MaskLinearCPU(torch.autograd.Function):
-    """u = g @ W + b through the transposed GEMM forms (see the module docstring)."""
+    """u = g @ W + b, with dg in the transposed GEMM form (see the module docstring)."""
 
     @staticmethod
     def forward(g, weight, bias):
-        if bias is None:
-            u_t = torch.mm(weight.t(), g.t())
-        else:
-            u_t = torch.addmm(bias.unsqueeze(1), weight.t(), g.t())
-        return u_t.t().contiguous()
+        return mask_linear_ref(g, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
