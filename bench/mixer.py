@@ -26,6 +26,7 @@ the heap:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import statistics
@@ -99,8 +100,9 @@ def copy_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, timer: 
     return 2 * numel * src.element_size() / t
 
 
-def make_steps(fn_module, f, g, amp_dtype, device):
-    """Closures (forward, backward, forward+backward, peak bytes of forward+backward) of one implementation."""
+def make_steps(fn_module, f, g, amp_dtype, device, scope=contextlib.nullcontext):
+    """Closures (forward, backward, forward+backward, peak bytes of forward+backward) of one
+    implementation; each runs inside ``scope()`` (the Triton tile override of --triton-tiles)."""
     ctx = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else None
 
     def forward():
@@ -133,7 +135,13 @@ def make_steps(fn_module, f, g, amp_dtype, device):
         fwd_bwd()
         return peak_allocated_bytes(fwd_bwd, device)
 
-    return forward_only, (new_graph, backward_only), fwd_bwd, peak
+    def scoped(fn):
+        def run():
+            with scope():
+                return fn()
+        return run
+
+    return (scoped(forward_only), (scoped(new_graph), scoped(backward_only)), scoped(fwd_bwd), scoped(peak))
 
 
 class Eager(torch.nn.Module):
@@ -158,6 +166,15 @@ class FusedPlainGemm(torch.nn.Module):
         return spatial_mask_mul(f, u, "exp_relu", backend=self.backend)
 
 
+def parse_tiles(text: str, parser: argparse.ArgumentParser):
+    """'32x128x4' -> (32, 128, 4): channels, positions, warps of the Triton tiles."""
+    try:
+        bc, bp, nw = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        parser.error(f"--triton-tiles: expected CxPxW such as 32x128x4; got {text!r}")
+    return bc, bp, nw
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -171,6 +188,10 @@ def main(argv=None):
     p.add_argument("--gemm-forms", action="store_true",
                    help="also time each fused backend with the plain addmm mask GEMM")
     p.add_argument("--backends", nargs="+", default=None, help="fused backends (default: all available)")
+    p.add_argument("--channels-last", action="store_true", help="local features in channels_last (as AMP training)")
+    p.add_argument("--triton-tiles", nargs="+", default=None, metavar="CxPxW",
+                   help="also time the Triton kernels with tiles of C channels x P positions and W warps "
+                        "each, e.g. 32x128x4 16x256x8 (a tuning sweep; GPU)"),
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--csv", default=None, help="append the rows to this CSV file")
@@ -191,10 +212,22 @@ def main(argv=None):
     if not backends:
         print("fmn: no kernel backend is available on this device; comparing the torch reference only")
         backends = ["torch"]
+    tile_specs = [parse_tiles(t, p) for t in (args.triton_tiles or [])]
+    if tile_specs:
+        if not fmn_backend.triton_runs_on(device.type):
+            p.error(f"--triton-tiles: the Triton kernels do not run on {device.type} here "
+                    "(a CUDA device, or TRITON_INTERPRET=1 on CPU)")
+        from fmn_kernels.triton.feature_mask import tiles as triton_tiles
+        for spec in tile_specs:
+            try:
+                triton_tiles(*spec)
+            except ValueError as exc:
+                p.error(f"--triton-tiles: {exc}")
 
     dev_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# bench/mixer.py  {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  device: {dev_name}  "
-          f"torch {torch.__version__}  f requires grad: {not args.no_f_grad}")
+          f"torch {torch.__version__}  f requires grad: {not args.no_f_grad}  "
+          f"layout: {'channels_last' if args.channels_last else 'contiguous'}")
     header = ("impl", "dtype", "B", "C", "HxW", "fwd ms", "bwd ms", "f+b ms", "f+b vs eager", "f+b vs compile",
               "fwd GB/s", "fwd %copy", "bwd GB/s", "bwd %copy", "peak MB")
     rows = []
@@ -206,6 +239,8 @@ def main(argv=None):
                 for H, W in HWs:
                     torch.manual_seed(0)
                     f = torch.randn(B, C, H, W, device=device, dtype=dtype)
+                    if args.channels_last:
+                        f = f.contiguous(memory_format=torch.channels_last)
                     f.requires_grad_(not args.no_f_grad)
                     g = torch.randn(B, args.M, device=device, dtype=dtype, requires_grad=True)
                     mixer = FusedFeatureMask(args.M, (H, W)).to(device)
@@ -217,13 +252,17 @@ def main(argv=None):
 
                     # Every implementation gets its own weights and inputs, so that none runs on
                     # data its predecessor in the round-robin left in the cache.
-                    impls = [("eager", Eager(copy_of()))]
+                    none = contextlib.nullcontext
+                    impls = [("eager", Eager(copy_of()), none)]
                     if not args.no_compile:
-                        impls.append(("compile", torch.compile(Eager(copy_of()))))
+                        impls.append(("compile", torch.compile(Eager(copy_of())), none))
                     for b in backends:
-                        impls.append((f"fused[{b}]", copy_of(b)))
+                        impls.append((f"fused[{b}]", copy_of(b), none))
                         if args.gemm_forms:
-                            impls.append((f"fused[{b}]+addmm", FusedPlainGemm(copy_of(b), b)))
+                            impls.append((f"fused[{b}]+addmm", FusedPlainGemm(copy_of(b), b), none))
+                    for bc, bp, nw in tile_specs:
+                        impls.append((f"fused[triton {bc}x{bp} w{nw}]", copy_of("triton"),
+                                      lambda t=(bc, bp, nw): triton_tiles(*t)))
                     bw = copy_bandwidth(f.numel(), dtype, device, timer)
                     # Bytes the fused op must move: the feature passes plus the GEMM's weight traffic
                     # (forward reads W; backward reads W for dg and writes dW).
@@ -232,8 +271,8 @@ def main(argv=None):
                     fwd_bytes = 2 * n_bytes + w_bytes
                     bwd_bytes = (3 if not args.no_f_grad else 2) * n_bytes + 2 * w_bytes
                     steps = {name: make_steps(mod, f.detach().clone().requires_grad_(f.requires_grad),
-                                              g.detach().clone().requires_grad_(True), amp, device)
-                             for name, mod in impls}
+                                              g.detach().clone().requires_grad_(True), amp, device, scope)
+                             for name, mod, scope in impls}
                     t_fwd = timer.interleaved({n: s[0] for n, s in steps.items()})
                     t_bwd = timer.interleaved({n: s[1] for n, s in steps.items()})
                     t_both = timer.interleaved({n: s[2] for n, s in steps.items()})

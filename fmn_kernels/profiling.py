@@ -5,7 +5,9 @@ profiler with ``profile_memory=True``: every allocation and free of the CPU allo
 that carries the allocator's running total, and the peak is the largest total seen minus the
 total before the first event. Both count tensor storage only (no allocator caching, no Python
 objects), which is what "peak memory of forward+backward" means when two implementations of an
-op are compared.
+op are compared. On CPU, a block allocated before ``fn`` started and freed inside it leaves no
+event (torch warns once that it has "unknown size"); a peak reached after such a free is then
+overstated by at most that block.
 """
 from __future__ import annotations
 

@@ -143,6 +143,40 @@ def _blocks(C: int, P: int, channel_contiguous: bool):
     return block_c, block_p
 
 
+_TILES: dict = {"tiles": None}   # an override of (BLOCK_C, BLOCK_P, num_warps), set by tiles()
+
+
+class tiles:
+    """Launch both mask kernels with tiles of ``block_c`` channels x ``block_p`` positions and
+    ``num_warps`` warps while the block is active (for tuning sweeps: ``bench/mixer.py
+    --triton-tiles``); outside it, the tiles of ``_blocks`` and 4 warps. Results do not depend on
+    the tiles except through the order of dm's channel sum (float rounding)."""
+
+    def __init__(self, block_c: int, block_p: int, num_warps: int = 4):
+        for name, v in (("block_c", block_c), ("block_p", block_p), ("num_warps", num_warps)):
+            if not isinstance(v, int) or v < 1 or v & (v - 1):
+                raise ValueError(f"fmn triton tiles: {name} must be a power of two >= 1; got {v!r}")
+        if block_c * block_p > 16384 or num_warps > 16:
+            raise ValueError(f"fmn triton tiles: block_c * block_p <= 16384 and num_warps <= 16 expected; "
+                             f"got {block_c} x {block_p}, {num_warps} warps")
+        self.value = (block_c, block_p, num_warps)
+
+    def __enter__(self):
+        self._saved, _TILES["tiles"] = _TILES["tiles"], self.value
+        return self
+
+    def __exit__(self, *exc):
+        _TILES["tiles"] = self._saved
+        return False
+
+
+def _launch_tiles(C: int, P: int, channel_contiguous: bool):
+    """(BLOCK_C, BLOCK_P, num_warps) for this launch."""
+    if _TILES["tiles"] is not None:
+        return _TILES["tiles"]
+    return (*_blocks(C, P, channel_contiguous), 4)
+
+
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -157,13 +191,13 @@ def spatial_mask_mul_forward(f, logits, f_other, activation, max_logit):
     g, gs = _flat_strides(f_other) if f_other is not None else (f, fs)
     obuf, os_ = _flat_strides(out)
     u = logits.contiguous()
-    block_c, block_p = _blocks(C, P, fs[1] == 1 and fs[2] != 1)
+    block_c, block_p, num_warps = _launch_tiles(C, P, fs[1] == 1 and fs[2] != 1)
     grid = (B, triton.cdiv(P, block_p))
     _spatial_mask_mul_fwd[grid](
         f, g, u, obuf, C, P, *fs, *gs, *os_,
         float(max_logit) if max_logit is not None else 0.0,
         ACT=ACT_CODES[activation], HAS_MAX=max_logit is not None, MIX=f_other is not None,
-        ACC=_acc(f.dtype), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4,
+        ACC=_acc(f.dtype), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
     )
     _finish(out, obuf)
     return out
@@ -186,7 +220,7 @@ def spatial_mask_mul_backward(grad_out, f, logits, f_other, activation, max_logi
     dgbuf, dgs = _flat_strides(dother) if need_dother else (f, fs)
     u = logits.contiguous()
     du = dlogits if dlogits.is_contiguous() else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    block_c, block_p = _blocks(C, P, fs[1] == 1 and fs[2] != 1)
+    block_c, block_p, num_warps = _launch_tiles(C, P, fs[1] == 1 and fs[2] != 1)
     grid = (B, triton.cdiv(P, block_p))
     _spatial_mask_mul_bwd[grid](
         d, f, g, u, dfbuf, dgbuf, du,
@@ -194,7 +228,7 @@ def spatial_mask_mul_backward(grad_out, f, logits, f_other, activation, max_logi
         float(max_logit) if max_logit is not None else 0.0,
         ACT=ACT_CODES[activation], HAS_MAX=max_logit is not None, MIX=mix, ACC=_acc(f.dtype),
         NEED_DF=bool(need_df), NEED_DG=need_dother,
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4,
+        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
     )
     if need_df:
         _finish(df, dfbuf)
