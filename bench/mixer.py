@@ -191,7 +191,8 @@ def main(argv=None):
     p.add_argument("--channels-last", action="store_true", help="local features in channels_last (as AMP training)")
     p.add_argument("--triton-tiles", nargs="+", default=None, metavar="CxPxW",
                    help="also time the Triton kernels with tiles of C channels x P positions and W warps "
-                        "each, e.g. 32x128x4 16x256x8 (a tuning sweep; GPU)"),
+                        "each, e.g. 32x128x4 16x256x8, or 'sweep' for the candidates of the layout "
+                        "(a tuning sweep; GPU)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--csv", default=None, help="append the rows to this CSV file")
@@ -212,12 +213,17 @@ def main(argv=None):
     if not backends:
         print("fmn: no kernel backend is available on this device; comparing the torch reference only")
         backends = ["torch"]
-    tile_specs = [parse_tiles(t, p) for t in (args.triton_tiles or [])]
-    if tile_specs:
+    tile_specs = []
+    if args.triton_tiles:
         if not fmn_backend.triton_runs_on(device.type):
             p.error(f"--triton-tiles: the Triton kernels do not run on {device.type} here "
                     "(a CUDA device, or TRITON_INTERPRET=1 on CPU)")
-        from fmn_kernels.triton.feature_mask import tiles as triton_tiles
+        from fmn_kernels.triton.feature_mask import SWEEP_TILES, tiles as triton_tiles
+        for text in args.triton_tiles:
+            if text == "sweep":
+                tile_specs += SWEEP_TILES["channel" if args.channels_last else "plane"]
+            else:
+                tile_specs.append(parse_tiles(text, p))
         for spec in tile_specs:
             try:
                 triton_tiles(*spec)

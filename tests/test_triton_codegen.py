@@ -25,6 +25,14 @@ SPILL_CASES = [(dt, layout, direction, mix, need_df)
                for direction, mix, need_df in (("fwd", False, False), ("fwd", True, False), ("bwd", False, True),
                                                ("bwd", False, False), ("bwd", True, True))]
 OTHER_CASES = ["sm80_fwd", "sm80_bwd", "strided_fwd", "strided_bwd", "pair_sqdist", "jaccard_overlap"]
+# Every tile of the tuning sweep (SWEEP_TILES), fp32 and bf16, forward and backward with df.
+try:
+    from fmn_kernels.triton.feature_mask import SWEEP_TILES
+except ImportError:                                   # no triton: the fixture skips every case
+    SWEEP_TILES = {"plane": [], "channel": []}
+TILE_CASES = [(dt, layout, direction, bc, bp, nw)
+              for dt in ("fp32", "bf16") for layout, key in (("nchw", "plane"), ("channels_last", "channel"))
+              for direction in ("fwd", "bwd") for bc, bp, nw in SWEEP_TILES[key]]
 
 
 def _name(case) -> str:
@@ -44,8 +52,9 @@ def _compile(fn, types: dict, consts: dict, div16: list, arch: int, num_warps: i
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 
-def _mask_kernel(direction, dtype, layout, mix, need_df, arch):
-    """Compile the mask kernel as fmn_kernels/triton/feature_mask.py launches it."""
+def _mask_kernel(direction, dtype, layout, mix, need_df, arch, tiles=None):
+    """Compile the mask kernel as fmn_kernels/triton/feature_mask.py launches it (with its default
+    tiles, or ``tiles`` = (BLOCK_C, BLOCK_P, num_warps))."""
     import triton.language as tl
     from fmn_kernels.triton import feature_mask as tfm
 
@@ -58,7 +67,7 @@ def _mask_kernel(direction, dtype, layout, mix, need_df, arch):
     if direction == "bwd":
         types["du_ptr"] = f"*{dtype}"
     types["max_logit"] = "fp32"
-    block_c, block_p = tfm._blocks(C, P, layout == "channels_last")
+    block_c, block_p, num_warps = tiles or (*tfm._blocks(C, P, layout == "channels_last"), 4)
     consts = dict(ACT=0, HAS_MAX=False, MIX=mix, ACC=tl.float32, BLOCK_C=block_c, BLOCK_P=block_p)
     if direction == "bwd":
         consts.update(NEED_DF=need_df, NEED_DG=mix)
@@ -68,7 +77,7 @@ def _mask_kernel(direction, dtype, layout, mix, need_df, arch):
             consts[f"{name}_{unit}"] = 1             # Triton specialises a stride equal to 1
     div16 = [n for n in fn.arg_names if n.endswith("_ptr")] + ["C", "P"]
     div16 += [f"{name}_s{x}" for name in operands for x in "bcp"] if unit is not None else []
-    return _compile(fn, types, consts, div16, arch, num_warps=4)
+    return _compile(fn, types, consts, div16, arch, num_warps=num_warps)
 
 
 def _rerank_kernel(name):
@@ -104,6 +113,8 @@ def _emit(tmp: str) -> dict:
     cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
     cuobjdump = cuobjdump if os.path.exists(cuobjdump) else shutil.which("cuobjdump")
     jobs = {_name(c): (lambda c=c: _mask_kernel(c[2], c[0], c[1], c[3], c[4], 90)) for c in SPILL_CASES}
+    jobs.update({_name(c): (lambda c=c: _mask_kernel(c[2], c[0], c[1], False, True, 90, c[3:]))
+                 for c in TILE_CASES})
     jobs.update({
         "sm80_fwd": lambda: _mask_kernel("fwd", "bf16", "nchw", False, False, 80),
         "sm80_bwd": lambda: _mask_kernel("bwd", "bf16", "nchw", False, True, 80),
@@ -147,6 +158,23 @@ def test_mask_kernels_compile_for_sm90_without_spills(codegen, case):
         pytest.skip("no cuobjdump: compiled, resource usage not read")
     assert usage["STACK"] == 0 and usage["LOCAL"] == 0, f"spills: {usage}"
     assert usage["REG"] <= 255
+
+
+@pytest.mark.parametrize("case", TILE_CASES, ids=_name)
+def test_sweep_tiles_compile_for_sm90_without_spills(codegen, case):
+    """The tiles bench/mixer.py --triton-tiles sweep launches on the GPU."""
+    usage = codegen[_name(case)]
+    assert "error" not in usage, usage.get("error")
+    if "STACK" not in usage:
+        pytest.skip("no cuobjdump: compiled, resource usage not read")
+    assert usage["STACK"] == 0 and usage["LOCAL"] == 0, f"spills: {usage}"
+
+
+def test_sweep_starts_with_the_default_tiles():
+    from fmn_kernels.triton.feature_mask import _blocks
+
+    assert SWEEP_TILES["plane"][0] == (*_blocks(C, P, False), 4)
+    assert SWEEP_TILES["channel"][0] == (*_blocks(C, P, True), 4)
 
 
 @pytest.mark.parametrize("case", OTHER_CASES)

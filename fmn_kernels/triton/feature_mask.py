@@ -145,6 +145,13 @@ def _blocks(C: int, P: int, channel_contiguous: bool):
 
 _TILES: dict = {"tiles": None}   # an override of (BLOCK_C, BLOCK_P, num_warps), set by tiles()
 
+# Candidate (BLOCK_C, BLOCK_P, num_warps) for tuning sweeps, by layout ("plane": NCHW, "channel":
+# channels_last), the default first; tests/test_triton_codegen.py compiles each for sm_90.
+SWEEP_TILES = {
+    "plane": [(32, 128, 4), (16, 128, 4), (16, 256, 8), (32, 64, 4), (64, 64, 8), (8, 512, 8)],
+    "channel": [(128, 32, 4), (64, 32, 4), (128, 32, 8), (64, 64, 8), (256, 16, 8), (32, 64, 4)],
+}
+
 
 class tiles:
     """Launch both mask kernels with tiles of ``block_c`` channels x ``block_p`` positions and
