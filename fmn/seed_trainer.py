@@ -14,8 +14,11 @@ loss. Every model exposes ``loss(outputs, batch) -> (loss, stats)``; the trainer
 SGD with momentum, step schedule with optional warm-up, AMP and channels_last on GPU, DDP under
 torchrun (``find_unused_parameters``, since PMM's later stage classifiers join over epochs), an
 atomic ``<output>/last.pt`` each epoch (resumed by default) and ``<output>/model.pt`` at the end,
-in the checkpoint format of ``fmn.trainer`` (so ``fmn eval`` reads it). A model with
-``set_epoch`` (PMM's progressive schedule) is told the epoch before each one.
+in the checkpoint format of ``fmn.trainer`` (so ``fmn eval`` reads it). As there,
+``train_log.jsonl`` is rewritten from the checkpoint's history when a run starts, non-finite
+weights are never checkpointed, and a checkpoint written for another model configuration is one
+``CheckpointError`` naming the settings that differ. A model with ``set_epoch`` (PMM's
+progressive schedule) is told the epoch before each one.
 
 Command line: ``fmn train --model mmga|mgran|pmm [--config FILE] [--set KEY=VALUE] [--eval]``
 (``cli_train``) and ``fmn eval --checkpoint runs/mmga/model.pt`` (``load_seed_model``).
@@ -33,7 +36,7 @@ import torch
 from torch import nn
 
 from fmn import distributed as fdist
-from fmn.checkpoint import load_checkpoint, save_checkpoint
+from fmn.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
 from fmn.config import (DEFAULTS, ConfigError, _merge, apply_override, load_config, model_kwargs, read_yaml_sections,
                         validate, with_sections_of)
 
@@ -202,16 +205,22 @@ def train_seed_model(cfg: dict, resume: bool = True, log: Callable[[str], None] 
     first = 0
     if resume and os.path.exists(last):
         state = load_checkpoint(last)
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("config", {}).get("model", {}).get("name") != cfg["model"]["name"]:
-            raise ValueError(f"{last}: not a {cfg['model']['name']} training checkpoint; use another output.dir "
-                             "or --no-resume")
-        model.load_state_dict(state["model"])
+        saved_cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
+        if state.get("format") != CHECKPOINT_FORMAT or saved_cfg.get("model", {}).get("name") != cfg["model"]["name"]:
+            raise CheckpointError(f"{last}: not a {cfg['model']['name']} training checkpoint; use another output.dir "
+                                  "or --no-resume")
+        load_model_weights(model, state["model"], last, _model_settings(saved_cfg, state.get("num_classes")),
+                           _model_settings(cfg, model.num_classes))
         if state.get("optimizer"):
             optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         first, history = int(state["epoch"]), list(state.get("history", []))
         say(f"resuming from {last}: {first} epoch(s) done")
+    if info.is_main:
+        # a fresh run starts a new log; a resumed one keeps exactly the checkpoint's epochs
+        with open(os.path.join(out_dir, "train_log.jsonl"), "w") as fh:
+            fh.writelines(json.dumps(record) + "\n" for record in history)
 
     def checkpoint(epoch: int) -> dict:
         return {"format": CHECKPOINT_FORMAT, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -283,6 +292,15 @@ def train_seed_model(cfg: dict, resume: bool = True, log: Callable[[str], None] 
         history.append(record)
         say(f"{cfg['model']['name']} epoch {epoch + 1}/{sc['epochs']}  lr {lr:.4g}  loss {record.get('loss', float('nan')):.4f}"
             f"  acc {record.get('acc', float('nan')):.3f}  {record['images_per_s']:.1f} img/s  {seconds:.1f}s")
+        bad_weights = [k for k, v in model.state_dict().items()
+                       if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        failed = fdist.any_true(bool(bad_weights), device) if info.enabled else bool(bad_weights)
+        if failed:
+            raise NonFiniteLossError(
+                f"{cfg['model']['name']} epoch {epoch + 1}: weights are not finite after the epoch "
+                f"({', '.join(bad_weights[:3]) if bad_weights else 'on another rank'}); stopped without saving them. "
+                f"Last good checkpoint: {last if os.path.exists(last) else 'none yet'}. "
+                "Try a lower learning rate, train.amp=none or train.grad_clip.")
         if info.is_main:
             with open(os.path.join(out_dir, "train_log.jsonl"), "a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -310,9 +328,19 @@ def load_seed_model(checkpoint: str, overrides: list[str] | None = None,
     for text in overrides or []:
         apply_override(cfg, text)
     validate_seed(cfg)
-    model = build_seed_model(cfg, int(state["num_classes"]))
-    model.load_state_dict(state["model"])
+    if not isinstance(state.get("num_classes"), int) or not isinstance(state["model"], dict):
+        raise CheckpointError(f"{checkpoint}: a seed checkpoint without its num_classes or model weights")
+    model = build_seed_model(cfg, state["num_classes"])
+    load_model_weights(model, state["model"], checkpoint, _model_settings(state["config"], state["num_classes"]),
+                       _model_settings(cfg, state["num_classes"]))
     return model.eval(), cfg
+
+
+def _model_settings(cfg: dict, num_classes) -> dict:
+    """The settings that shape a seed model's weights, for a checkpoint mismatch message."""
+    settings = {f"model.{k}": v for k, v in (cfg.get("model") or {}).items() if k != "pretrained"}
+    settings.update({f"seed.{k}": v for k, v in (cfg.get("seed") or {}).items() if k not in COMMON_OPTIONS})
+    return dict(settings, num_classes=num_classes)
 
 
 # ----------------------------------------------------------------------------- command line

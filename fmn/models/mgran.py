@@ -5,7 +5,8 @@ Two parts, trained independently as in the paper:
 MRA (mask-guided region attention) gives R region masks M_r (B, H, W) at the input's size:
   a pedestrian mask and keypoint region masks (``regions``, channel names of
   ``fmn.data.parts``; default body, kp_upper, kp_lower). The masks are binarised at
-  ``threshold`` (0.5): M_r = [m_r >= 0.5]. In training they come from the loader's masks (the
+  ``threshold`` (0.5): M_r = [m_r >= 0.5]; masks of another size than the image are resized
+  bilinearly first. In training they come from the loader's masks (the
   parser / pose outputs the paper took from Mask R-CNN); a small convolutional mask predictor
   learns them with a binary cross-entropy on the binarised targets, and supplies them at test
   time (M_r = [sigmoid(v_r) >= 0.5]) where only images are available. ``train_masks="predicted"``
@@ -42,7 +43,7 @@ from torch import nn
 from fmn_kernels import spatial_mask_mul
 from fmn.data.parts import part_index
 from fmn.models import register_model
-from fmn.models.seed_base import STAGES, SeedModel, split_kwargs
+from fmn.models.seed_base import STAGES, SeedModel, check_names, check_number, part_masks, split_kwargs
 from fmn.models.seed_losses import identity_losses
 
 ALIGNMENTS = ("region", "part")
@@ -83,7 +84,7 @@ class MGRAN(SeedModel):
                  mask_width: int = 32, train_masks: str = "given", **kwargs):
         base = split_kwargs("mgran", kwargs)
         super().__init__("mgran", num_classes, **base)
-        self.regions = tuple(regions)
+        self.regions = check_names("mgran", "regions", regions)
         if not self.regions:
             raise ValueError("mgran: regions must name at least one mask channel")
         self._region_channels = part_index(self.regions)
@@ -91,8 +92,13 @@ class MGRAN(SeedModel):
             raise ValueError(f"mgran: alignment must be one of {', '.join(ALIGNMENTS)}, got {alignment!r}")
         if train_masks not in TRAIN_MASKS:
             raise ValueError(f"mgran: train_masks must be one of {', '.join(TRAIN_MASKS)}, got {train_masks!r}")
-        if not 0.0 < threshold < 1.0:
+        if not 0.0 < check_number("mgran", "threshold", threshold) < 1.0:
             raise ValueError(f"mgran: threshold must be in (0, 1), got {threshold}")
+        check_number("mgran", "mask_weight", mask_weight, lo=0)
+        check_number("mgran", "mask_width", mask_width, lo=1, integer=True)
+        if alignment == "region" and mask_weight == 0:
+            raise ValueError("mgran: mask_weight=0 leaves the mask predictor untrained, yet it supplies the region "
+                             "masks at test time; use mask_weight > 0 (or alignment='part')")
         self.alignment = alignment
         self.needs_parts = alignment == "region"
         self.threshold = float(threshold)
@@ -114,10 +120,7 @@ class MGRAN(SeedModel):
         if self.alignment == "part":
             return stripe_masks(B, len(self.regions), H, W, img.device)
         if self.training and self.train_masks == "given":
-            if batch is None or "parts" not in batch:
-                raise ValueError("mgran: training needs the loader's part masks (batch['parts']); use "
-                                 "fmn.data.parts.make_parts_train_loader")
-            return self.binarize(batch["parts"][:, self._region_channels])
+            return self.binarize(part_masks("mgran", batch, self._region_channels, B, (H, W)))
         # sigmoid(v) >= t  <=>  v >= log(t / (1 - t))
         return (mask_logits.float() >= math.log(self.threshold / (1.0 - self.threshold))).to(torch.float32)
 
@@ -146,8 +149,10 @@ class MGRAN(SeedModel):
         pid = batch["pid"]
         total, stats = identity_losses(out["logits"], pid, self.label_smoothing)
         if "mask_logits" in out and self.mask_weight > 0:
-            target = self.binarize(batch["parts"][:, self._region_channels])
-            mask = F.binary_cross_entropy_with_logits(out["mask_logits"].float(), target)
+            logits = out["mask_logits"]
+            target = self.binarize(part_masks("mgran", batch, self._region_channels, logits.shape[0],
+                                              logits.shape[-2:]))
+            mask = F.binary_cross_entropy_with_logits(logits.float(), target)
             stats["mask"] = mask.detach()
             total = total + self.mask_weight * mask
         tri = self.metric_loss(self.descriptor(list(out["feats"].values())), pid, stats)

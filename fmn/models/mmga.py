@@ -30,7 +30,7 @@ from torch import nn
 from fmn_kernels import spatial_mask_mul
 from fmn.data.parts import part_index
 from fmn.models import register_model
-from fmn.models.seed_base import STAGES, SeedModel, check_stages, split_kwargs
+from fmn.models.seed_base import STAGES, SeedModel, check_number, check_stages, part_masks, split_kwargs
 from fmn.models.seed_losses import attention_loss, identity_losses
 
 ATTENTION_PARTS = ("body", "upper", "lower")
@@ -44,9 +44,8 @@ class MMGA(SeedModel):
         self.scales = check_stages("mmga", "scales", scales)
         if not self.scales:
             raise ValueError("mmga: scales must name at least one stage")
-        if part_dim < 1:
-            raise ValueError(f"mmga: part_dim must be >= 1, got {part_dim}")
-        self.attention_weight = float(attention_weight)
+        check_number("mmga", "part_dim", part_dim, lo=1, integer=True)
+        self.attention_weight = float(check_number("mmga", "attention_weight", attention_weight, lo=0))
         self.attention = nn.ModuleDict({s: nn.Conv2d(self.channels[s], len(ATTENTION_PARTS), 1) for s in self.scales})
         for conv in self.attention.values():
             nn.init.normal_(conv.weight, std=0.01)
@@ -97,7 +96,7 @@ class MMGA(SeedModel):
     def loss(self, out: dict, batch: dict):
         pid = batch["pid"]
         total, stats = identity_losses(out["logits"], pid, self.label_smoothing)
-        masks = batch["parts"][:, self._mask_channels]
+        masks = part_masks("mmga", batch, self._mask_channels, pid.shape[0])
         att = torch.stack([attention_loss(u, masks) for u in out["attention"].values()]).mean()
         stats["attention"] = att.detach()
         total = total + self.attention_weight * att

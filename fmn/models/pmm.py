@@ -39,7 +39,7 @@ from torch import nn
 
 from fmn_kernels import spatial_mask_mul, spatial_mix
 from fmn.models import register_model
-from fmn.models.seed_base import STAGES, SeedModel, check_stages, split_kwargs
+from fmn.models.seed_base import STAGES, SeedModel, check_bool, check_number, check_stages, split_kwargs
 from fmn.models.seed_losses import identity_losses
 
 
@@ -113,23 +113,23 @@ class PMM(SeedModel):
         self.stages = check_stages("pmm", "stages", stages)
         if not self.stages:
             raise ValueError("pmm: stages must name at least one stage")
-        starts = [0] * len(self.stages) if stage_start_epochs is None else [int(v) for v in stage_start_epochs]
-        if len(starts) != len(self.stages) or min(starts) < 0:
+        starts = [0] * len(self.stages) if stage_start_epochs is None else stage_start_epochs
+        if not isinstance(starts, (list, tuple)) or len(starts) != len(self.stages) \
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in starts):
             raise ValueError(f"pmm: stage_start_epochs needs one epoch >= 0 per stage {list(self.stages)}, got {starts}")
         if min(starts) != 0:
             raise ValueError(f"pmm: at least one stage classifier must start at epoch 0, got {starts}")
-        self.stage_start = dict(zip(self.stages, starts))
+        self.stage_start = dict(zip(self.stages, (int(v) for v in starts)))
         self.mix_stages = check_stages("pmm", "mix_stages", mix_stages)
         if self.mix_stages and self.mix_stages[-1] == STAGES[-1]:
             raise ValueError("pmm: mix_stages cannot include layer4 (no later stage sees the mixed features)")
         for key, frac in (("mix_block", mix_block), ("drop_block", drop_block)):
-            if len(frac) != 2 or not all(0.0 < float(v) <= 1.0 for v in frac):
-                raise ValueError(f"pmm: {key} must be two fractions in (0, 1], got {list(frac)}")
-        if not 0.0 <= mix_prob <= 1.0:
-            raise ValueError(f"pmm: mix_prob must be in [0, 1], got {mix_prob}")
+            if not isinstance(frac, (list, tuple)) or len(frac) != 2 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < v <= 1.0 for v in frac):
+                raise ValueError(f"pmm: {key} must be two fractions in (0, 1] (height, width), got {frac!r}")
         self.mix_block = tuple(float(v) for v in mix_block)
-        self.mix_prob = float(mix_prob)
-        self.batch_drop = bool(batch_drop)
+        self.mix_prob = float(check_number("pmm", "mix_prob", mix_prob, lo=0, hi=1))
+        self.batch_drop = check_bool("pmm", "batch_drop", batch_drop)
         self.drop_block = tuple(float(v) for v in drop_block)
         self.heads = nn.ModuleDict({s: self.head(self.channels[s]) for s in self.stages})
         if self.batch_drop:

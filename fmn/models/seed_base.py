@@ -13,12 +13,13 @@ Every model here:
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmn.data.parts import PART_CHANNELS
 from fmn.models.heads import ClassifierHead
 from fmn.models.resnet import BACKBONES, build_resnet, check_images, load_pretrained
 
@@ -40,8 +41,60 @@ def split_kwargs(model: str, kwargs: dict) -> dict:
     return base
 
 
+def check_names(model: str, key: str, names) -> tuple:
+    """``names`` as a tuple of strings; a single string is one name."""
+    if isinstance(names, str):
+        return (names,)
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{model}: {key} must be a list of names, got {names!r}")
+    return tuple(names)
+
+
+def check_number(model: str, key: str, value, lo: float | None = None, lo_open: bool = False,
+                 hi: float | None = None, integer: bool = False):
+    """``value`` if it is a number (an integer with ``integer``) in the range, else one clear error."""
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value <= hi
+    if not ok:
+        rng = "" if lo is None else f" {'>' if lo_open else '>='} {lo}"
+        rng += "" if hi is None else f"{' and' if rng else ''} <= {hi}"
+        raise ValueError(f"{model}: {key} must be {'an integer' if integer else 'a number'}{rng}, got {value!r}")
+    return value
+
+
+def check_bool(model: str, key: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{model}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def part_masks(model: str, batch: dict | None, channels: Sequence[int], batch_size: int,
+               size: Tuple[int, int] | None = None) -> torch.Tensor:
+    """Channels ``channels`` of the loader's part masks ``batch["parts"]`` (B, len(PART_CHANNELS), H, W)
+    as float32, bilinearly resized to ``size`` where given; one clear error for a missing tensor or
+    one of another shape."""
+    parts = batch.get("parts") if isinstance(batch, dict) else None
+    if parts is None:
+        raise ValueError(f"{model}: training needs the loader's part masks (batch['parts']); use "
+                         "fmn.data.parts.make_parts_train_loader")
+    expected = f"(B={batch_size}, {len(PART_CHANNELS)}, H, W) with channels {', '.join(PART_CHANNELS)}"
+    if not torch.is_tensor(parts) or parts.dim() != 4 or parts.shape[0] != batch_size \
+            or parts.shape[1] != len(PART_CHANNELS):
+        got = tuple(parts.shape) if torch.is_tensor(parts) else type(parts).__name__
+        raise ValueError(f"{model}: batch['parts'] must be {expected}; got {got}")
+    if not parts.is_floating_point():
+        raise TypeError(f"{model}: batch['parts'] must be floating-point masks in [0, 1]; got {parts.dtype}")
+    masks = parts[:, list(channels)].float()
+    if size is not None and tuple(masks.shape[-2:]) != tuple(size):
+        masks = F.interpolate(masks, size=tuple(size), mode="bilinear", align_corners=False)
+    return masks
+
+
 def check_stages(model: str, key: str, names: Sequence[str]) -> tuple:
-    names = tuple(names)
+    names = check_names(model, key, names)
     for n in names:
         if n not in STAGES:
             raise ValueError(f"{model}: {key} has unknown stage {n!r}; expected some of {', '.join(STAGES)}")
