@@ -14,6 +14,7 @@ Each row holds rank1, rank5, rank10, rank20 and mAP in percent, and valid_querie
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 
 from fmn.metrics import euclidean_distance, evaluate
 
-__all__ = ["extract_features", "fuse", "evaluate_features", "evaluate_model", "format_results", "get_reranker"]
+__all__ = ["extract_features", "fuse", "evaluate_features", "evaluate_model", "format_results", "get_reranker",
+           "eval_mode", "input_dtype", "write_json"]
 
 _RERANK_WARNED = False
 
@@ -40,33 +42,54 @@ def _as_feature_dict(out) -> Dict[str, torch.Tensor]:
     raise TypeError(f"model output must be a tensor or a dict of tensors, got {type(out).__name__}")
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """``model.eval()`` inside the block; on exit every submodule gets back its own train/eval flag
+    (a submodule kept in eval mode inside a training model, e.g. a frozen branch, stays in eval)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter or buffer (float32 if none): the
+    dtype its input images are cast to."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, loader, device, flip: bool = True, progress: bool = True,
                      ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor, List[str]]:
     """Run ``model.eval()`` over ``loader``; with ``flip`` the feature is the mean of the image's
     and its mirror's. Returns (features: name -> float32 CPU (N, d), pids, camids, paths) in
-    loader order. A model returning a tensor gives ``{"descriptor": tensor}``."""
+    loader order. A model returning a tensor gives ``{"descriptor": tensor}``. Images are cast to
+    the model's dtype; the flip mean is taken in float32. Every submodule's train/eval flag is
+    restored afterwards."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
+    dtype = input_dtype(model)
     feats: Dict[str, List[torch.Tensor]] = {}
     pids, camids, paths = [], [], []
-    try:
+    with eval_mode(model):
         for batch in tqdm(loader, desc="extract", disable=not progress, unit="batch"):
-            x = batch["img"].to(device, non_blocking=True)
-            out = _as_feature_dict(model(x))
+            x = batch["img"].to(device=device, dtype=dtype, non_blocking=True)
+            out = {k: v.float() for k, v in _as_feature_dict(model(x)).items()}
             if flip:
                 out_f = _as_feature_dict(model(x.flip(3)))
-                out = {k: (v + out_f[k]) * 0.5 for k, v in out.items()}
+                out = {k: (v + out_f[k].float()) * 0.5 for k, v in out.items()}
             for k, v in out.items():
-                feats.setdefault(k, []).append(v.detach().float().reshape(v.shape[0], -1).cpu())
+                feats.setdefault(k, []).append(v.detach().reshape(v.shape[0], -1).cpu())
             pids.append(batch["pid"].cpu())
             camids.append(batch["camid"].cpu())
             paths.extend(batch["path"])
-    finally:
-        model.train(was_training)
     if not pids:
         raise ValueError("extract_features: the loader yielded no batches")
     return ({k: torch.cat(v) for k, v in feats.items()}, torch.cat(pids), torch.cat(camids), paths)
@@ -165,10 +188,28 @@ def evaluate_model(model: torch.nn.Module, dataset, height: int, width: int, dev
         print(format_results(results, title=f"{dataset.name}: {len(dataset.query)} queries, "
                                             f"{len(dataset.gallery)} gallery images"))
     if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump({"dataset": dataset.name, "root": dataset.root, "num_query": len(dataset.query),
-                       "num_gallery": len(dataset.gallery), "height": height, "width": width, "flip": flip,
-                       "alpha": alpha, "rerank": rerank, "seconds": round(seconds, 3), "results": results},
-                      f, indent=2)
+        write_json(json_path, {"dataset": dataset.name, "root": dataset.root, "num_query": len(dataset.query),
+                               "num_gallery": len(dataset.gallery), "height": height, "width": width,
+                               "flip": flip, "alpha": alpha, "rerank": rerank, "seconds": round(seconds, 3),
+                               "results": results})
     return results
+
+
+def write_json(path: str, payload: dict) -> str:
+    """Write ``payload`` as strict JSON (NaN / inf are an error) atomically: to a temporary file in
+    the same folder, then moved over ``path``, so a reader never sees half a file."""
+    text = json.dumps(payload, indent=2, allow_nan=False)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from fmn.evaluator import eval_mode, input_dtype
+from fmn.metrics import JUNK_PID
 from fmn.visualize import save_image
 
 # (position, r, g, b) stops of a jet-like colour map
@@ -33,18 +35,57 @@ def colormap(values: np.ndarray) -> np.ndarray:
 
 
 def normalize_map(m: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Min-max scale a 2-D map to [0, 1] (a constant map becomes 0.5)."""
-    a = m.detach().float().cpu().numpy() if torch.is_tensor(m) else np.asarray(m, dtype=np.float64)
-    lo, hi = float(a.min()), float(a.max())
-    if hi - lo < 1e-12:
-        return np.full(a.shape, 0.5)
-    return (a - lo) / (hi - lo)
+    """Min-max scale a map to [0, 1] over its finite values (a constant map becomes 0.5); +inf
+    (an overflowed ``exp`` mask) maps to 1 and -inf to 0. NaN is an error."""
+    a = m.detach().double().cpu().numpy() if torch.is_tensor(m) else np.asarray(m, dtype=np.float64)
+    if np.isnan(a).any():
+        raise ValueError(f"heatmap: the map of shape {a.shape} contains NaN (non-finite model activations)")
+    out = np.where(a > 0, 1.0, 0.0)
+    finite = np.isfinite(a)
+    if finite.any():
+        v = a[finite]
+        lo, hi = float(v.min()), float(v.max())
+        out[finite] = 0.5 if hi - lo < 1e-12 else (v - lo) / (hi - lo)
+    return out
+
+
+def _as_rgb(image) -> Image.Image:
+    """A PIL image, an (h, w) or (h, w, 1|3|4) array, or an (h, w) or (1|3|4, h, w) tensor (torch's
+    channel-first layout) as an RGB PIL image. Integer values are 0..255, floating ones 0..1."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if torch.is_tensor(image):
+        t = image.detach().cpu()
+        a = (t.float() if t.is_floating_point() else t).numpy()
+        if a.ndim == 3 and a.shape[0] in (1, 3, 4):
+            a = a.transpose(1, 2, 0)
+    else:
+        a = np.asarray(image)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)) or a.size == 0:
+        raise ValueError(f"overlay: expected an image (h, w), an array (h, w, 1|3|4) or a tensor (1|3|4, h, w), "
+                         f"got shape {tuple(np.shape(image))}")
+    if a.dtype.kind == "f":
+        lo, hi = float(np.min(a)), float(np.max(a))
+        if not (0.0 <= lo and hi <= 1.0):
+            raise ValueError(f"overlay: a floating-point image must hold values in [0, 1], got {lo:.4g}..{hi:.4g} "
+                             f"(de-normalise an ImageNet-normalised tensor first: fmn.data.transforms.denormalize)")
+        a = np.round(a * 255.0)
+    elif a.dtype.kind in "iu":
+        if a.min() < 0 or a.max() > 255:
+            raise ValueError(f"overlay: an integer image must hold values in 0..255, got {a.min()}..{a.max()}")
+    else:
+        raise ValueError(f"overlay: expected a numeric image, got dtype {a.dtype}")
+    return Image.fromarray(a.astype(np.uint8)).convert("RGB")
 
 
 def overlay(image: np.ndarray | Image.Image, heat: np.ndarray | torch.Tensor, alpha: float = 0.5) -> Image.Image:
     """Blend a heatmap (h, w), upsampled bilinearly to the image size, over an RGB image."""
-    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
-    img = img.convert("RGB")
+    img = _as_rgb(image)
+    shape = tuple(heat.shape) if torch.is_tensor(heat) else np.shape(heat)
+    if len(shape) != 2 or 0 in shape:
+        raise ValueError(f"overlay: expected a 2-D (h, w) heatmap, got shape {shape}")
     h = normalize_map(heat)
     heat_img = Image.fromarray((h * 255).astype(np.uint8), mode="L").resize(img.size, Image.BILINEAR)
     colored = Image.fromarray(colormap(np.asarray(heat_img, dtype=np.float64) / 255.0))
@@ -69,14 +110,16 @@ def load_batch(paths: Sequence[str], height: int, width: int) -> torch.Tensor:
 def activation_panels(model: torch.nn.Module, paths: Sequence[str], height: int, width: int,
                       device: torch.device | str = "cpu", scale: int = 2) -> list[list[Image.Image]]:
     """For each image: [image, mask overlay, GRN activation overlay, LAN activation overlay],
-    each upscaled by ``scale``."""
-    was_training = model.training
-    model.eval()
-    try:
-        x = load_batch(paths, height, width).to(device)
+    each upscaled by ``scale``. The model runs in eval mode (BatchNorm statistics do not move);
+    every submodule's train/eval flag is restored afterwards."""
+    if not callable(getattr(model, "activation_maps", None)):
+        raise TypeError(f"heatmaps need a model with activation_maps() (FMN: mask, GRN and LAN maps); "
+                        f"{type(model).__name__} has none")
+    if not paths:
+        raise ValueError("activation_panels: no images to draw")
+    with eval_mode(model):
+        x = load_batch(paths, height, width).to(device=device, dtype=input_dtype(model))
         maps = model.activation_maps(x)
-    finally:
-        model.train(was_training)
     panels = []
     for i, p in enumerate(paths):
         img = load_image(p, height, width)
@@ -122,25 +165,44 @@ def attention_figure(model: torch.nn.Module, paths: Sequence[str], out_png: str,
 def pick_fig4_cases(dist_grn: torch.Tensor, dist_fmn: torch.Tensor, q_pids, g_pids, q_camids, g_camids,
                     count: int = 3) -> list[tuple[int, int, int]]:
     """(query, GRN rank-1, FMN rank-1) gallery indices, preferring queries where GRN's rank-1 is
-    wrong and FMN's is right (as in Fig. 4); same-identity same-camera items are excluded."""
-    q_pids, g_pids = torch.as_tensor(q_pids), torch.as_tensor(g_pids)
-    q_camids, g_camids = torch.as_tensor(q_camids), torch.as_tensor(g_camids)
-    junk = (q_pids[:, None] == g_pids[None, :]) & (q_camids[:, None] == g_camids[None, :])
-    dg = dist_grn.float().masked_fill(junk, float("inf"))
-    df = dist_fmn.float().masked_fill(junk, float("inf"))
+    wrong and FMN's is right (as in Fig. 4), then both right, then FMN wrong. Gallery items are
+    left out as in evaluation (same identity and camera, junk identity -1); a query with no gallery
+    item left has no rank-1 and is not picked."""
+    dg, df = torch.as_tensor(dist_grn).detach(), torch.as_tensor(dist_fmn).detach()
+    if dg.dim() != 2 or dg.shape != df.shape:
+        raise ValueError(f"pick_fig4_cases: expected two (num_query, num_gallery) distance matrices of one shape, "
+                         f"got {tuple(dg.shape)} and {tuple(df.shape)}")
+    nq, ng = dg.shape
+    dev = dg.device
+    ids = []
+    for name, v, n in (("q_pids", q_pids, nq), ("g_pids", g_pids, ng), ("q_camids", q_camids, nq),
+                       ("g_camids", g_camids, ng)):
+        t = torch.as_tensor(v).to(dev).reshape(-1)
+        if t.numel() != n:
+            raise ValueError(f"pick_fig4_cases: {name} has {t.numel()} entries but the distances are {nq}x{ng}")
+        ids.append(t)
+    q_pids, g_pids, q_camids, g_camids = ids
+    if nq == 0 or ng == 0:
+        return []
+    left_out = ((q_pids[:, None] == g_pids[None, :]) & (q_camids[:, None] == g_camids[None, :])) \
+        | (g_pids == JUNK_PID)[None, :]
+    dg = dg.to(dev).float().masked_fill(left_out, float("inf"))
+    df = df.to(dev).float().masked_fill(left_out, float("inf"))
+    has_rank1 = ~left_out.all(1)
     top_g, top_f = dg.argmin(1), df.argmin(1)
-    ok_g = g_pids[top_g] == q_pids
-    ok_f = g_pids[top_f] == q_pids
-    order = [int(i) for i in torch.nonzero(~ok_g & ok_f).flatten()]
-    order += [int(i) for i in torch.nonzero(ok_f & ok_g).flatten()]
-    order += [i for i in range(len(q_pids)) if i not in set(order)]
-    return [(q, int(top_g[q]), int(top_f[q])) for q in order[:count]]
+    ok_g = (g_pids[top_g] == q_pids) & has_rank1
+    ok_f = (g_pids[top_f] == q_pids) & has_rank1
+    order = torch.cat([torch.nonzero(~ok_g & ok_f).flatten(), torch.nonzero(ok_f & ok_g).flatten(),
+                       torch.nonzero(has_rank1 & ~ok_f).flatten()])
+    return [(int(q), int(top_g[q]), int(top_f[q])) for q in order[:count].tolist()]
 
 
 def fig4(model: torch.nn.Module, q_paths, g_paths, cases: list[tuple[int, int, int]], q_pids, g_pids,
          out_png: str, height: int, width: int, device: torch.device | str = "cpu") -> str:
     """The Fig. 4 layout: for each case, columns query | GRN rank-1 | FMN rank-1; the rank-1 frames
     are green for a true match and red otherwise."""
+    if not cases:
+        raise ValueError("fig4: no cases to draw (no query has a gallery item left after the protocol's exclusions)")
     paths, titles, colors = [], [], []
     for q, g_grn, g_fmn in cases:
         paths += [q_paths[q], g_paths[g_grn], g_paths[g_fmn]]

@@ -1,7 +1,8 @@
 """Ranked-list pictures: a query and its top-k gallery images, green = same identity, red = not.
 
-Gallery items of the query's identity seen by the query's camera are left out, as in the
-evaluation protocol (DESIGN §4). Ties in distance are broken by gallery index.
+Gallery items of the query's identity seen by the query's camera, and junk items (identity -1),
+are left out, as in the evaluation protocol (DESIGN §4, ``fmn.metrics``). Ties in distance are
+broken by gallery index.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from fmn.data.base import read_image
+from fmn.metrics import JUNK_PID
 
 __all__ = ["ranked_list", "save_image"]
 
@@ -37,11 +39,21 @@ def ranked_list(dist, q_paths: Sequence[str], g_paths: Sequence[str], q_pids, g_
     ``queries``: query indices to draw (default: the first 8). Returns ``out_png``.
     """
     dist = torch.as_tensor(dist).detach().float().cpu()
-    q_pids, g_pids = np.asarray(torch.as_tensor(q_pids).cpu()), np.asarray(torch.as_tensor(g_pids).cpu())
-    q_camids, g_camids = np.asarray(torch.as_tensor(q_camids).cpu()), np.asarray(torch.as_tensor(g_camids).cpu())
+    if dist.dim() != 2:
+        raise ValueError(f"ranked_list: dist must be a (num_query, num_gallery) matrix, got shape {tuple(dist.shape)}")
     nq, ng = dist.shape
+    ids = {}
+    for name, v, n in (("q_pids", q_pids, nq), ("g_pids", g_pids, ng), ("q_camids", q_camids, nq),
+                       ("g_camids", g_camids, ng)):
+        ids[name] = np.asarray(torch.as_tensor(v).cpu()).reshape(-1)
+        if ids[name].size != n:
+            raise ValueError(f"ranked_list: {name} has {ids[name].size} entries but dist has shape {nq}x{ng}")
+    q_pids, g_pids, q_camids, g_camids = ids["q_pids"], ids["g_pids"], ids["q_camids"], ids["g_camids"]
     if len(q_paths) != nq or len(g_paths) != ng:
         raise ValueError(f"ranked_list: dist is {nq}x{ng} but got {len(q_paths)} query and {len(g_paths)} gallery paths")
+    if int(topk) < 1:
+        raise ValueError(f"ranked_list: topk must be >= 1, got {topk}")
+    topk = int(topk)
     if queries is None:
         queries = list(range(min(8, nq)))
     queries = [int(q) for q in queries]
@@ -62,7 +74,7 @@ def ranked_list(dist, q_paths: Sequence[str], g_paths: Sequence[str], q_pids, g_
         y = row * (cell_h + label_h + 6)
         d = dist[q].numpy()
         order = np.argsort(d, kind="stable")
-        keep = ~((g_pids[order] == q_pids[q]) & (g_camids[order] == q_camids[q]))
+        keep = ~((g_pids[order] == q_pids[q]) & (g_camids[order] == q_camids[q])) & (g_pids[order] != JUNK_PID)
         order = order[keep][:topk]
         canvas.paste(_tile(q_paths[q], th, tw, border, QUERY), (0, y))
         draw.text((2, y + cell_h + 1), f"q{q} id {q_pids[q]}", fill=(0, 0, 0), font=font)
@@ -77,11 +89,16 @@ def ranked_list(dist, q_paths: Sequence[str], g_paths: Sequence[str], q_pids, g_
 def save_image(img: Image.Image, path: str) -> str:
     """Save ``img`` (format from the extension) atomically: written to a temporary file in the same
     folder, then moved over ``path``, so a reader never sees half a picture."""
+    ext = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image file extension {ext or '(none)'!r}; expected an image "
+                         f"extension such as .png or .jpg")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
-        img.save(tmp)
+        img.save(tmp, format=fmt)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
