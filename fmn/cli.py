@@ -203,10 +203,10 @@ def _atomic_write(path: str, write) -> str:
 
 
 def _write_json(path: str, payload: dict) -> str:
-    def write(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(payload, fh, indent=2)
-    return _atomic_write(path, write)
+    """Atomic JSON (fmn.evaluator.write_json); a NaN in a long run's summary is written, not fatal."""
+    from fmn.evaluator import write_json
+
+    return write_json(path, payload, strict=False)
 
 
 def _resolve_device(cfg):
@@ -302,7 +302,7 @@ def evaluate_and_visualize(model, dataset, cfg, device, out_dir, json_path=None,
     t0 = time.time()
     (qf, qp, qc, qpaths), (gf, gp, gc, gpaths) = _features(model, dataset, cfg, device)
     e = cfg["eval"]
-    results = evaluate_features(qf, gf, qp, gp, qc, gc, rerank=e["rerank"], alpha=e["alpha"])
+    results = evaluate_features(qf, gf, qp, gp, qc, gc, rerank=e["rerank"], alpha=e["alpha"], device=device)
     seconds = time.time() - t0
     _log(format_results(results, title=f"{dataset.name}: {len(dataset.query)} queries, "
                                         f"{len(dataset.gallery)} gallery images"))

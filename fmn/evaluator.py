@@ -136,14 +136,18 @@ def _descriptors(q_feats: Dict[str, torch.Tensor], g_feats: Dict[str, torch.Tens
 
 def evaluate_features(q_feats: Dict[str, torch.Tensor], g_feats: Dict[str, torch.Tensor], q_pids, g_pids,
                       q_camids, g_camids, rerank: bool = True, alpha: float = 0.5,
-                      k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                      k1: int = 20, k2: int = 6, lambda_value: float = 0.3, device=None,
                       ) -> Dict[str, Dict[str, float]]:
     """Results per row (see the module docstring): row name -> {"rank1", "rank5", "rank10",
     "rank20", "mAP", "valid_queries"} (ranks and mAP in percent). Plain rows first, then the
-    re-ranked ones."""
+    re-ranked ones. ``device``: where the distances, the metrics and the re-ranking run (a GPU
+    when the features were extracted there); default: where the features are."""
     rows = _descriptors(q_feats, g_feats, alpha)
     if not rows:
         raise ValueError("evaluate_features: no features to evaluate")
+    if device is not None:
+        device = torch.device(device)
+        rows = {name: (qf.to(device), gf.to(device)) for name, (qf, gf) in rows.items()}
     results: Dict[str, Dict[str, float]] = {}
     for name, (qf, gf) in rows.items():
         results[name] = _metrics_row(euclidean_distance(qf, gf), q_pids, g_pids, q_camids, g_camids)
@@ -182,7 +186,7 @@ def evaluate_model(model: torch.nn.Module, dataset, height: int, width: int, dev
     gl = make_test_loader(dataset.gallery, height, width, batch_size=batch_size, workers=workers)
     qf, qp, qc, _ = extract_features(model, ql, device, flip=flip, progress=progress)
     gf, gp, gc, _ = extract_features(model, gl, device, flip=flip, progress=progress)
-    results = evaluate_features(qf, gf, qp, gp, qc, gc, rerank=rerank, alpha=alpha)
+    results = evaluate_features(qf, gf, qp, gp, qc, gc, rerank=rerank, alpha=alpha, device=device)
     seconds = time.time() - t0
     if verbose:
         print(format_results(results, title=f"{dataset.name}: {len(dataset.query)} queries, "
@@ -195,10 +199,11 @@ def evaluate_model(model: torch.nn.Module, dataset, height: int, width: int, dev
     return results
 
 
-def write_json(path: str, payload: dict) -> str:
-    """Write ``payload`` as strict JSON (NaN / inf are an error) atomically: to a temporary file in
-    the same folder, then moved over ``path``, so a reader never sees half a file."""
-    text = json.dumps(payload, indent=2, allow_nan=False)
+def write_json(path: str, payload: dict, strict: bool = True) -> str:
+    """Write ``payload`` as JSON atomically: to a temporary file in the same folder, flushed to
+    disk, then moved over ``path``, so a reader never sees half a file. ``strict``: NaN / inf are
+    an error (else written as Python's json module does, NaN / Infinity)."""
+    text = json.dumps(payload, indent=2, allow_nan=not strict)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")

@@ -200,3 +200,47 @@ def test_evaluate_model_json_is_strict_and_complete(colour_dataset, tmp_path, ca
     assert list(data["results"]) == ["GRN", "LAN", "FMN"]
     for row in data["results"].values():
         assert row["valid_queries"] == 4 and all(0 <= row[k] <= 100 for k in ("rank1", "rank5", "mAP"))
+
+
+def _random_rows(seed):
+    g = torch.Generator().manual_seed(seed)
+    qf = {"grn": torch.randn(12, 8, generator=g), "lan": torch.randn(12, 6, generator=g)}
+    gf = {"grn": torch.randn(40, 8, generator=g), "lan": torch.randn(40, 6, generator=g)}
+    qp, gp = torch.arange(12) % 5, torch.arange(40) % 5
+    qc, gc = torch.zeros(12, dtype=torch.long), torch.arange(40) % 3
+    return qf, gf, qp, gp, qc, gc
+
+
+def test_evaluate_features_device_argument_on_cpu():
+    args = _random_rows(2)
+    assert evaluate_features(*args, rerank=False, device="cpu") == evaluate_features(*args, rerank=False)
+
+
+@pytest.mark.cuda
+def test_evaluate_features_runs_on_the_gpu(monkeypatch):
+    """DESIGN §4: distances, metrics and re-ranking on the GPU when the features go there."""
+    import fmn.evaluator as ev
+
+    seen = []
+    real = ev.euclidean_distance
+    monkeypatch.setattr(ev, "euclidean_distance", lambda a, b: seen.append(a.device.type) or real(a, b))
+    args = _random_rows(3)
+    on_gpu = evaluate_features(*args, rerank=True, device="cuda")
+    on_cpu = evaluate_features(*args, rerank=True)
+    assert seen[:3] == ["cuda"] * 3 and seen[3:] == ["cpu"] * 3
+    for row in on_cpu:
+        for key in ("rank1", "rank5", "mAP"):
+            assert on_gpu[row][key] == pytest.approx(on_cpu[row][key], abs=1e-6), (row, key)
+
+
+def test_write_json_strict_and_lenient(tmp_path):
+    from fmn.evaluator import write_json
+
+    path = str(tmp_path / "r.json")
+    with pytest.raises(ValueError):
+        write_json(path, {"mAP": float("nan")})
+    assert not list(tmp_path.iterdir())                  # no file, no temporary left behind
+    write_json(path, {"mAP": float("nan"), "rank1": 1.0}, strict=False)
+    with open(path) as fh:
+        back = json.load(fh)
+    assert back["rank1"] == 1.0 and back["mAP"] != back["mAP"]
