@@ -211,7 +211,9 @@ class FeatureMaskNetwork(nn.Module):
     @torch.no_grad()
     def activation_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Maps for heatmaps (paper Fig. 4): the predicted mask (B, H, W) over the local layer and
-        the GRN and LAN activation maps (B, h, w): the channel mean of the final feature maps."""
+        the GRN and LAN activation maps (B, h, w): the channel mean of the final feature maps.
+        Runs in the model's current mode: in training mode BatchNorm uses and updates batch
+        statistics, so call it under ``fmn.evaluator.eval_mode(model)`` (as fmn.heatmap does)."""
         self._check_input(x, mask=True)
         local, grn_map, g = self.grn_features(x)
         mask, lan_map, _ = self.lan_features(local, g)
