@@ -1,7 +1,8 @@
 """Process-group helpers for DDP through torchrun (or any launcher that sets the env vars).
 
 ``init_distributed()`` reads RANK / WORLD_SIZE / LOCAL_RANK and starts the process group with
-``gloo`` on CPU and ``nccl`` on CUDA. Without those variables it is a no-op (world size 1).
+``gloo`` on CPU and ``nccl`` on CUDA. Without those variables it is a no-op (world size 1). A
+process group the caller has already started is used as it is: rank and world size come from it.
 """
 from __future__ import annotations
 
@@ -36,8 +37,12 @@ def _env_int(name: str, default: str | None = None) -> int:
 
 
 def init_distributed(device_type: str = "cpu") -> DistInfo:
+    if dist.is_available() and dist.is_initialized():
+        return current()
     world = _env_int("WORLD_SIZE", "1")
-    if world <= 1:
+    if world < 1:
+        raise RuntimeError(f"fmn: WORLD_SIZE must be >= 1; got {world}")
+    if world == 1:
         return DistInfo()
     if "RANK" not in os.environ:
         raise RuntimeError(
@@ -46,17 +51,31 @@ def init_distributed(device_type: str = "cpu") -> DistInfo:
             "MASTER_ADDR/MASTER_PORT")
     rank = _env_int("RANK")
     local_rank = _env_int("LOCAL_RANK", str(rank))
-    if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if device_type == "cuda":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    if not 0 <= rank < world:
+        raise RuntimeError(f"fmn: RANK={rank} is outside [0, WORLD_SIZE={world})")
+    if local_rank < 0:
+        raise RuntimeError(f"fmn: LOCAL_RANK must be >= 0; got {local_rank}")
+    if not dist.is_available():
+        raise RuntimeError(f"fmn: WORLD_SIZE={world} but this torch build has no torch.distributed")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        _check_cuda_device(local_rank)
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def _check_cuda_device(local_rank: int) -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError("fmn: distributed training on device cuda, but CUDA is not available")
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"fmn: LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA "
+                           "device(s) are visible")
 
 
 def current() -> DistInfo:
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", str(dist.get_rank())))
     return DistInfo()
 
 
