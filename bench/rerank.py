@@ -12,15 +12,16 @@ Cases (d = feature dim; features: unit-norm, identity-clustered, like re-ID embe
   market        q=3368,  g=15913,  d=2048 on GPU, d=512 on CPU (CPU only with --full)
   10kx100k      q=10000, g=100000, d=2048, topk=100 (GPU only)
 Each (case, method) runs in a fresh subprocess: wall time (median of --repeat runs after one
-warm-up where the case is small), process CPU time, peak host memory (ru_maxrss of the worker;
-"host+" is the rise over the inputs), peak device memory (torch.cuda.max_memory_allocated,
-inputs included). On a shared CPU the wall time depends on the load (printed); "cpu s" is the
+warm-up where the case is small, N <= 6000, for every method, and at every size for the GPU
+backends; otherwise one run), process CPU time, peak host memory (ru_maxrss of the worker,
+imports included; "host+" is the rise of the resident size over the worker's with the inputs
+built), peak device memory (torch.cuda.max_memory_allocated, inputs included). On a shared CPU the wall time depends on the load (printed); "cpu s" is the
 process CPU time (all threads, OpenMP spin-waits included).
 Ratios are against numpy and the reference when they ran; max|d| and the ranking check compare
 the dense output with the reference where available, else with numpy.
 
     python bench/rerank.py                  # CPU: 200x1000 and 1000x5000
-    python bench/rerank.py --full           # + Market size (and the slow dense baselines there)
+    python bench/rerank.py --full           # + Market size (and the slow NumPy baseline there)
     python bench/rerank.py --device cuda    # GPU cases incl. Market d=2048 and 10k x 100k
     python bench/rerank.py --csv out.csv    # append rows
 """
@@ -119,6 +120,28 @@ def make_features(q, g, d, seed=0, device="cpu"):
     return x[:q].contiguous().to(device), x[q:].contiguous().to(device)
 
 
+def host_rss_kb(field: str):
+    """``VmRSS`` (resident now) or ``VmHWM`` (resident peak) of this process in kB; None off Linux."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_host_peak() -> bool:
+    """Reset this process's resident high-water mark (VmHWM) to its resident size now."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def worker(args) -> None:
     import torch
 
@@ -136,15 +159,24 @@ def worker(args) -> None:
 
         run = lambda: rerank_ref(qf.cpu(), gf.cpu())  # noqa: E731
     else:
+        from fmn_kernels import backend as fb
         from fmn_kernels.rerank import rerank
 
+        runs_as = fb.resolve("rerank", method, qf.device)
+        if runs_as != method:
+            sys.exit(f"backend {method} is not available on {device} here (it would run as {runs_as})")
         run = lambda: rerank(qf, gf, topk=topk, backend=method)  # noqa: E731
 
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # The rise is measured from the resident size with the inputs built; the high-water mark is
+    # reset there (Linux clear_refs), else ru_maxrss would still hold the import-time peak.
+    base_peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_kb, hwm_reset = host_rss_kb("VmRSS"), reset_host_peak()
+    if base_kb is None or not hwm_reset:
+        base_kb = base_peak_kb
     times, cpu_times = [], []
     reps = cfg["repeat"]
     out = None
@@ -161,12 +193,12 @@ def worker(args) -> None:
         sync()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run_peak_kb = (host_rss_kb("VmHWM") if hwm_reset else None) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     res = dict(
         time_s=statistics.median(times),
         cpu_s=statistics.median(cpu_times),
-        host_peak_mb=peak_rss / 1024.0,
-        host_rise_mb=(peak_rss - base_rss) / 1024.0,
+        host_peak_mb=max(base_peak_kb, run_peak_kb) / 1024.0,
+        host_rise_mb=max(0, run_peak_kb - base_kb) / 1024.0,
         dev_peak_mb=torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
     )
     if cfg["save"] and topk is None:
@@ -209,8 +241,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--cases", default=None, help="comma list of " + ", ".join(CASES))
     ap.add_argument("--methods", default=None, help="comma list (default: every available backend + baselines)")
-    ap.add_argument("--full", action="store_true", help="Market size on CPU, dense baselines at every size")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--full", action="store_true",
+                    help="Market size on CPU; the reference up to N = 6000 and numpy up to Market size")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per (case, method) where the case is small; every case for the GPU backends")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--csv", default=None, help="append the rows to this CSV file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -226,8 +259,15 @@ def main() -> None:
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/rerank.py: --device cuda but CUDA is not available")
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
     if args.cases:
         cases = args.cases.split(",")
+        for case in cases:
+            if case not in CASES:
+                ap.error(f"unknown case {case!r}; choose from {', '.join(CASES)}")
+            if dev != "cuda" and CASES[case]["topk"] is not None:
+                ap.error(f"case {case} is GPU only (--device cuda)")
     elif dev == "cuda":
         cases = list(CASES)
     else:
@@ -241,6 +281,9 @@ def main() -> None:
         backends += ["triton"] if fb.triton_runs_on("cuda") else []
         backends.append("torch")
     methods_all = args.methods.split(",") if args.methods else backends + ["numpy", "reference"]
+    for method in methods_all:
+        if method not in ("cpu", "torch", "triton", "numpy", "reference"):
+            ap.error(f"unknown method {method!r}; choose from cpu, torch, triton, numpy, reference")
 
     dev_name = torch.cuda.get_device_name() if dev == "cuda" else (platform.processor() or platform.machine())
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -256,8 +299,6 @@ def main() -> None:
         spec = CASES[case]
         d = spec["d"] if dev == "cuda" else spec.get("d_cpu", spec["d"])
         q, g, topk = spec["q"], spec["g"], spec["topk"]
-        if case == "10kx100k" and dev != "cuda":
-            continue
         n = q + g
         small = n <= 6000
         results = {}
@@ -267,10 +308,10 @@ def main() -> None:
             if method == "numpy" and (topk is not None or n > 20000 or (n > 6000 and not args.full)):
                 continue
             dense_method = method in ("numpy", "reference")
+            timed = small or (dev == "cuda" and not dense_method)
             cfg = dict(q=q, g=g, d=d, topk=None if dense_method else topk, method=method,
                        device="cpu" if dense_method else dev,
-                       repeat=args.repeat if (small and not dense_method) else 1,
-                       warmup=small and not dense_method or dev == "cuda" and not dense_method,
+                       repeat=args.repeat if timed else 1, warmup=timed,
                        save=os.path.join(tmp, f"{case}_{method}.npy") if (topk is None and n <= 20000) else None)
             res, err = run_worker(cfg, args.timeout)
             results[method] = (res, err, cfg["save"])
