@@ -52,7 +52,25 @@ def parse_args(argv=None):
                    "the clamp keeps the steps finite and does not change their cost)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--csv", help="append results to this CSV file")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.iters < 1 or a.warmup < 0:
+        p.error("--iters must be >= 1 and --warmup >= 0")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError as e:
+        p.error(f"--device {a.device}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {a.device} but CUDA is not available")
+    from fmn_kernels import backend as fb
+
+    try:
+        a.mask_backend = fb.resolve("spatial_mask_mul", a.backend, device)
+    except ValueError as e:
+        p.error(f"--backend: {e}")
+    requested = fb.requested(a.backend)
+    if requested != "auto" and a.mask_backend != requested:
+        p.error(f"--backend {requested} is not available on {device.type} here (it would run as {a.mask_backend})")
+    return a
 
 
 def time_steps(trainer: Trainer, stage: int, batch: dict, warmup: int, iters: int, device: torch.device):
@@ -123,7 +141,7 @@ def main(argv=None):
     print(f"device: {dev_name}   torch {torch.__version__}   amp: {a.amp}   channels_last: {trainer.channels_last}")
     print(f"model: FMN {a.backbone} (base width {a.base_width}), local layer {a.local_layer}, "
           f"input {a.height}x{a.width}, batch {a.batch}, {a.classes} classes, "
-          f"mask backend: {model.mn.backend or os.environ.get('FMN_BACKEND', 'auto')}")
+          f"mask backend: {a.mask_backend} (requested {model.mn.backend or os.environ.get('FMN_BACKEND', 'auto')})")
     print(f"{'step':<26}{'median ms':>12}{'cpu ms':>10}{'images/s':>12}")
     for name, ms, cms, ips in rows:
         print(f"{name:<26}{ms:>12.1f}{cms:>10.1f}{ips:>12.1f}")
