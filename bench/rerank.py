@@ -9,7 +9,7 @@ Methods
 Cases (d = feature dim; features: unit-norm, identity-clustered, like re-ID embeddings)
   200x1000      q=200,   g=1000,   d=256
   1000x5000     q=1000,  g=5000,   d=256
-  market        q=3368,  g=15913,  d=2048 on GPU, d=512 on CPU (CPU only with --full)
+  market        q=3368,  g=15913,  d=2048 on GPU, d=512 on CPU (on CPU with --full or --cases market)
   10kx100k      q=10000, g=100000, d=2048, topk=100 (GPU only)
 Each (case, method) runs in a fresh subprocess: wall time (median of --repeat runs after one
 warm-up where the case is small, N <= 6000, for every method, and at every size for the GPU
