@@ -47,7 +47,8 @@ def _extensions():
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            # IEEE float in the kernels (no --use_fast_math): see CMakeLists.txt
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     else:

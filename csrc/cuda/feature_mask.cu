@@ -153,22 +153,13 @@ __device__ __forceinline__ float mask_value(const MaskFunction& mf, float logit)
   }
 }
 
-// [u > 0] as IEEE compares it, subnormal u included. The .cu is built with --use_fast_math,
-// which implies -ftz=true: a float compare would then see a positive subnormal u as 0 and close
-// the ReLU gate where the CPU kernel and torch.relu's backward pass the gradient. On the bits:
-// sign clear, not +0 (bits > 0) and not NaN (bits <= +inf); -0, +0 and NaN give false.
-__device__ __forceinline__ bool is_positive(float u) {
-  const int bits = __float_as_int(u);
-  return bits > 0 && bits <= 0x7f800000;
-}
-
 // dm/dlogit given m: m * [u > 0] (exp_relu; 0 at u == 0), m * (1 - m) (sigmoid), 1 (identity),
 // times [logit <= max_logit] when clamping (torch.clamp passes the gradient at equality).
 __device__ __forceinline__ float mask_slope(const MaskFunction& mf, float logit, float m) {
   if (mf.clamp && !(logit <= mf.max_logit)) return 0.f;
   switch (mf.activation) {
     case MaskActivation::kExpRelu:
-      return is_positive(clamped_logit(mf, logit)) ? m : 0.f;
+      return clamped_logit(mf, logit) > 0.f ? m : 0.f;
     case MaskActivation::kSigmoid:
       return m * (1.f - m);
     default:
