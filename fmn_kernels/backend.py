@@ -91,6 +91,8 @@ def _warn_once(op: str, backend: str, device_type: str, why: str) -> None:
 def requested(backend: str | None) -> str:
     """The backend name asked for: the argument, else FMN_BACKEND, else 'auto'."""
     name = backend if backend is not None else os.environ.get("FMN_BACKEND", "auto")
+    if not isinstance(name, str):
+        raise ValueError(f"fmn: backend must be a name, one of {', '.join(BACKENDS)}; got {name!r}")
     name = name.lower()
     if name not in BACKENDS:
         raise ValueError(f"fmn: unknown backend '{name}'; expected one of {', '.join(BACKENDS)}")

@@ -12,6 +12,11 @@ backward the reduction over channels and the activation's derivative) is one fus
     du = dm * m * [u > 0]          the ReLU gate: the gradient is 0 at u == 0 exactly, as torch.relu
     dW = g^T du,  dg = du W^T,  db = sum_b du   (autograd through the GEMM)
 
+The gates (ReLU, and the clamp of ``max_logit``, which passes the gradient at u == max_logit)
+select as torch's backward does: 0 where closed even if dm is inf or NaN; a NaN u gives a NaN
+mask and a NaN du (unless clamped away). With create_graph=True the backward is built from the
+reference's autograd graph, so gradients of gradients are exact on every backend.
+
 Only ``f`` and the logits ``u`` are saved for backward (never ``o`` or a full-size intermediate).
 Half and bfloat16 inputs are computed in float32 and returned in the input's dtype.
 
@@ -22,6 +27,7 @@ hard-mix) run on the same kernels. ``max_logit`` clamps u from above before the 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -30,6 +36,7 @@ from fmn_kernels import backend as _backend
 from fmn_kernels.mask_linear import mask_linear
 
 ACTIVATIONS = ("exp_relu", "sigmoid", "identity")
+FEATURE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _OP = "spatial_mask_mul"
 
 
@@ -93,6 +100,11 @@ def _check_inputs(f, logits, f_other, activation, max_logit):
         raise ValueError(f"fmn.spatial_mask_mul: f must be a 4-D tensor (B, C, H, W); got {got}")
     if not f.is_floating_point():
         raise TypeError(f"fmn.spatial_mask_mul: f must be a floating-point tensor; got {f.dtype}")
+    if f.dtype not in FEATURE_DTYPES:
+        raise TypeError(
+            f"fmn.spatial_mask_mul: f must be float32, float64, float16 or bfloat16; got {f.dtype}")
+    if f.layout != torch.strided:
+        raise TypeError(f"fmn.spatial_mask_mul: f must be a dense (strided) tensor; got {f.layout}")
     B, C, H, W = f.shape
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"fmn.spatial_mask_mul: the mask logits must be a tensor; got {type(logits).__name__}")
@@ -108,6 +120,8 @@ def _check_inputs(f, logits, f_other, activation, max_logit):
             f"{tuple(f.shape)}; got {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise TypeError(f"fmn.spatial_mask_mul: mask logits must be floating point; got {logits.dtype}")
+    if logits.layout != torch.strided:
+        raise TypeError(f"fmn.spatial_mask_mul: the mask logits must be a dense (strided) tensor; got {logits.layout}")
     if logits.device != f.device:
         raise ValueError(
             f"fmn.spatial_mask_mul: f is on {f.device} but the mask logits are on {logits.device}; "
@@ -120,13 +134,23 @@ def _check_inputs(f, logits, f_other, activation, max_logit):
             raise TypeError(f"fmn.spatial_mix: f_other must have f's dtype {f.dtype}; got {f_other.dtype}")
         if f_other.device != f.device:
             raise ValueError(f"fmn.spatial_mix: f is on {f.device} but f_other is on {f_other.device}")
+        if f_other.layout != torch.strided:
+            raise TypeError(f"fmn.spatial_mix: f_other must be a dense (strided) tensor; got {f_other.layout}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"fmn: unknown activation '{activation}'; expected one of {', '.join(ACTIVATIONS)}")
-    if max_logit is not None:
-        max_logit = float(max_logit)
-        if math.isnan(max_logit):
-            raise ValueError("fmn.spatial_mask_mul: max_logit must be a number or None; got NaN")
-    return logits, max_logit
+    return logits, _check_max_logit(max_logit)
+
+
+def _check_max_logit(max_logit):
+    if max_logit is None:
+        return None
+    try:
+        value = float(max_logit)
+    except (TypeError, ValueError, RuntimeError):
+        value = math.nan
+    if math.isnan(value):
+        raise ValueError(f"fmn.spatial_mask_mul: max_logit must be a number or None; got {max_logit!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,12 +184,27 @@ def _make_autograd(opname: str):
         f, logits, f_other = ctx.saved_tensors
         need_df, need_logits, need_other = ctx.needs_input_grad[:3]
         need_other = need_other and f_other is not None
+        if torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (grad_out, f, logits, f_other)):
+            # create_graph=True (double backward): the fused backward is not differentiable, so
+            # the gradients are built from the reference's autograd graph instead.
+            return _backward_through_reference(
+                grad_out, f, logits, f_other, ctx.activation, ctx.max_logit, (need_df, need_logits, need_other))
         df, dlogits, dother = _BACKWARD_OPS[opname](
             grad_out, f, logits, f_other, ctx.activation, ctx.max_logit, need_df, need_other)
         return (df if need_df else None, dlogits if need_logits else None,
                 dother if need_other else None, None, None)
 
     return setup_context, backward
+
+
+def _backward_through_reference(grad_out, f, logits, f_other, activation, max_logit, needs):
+    """The backward as a differentiable graph (for gradients of gradients)."""
+    inputs = [t for t, need in zip((f, logits, f_other), needs) if need]
+    with torch.enable_grad():
+        out = spatial_mask_mul_ref(f, logits, activation, max_logit, f_other)
+    grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs) + (None, None)
 
 
 def _register(opname: str, backward_opname: str) -> None:
@@ -185,6 +224,13 @@ def _compiled_op():
         _register("fmn::spatial_mask_mul", "fmn::spatial_mask_mul_backward")
         _registered["compiled"] = True
     return torch.ops.fmn.spatial_mask_mul.default
+
+
+# Fake kernels and autograd are registered as soon as the extension is there, so that the op is
+# differentiable and traceable by torch.compile from its first call (registering inside a
+# torch.compile trace is not possible) and when torch.ops.fmn.spatial_mask_mul is called directly.
+if _backend.extension_loaded() and hasattr(torch.ops.fmn, "spatial_mask_mul"):
+    _compiled_op()
 
 
 def _triton_op():
@@ -241,6 +287,12 @@ def feature_mask(
 
 
 def _mask_logits(f, g, weight, bias):
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"fmn.FusedFeatureMask: the weight must be 2-D (M, H*W); got {got}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[1],)):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"fmn.FusedFeatureMask: the bias must have shape (H*W,) = ({weight.shape[1]},); got {got}")
     if not isinstance(g, torch.Tensor) or g.dim() != 2:
         got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
         raise ValueError(f"fmn.FusedFeatureMask: global features must be 2-D (B, M); got {got}")
@@ -296,18 +348,19 @@ class FusedFeatureMask(nn.Module):
     def __init__(self, global_dim: int, mask_hw, bias: bool = True, *, max_logit: float | None = None,
                  backend: str | None = None, device=None, dtype=None):
         super().__init__()
-        if isinstance(mask_hw, int):
+        if isinstance(mask_hw, numbers.Integral):
             mask_hw = (mask_hw, mask_hw)
-        mask_hw = tuple(int(v) for v in mask_hw)
-        if len(mask_hw) != 2 or min(mask_hw) < 1 or int(global_dim) < 1:
+        sizes = (global_dim, *mask_hw) if isinstance(mask_hw, (tuple, list, torch.Size)) else ()
+        integers = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in sizes)
+        if len(sizes) != 3 or not integers or min(sizes) < 1:
             raise ValueError(
-                f"fmn.FusedFeatureMask: global_dim >= 1 and mask_hw = (H, W) >= 1 expected; "
-                f"got global_dim={global_dim}, mask_hw={mask_hw}")
+                f"fmn.FusedFeatureMask: an integer global_dim >= 1 and mask_hw = (H, W) of integers >= 1 "
+                f"expected; got global_dim={global_dim!r}, mask_hw={mask_hw!r}")
         if backend is not None:
             _backend.requested(backend)
         self.global_dim = int(global_dim)
-        self.mask_hw = mask_hw
-        self.max_logit = max_logit
+        self.mask_hw = (int(mask_hw[0]), int(mask_hw[1]))
+        self.max_logit = _check_max_logit(max_logit)
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
         n = mask_hw[0] * mask_hw[1]

@@ -6,8 +6,9 @@
 // Backward, given do = grad_out:
 //            no mix: df = do * m,            dm = sum_c do * f
 //            mix:    df = do * (1 - m),      df_other = do * m,   dm = sum_c do * (f_other - f)
-//            dlogits = dm * act'(u) * [logits <= max_logit]
-//            act'(u) = m * [u > 0] (exp_relu),  m * (1 - m) (sigmoid),  1 (identity)
+//            dlogits = dm * act'(u) where logits <= max_logit, else 0
+//            act'(u) = m where u > 0, else 0 (exp_relu),  m * (1 - m) (sigmoid),  1 (identity)
+//            (the gates select, as torch's relu and clamp backward: 0 even where dm is inf/NaN)
 //
 // m is computed once per (b, hw) and reused for every channel. Sums are accumulated in float32
 // for float16/bfloat16/float32 and in float64 for float64.
@@ -246,35 +247,37 @@ at::Tensor mask_values(const Problem& p) {
   return u;
 }
 
-// dm/dlogit at one position, given the logit and m = act(min(logit, max_logit)):
-//   exp_relu: m * [u > 0]   (0 at u == 0 exactly, as torch's relu backward)
-//   sigmoid:  m * (1 - m)
-//   identity: 1
-// times [logit <= max_logit] when clamping (torch.clamp's backward passes at equality).
+// dlogit at one position, given dm = sum_c do * f (or do * (g - f)), the logit and
+// m = act(min(logit, max_logit)):
+//   exp_relu: dm * m, and 0 where u <= 0   (0 at u == 0 exactly, as torch's relu backward)
+//   sigmoid:  dm * m * (1 - m)
+//   identity: dm
+// and 0 where logit > max_logit when clamping (torch.clamp's backward passes at equality).
+// A closed gate gives 0 even where dm is inf or NaN, and a NaN logit is never gated by the ReLU,
+// as torch's relu and clamp backward select rather than multiply.
 template <typename acc_t>
-struct MaskSlope {
+struct LogitGrad {
   Activation activation;
   bool clamp;
   acc_t max_logit;
 
-  acc_t operator()(acc_t logit, acc_t m) const {
+  acc_t operator()(acc_t dm, acc_t logit, acc_t m) const {
     if (clamp && !(logit <= max_logit)) return acc_t(0);
-    const acc_t u = (clamp && logit > max_logit) ? max_logit : logit;
     switch (activation) {
       case Activation::kExpRelu:
-        return u > acc_t(0) ? m : acc_t(0);
+        return logit <= acc_t(0) ? acc_t(0) : dm * m;
       case Activation::kSigmoid:
-        return m * (acc_t(1) - m);
+        return dm * (m * (acc_t(1) - m));
       case Activation::kIdentity:
         break;
     }
-    return acc_t(1);
+    return dm;
   }
 };
 
 template <typename acc_t>
-MaskSlope<acc_t> mask_slope(const Problem& p) {
-  return MaskSlope<acc_t>{p.activation, p.clamp, static_cast<acc_t>(p.max_logit)};
+LogitGrad<acc_t> logit_grad(const Problem& p) {
+  return LogitGrad<acc_t>{p.activation, p.clamp, static_cast<acc_t>(p.max_logit)};
 }
 
 template <typename scalar_t>
@@ -367,7 +370,7 @@ int64_t backward_plane_tile(int64_t batch, int64_t spatial) {
 // the contiguous rows of do, f (and g = f_other) are read once; in the same pass
 //   dm[hw] += do * f                      df = do * m                    (no mix)
 //   dm[hw] += do * (g - f)                df = do * (1 - m), dg = do * m (mix)
-// and at the end dlogits[b, hw] = dm[hw] * dm/dlogit.
+// and at the end dlogits[b, hw] = dlogit(dm[hw]) (LogitGrad).
 template <typename scalar_t, typename acc_t, bool MIX, bool NEED_DF, bool NEED_DG>
 void backward_plane(const Problem& p, const acc_t* mask, const FeaturePointers<scalar_t>& in,
                     const GradPointers<scalar_t>& gr, acc_t* dlogits) {
@@ -375,7 +378,7 @@ void backward_plane(const Problem& p, const acc_t* mask, const FeaturePointers<s
   const int64_t tile = backward_plane_tile(B, HW);
   const int64_t tiles = (HW + tile - 1) / tile;
   const acc_t* logits = p.logits.const_data_ptr<acc_t>();
-  const auto slope = mask_slope<acc_t>(p);
+  const auto dlogit = logit_grad<acc_t>(p);
 
   at::parallel_for(0, B * tiles, grain_for(C * tile), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> dm_buffer(static_cast<size_t>(tile));
@@ -437,7 +440,7 @@ void backward_plane(const Problem& p, const acc_t* mask, const FeaturePointers<s
       }
       const acc_t* lp = logits + b * HW + hw0;
       acc_t* dl = dlogits + b * HW + hw0;
-      for (int64_t i = 0; i < n; ++i) dl[i] = dm[i] * slope(lp[i], m[i]);
+      for (int64_t i = 0; i < n; ++i) dl[i] = dlogit(dm[i], lp[i], m[i]);
     }
   });
 }
@@ -450,7 +453,7 @@ void backward_channel(const Problem& p, const acc_t* mask, const FeaturePointers
                       const GradPointers<scalar_t>& gr, acc_t* dlogits) {
   const int64_t C = p.channels, HW = p.spatial;
   const acc_t* logits = p.logits.const_data_ptr<acc_t>();
-  const auto slope = mask_slope<acc_t>(p);
+  const auto dlogit = logit_grad<acc_t>(p);
 
   at::parallel_for(0, p.batch * HW, grain_for(C), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -479,7 +482,7 @@ void backward_channel(const Problem& p, const acc_t* mask, const FeaturePointers
           if constexpr (NEED_DF) dfp[c] = static_cast<scalar_t>(d * m);
         }
       }
-      dlogits[row] = dot * slope(logits[row], m);
+      dlogits[row] = dlogit(dot, logits[row], m);
     }
   });
 }

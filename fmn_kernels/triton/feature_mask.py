@@ -17,8 +17,9 @@ ACT_CODES = {"exp_relu": 0, "sigmoid": 1, "identity": 2}
 @triton.jit
 def _activation(u, ACT: tl.constexpr):
     # exp_relu: m = exp(max(u, 0)); sigmoid: m = 1 / (1 + exp(-u)); identity: m = u
+    # (max by tl.where, so that a NaN u gives a NaN m as torch.relu does; tl.maximum may drop it)
     if ACT == 0:
-        m = tl.exp(tl.maximum(u, 0.0))
+        m = tl.exp(tl.where(u < 0.0, 0.0, u))
     elif ACT == 1:
         m = 1.0 / (1.0 + tl.exp(-u))
     else:
@@ -28,7 +29,7 @@ def _activation(u, ACT: tl.constexpr):
 
 # o[b, c, p] = f[b, c, p] * m[b, p]                          (MIX == False)
 # o[b, c, p] = f[b, c, p] * (1 - m[b, p]) + g[b, c, p] * m[b, p]   (MIX == True, g = f_other)
-# m[b, p] = act(min(u[b, p], max_logit))
+# m[b, p] = act(min(u[b, p], max_logit))   (a NaN u stays NaN, as torch.clamp)
 @triton.jit
 def _spatial_mask_mul_fwd(
     f_ptr, g_ptr, u_ptr, o_ptr,
@@ -45,7 +46,7 @@ def _spatial_mask_mul_fwd(
     p_ok = p < P
     u = tl.load(u_ptr + b * P + p, mask=p_ok, other=0.0).to(ACC)
     if HAS_MAX:
-        u = tl.minimum(u, max_logit)
+        u = tl.where(u > max_logit, max_logit, u)
     m = _activation(u, ACT)[None, :]
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
@@ -62,8 +63,9 @@ def _spatial_mask_mul_fwd(
 
 # no mix: df = do * m;            dm = sum_c do * f
 # mix:    df = do * (1 - m);  dg = do * m;  dm = sum_c do * (g - f)
-# du = dm * act'(u):  exp_relu m * [u > 0];  sigmoid m * (1 - m);  identity 1;
-#      and 0 where u > max_logit (the clamp passes the gradient where u <= max_logit)
+# du = dm * act'(u):  exp_relu m, and 0 where u <= 0;  sigmoid m * (1 - m);  identity 1;
+#      and 0 unless u <= max_logit (the clamp passes the gradient at equality). The gates select
+#      (as torch's relu and clamp backward): 0 even where dm is inf or NaN.
 @triton.jit
 def _spatial_mask_mul_bwd(
     do_ptr, f_ptr, g_ptr, u_ptr, df_ptr, dg_ptr, du_ptr,
@@ -84,7 +86,7 @@ def _spatial_mask_mul_bwd(
     u_raw = tl.load(u_ptr + b * P + p, mask=p_ok, other=0.0).to(ACC)
     u = u_raw
     if HAS_MAX:
-        u = tl.minimum(u, max_logit)
+        u = tl.where(u > max_logit, max_logit, u)
     m1 = _activation(u, ACT)
     m = m1[None, :]
     dm = tl.zeros([BLOCK_P], dtype=ACC)
@@ -108,13 +110,13 @@ def _spatial_mask_mul_bwd(
                 tl.store(df_ptr + b * df_sb + c[:, None] * df_sc + p[None, :] * df_sp,
                          (d * m).to(df_ptr.dtype.element_ty), mask=ok)
     if ACT == 0:
-        du = tl.where(u > 0.0, dm * m1, 0.0)
+        du = tl.where(u <= 0.0, 0.0, dm * m1)
     elif ACT == 1:
         du = dm * m1 * (1.0 - m1)
     else:
         du = dm
     if HAS_MAX:
-        du = tl.where(u_raw > max_logit, 0.0, du)
+        du = tl.where(u_raw <= max_logit, du, 0.0)
     tl.store(du_ptr + b * P + p, du.to(du_ptr.dtype.element_ty), mask=p_ok)
 
 
