@@ -30,7 +30,7 @@ def backward_op(*args):
 
 
 def reference(f, logits, f_other, activation, max_logit):
-    """o = f * m or f + (f_other - f) * m, m = act(min(logits, max_logit)) broadcast over C."""
+    """o = f * m or f * (1 - m) + f_other * m, m = act(min(logits, max_logit)) broadcast over C."""
     B, C, H, W = f.shape
     u = logits if max_logit is None else logits.clamp(max=max_logit)
     if activation == "exp_relu":
@@ -40,7 +40,7 @@ def reference(f, logits, f_other, activation, max_logit):
     else:
         m = u
     m = m.reshape(B, 1, H, W)
-    return f * m if f_other is None else f + (f_other - f) * m
+    return f * m if f_other is None else f * (1 - m) + f_other * m
 
 
 def make_features(shape, dtype, layout, gen):
