@@ -153,17 +153,20 @@ __device__ __forceinline__ float mask_value(const MaskFunction& mf, float logit)
   }
 }
 
-// dm/dlogit given m: m * [u > 0] (exp_relu; 0 at u == 0), m * (1 - m) (sigmoid), 1 (identity),
-// times [logit <= max_logit] when clamping (torch.clamp passes the gradient at equality).
-__device__ __forceinline__ float mask_slope(const MaskFunction& mf, float logit, float m) {
+// dlogit = dm * dm/dlogit, given m: dm * m (exp_relu), dm * m * (1 - m) (sigmoid), dm (identity).
+// The gates select rather than multiply, as torch's relu and clamp backward do, so an inf or NaN
+// dm behind a closed gate gives 0: exp_relu's ReLU gate is closed where u <= 0 (0 at u == 0
+// exactly; a NaN logit passes NaN), the clamp's where logit > max_logit (open at equality).
+// The same function as LogitGrad in csrc/cpu/feature_mask.cpp.
+__device__ __forceinline__ float logit_grad(const MaskFunction& mf, float dm, float logit, float m) {
   if (mf.clamp && !(logit <= mf.max_logit)) return 0.f;
   switch (mf.activation) {
     case MaskActivation::kExpRelu:
-      return clamped_logit(mf, logit) > 0.f ? m : 0.f;
+      return logit <= 0.f ? 0.f : dm * m;
     case MaskActivation::kSigmoid:
-      return m * (1.f - m);
+      return dm * (m * (1.f - m));
     default:
-      return 1.f;
+      return dm;
   }
 }
 
@@ -348,7 +351,7 @@ __global__ void __launch_bounds__(1024) backward_plane_kernel(const SpatialMaskB
         if (pc < packets) {
           const int64_t pos = b * HW + pc * VEC + i;
           const float logit = __ldg(a.logits + pos);
-          a.dlogits[pos] = dm * mask_slope(a.mask, logit, mask_value(a.mask, logit));
+          a.dlogits[pos] = logit_grad(a.mask, dm, logit, mask_value(a.mask, logit));
         }
       }
       __syncthreads();
@@ -422,7 +425,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) backward_channel_kernel(cons
         }
       }
       for (int offset = lanes / 2; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-      if (hw < HW && threadIdx.x == 0) a.dlogits[b * HW + hw] = acc * mask_slope(a.mask, logit, m);
+      if (hw < HW && threadIdx.x == 0) a.dlogits[b * HW + hw] = logit_grad(a.mask, acc, logit, m);
     }
   }
 }
