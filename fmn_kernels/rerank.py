@@ -155,6 +155,12 @@ def _compiled_op():
     return torch.ops.fmn.rerank.default
 
 
+# The fake kernel is registered as soon as the extension is there: registering inside a
+# torch.compile trace is not possible, so a compiled first call would otherwise fail.
+if _backend.extension_loaded() and hasattr(torch.ops.fmn, "rerank"):
+    _compiled_op()
+
+
 def _variant(k1: int, faiss_compat: bool) -> tuple[int, int, bool, bool]:
     """(forward list length, half list length, raw weights, clamp J) before capping at N."""
     half = int(round(k1 / 2.0)) + 1  # Python's round is round-half-even, like numpy.around

@@ -432,3 +432,20 @@ def test_bad_knn_precision_raises():
     qf, gf = random_feats(4, 10, 3, seed=0)
     with pytest.raises(ValueError, match="knn_precision"):
         rerank(qf, gf, knn_precision="fp8")
+
+
+def test_fake_kernel_registered_at_import():
+    """torch.compile can trace fmn::rerank from its first call: the fake (Meta) kernel is there
+    once the module is imported, not only after an eager call."""
+    import subprocess
+    import sys
+
+    from fmn_kernels import backend as fb
+
+    if not fb.has_compiled_kernel("rerank", "cpu"):
+        pytest.skip("the compiled re-ranking kernel is not built")
+    code = ("import torch, fmn_kernels.rerank; "
+            "print(torch._C._dispatch_has_kernel_for_dispatch_key('fmn::rerank', 'Meta'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "True"
