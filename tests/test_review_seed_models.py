@@ -163,3 +163,19 @@ def test_non_finite_weights_are_never_checkpointed(synth, tmp_path, monkeypatch)
     assert all(bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point())
     assert not (tmp_path / "model.pt").exists()
     assert [r["epoch"] for r in _log_lines(tmp_path)] == [1]
+
+
+def test_pmm_mix_after_the_last_classifier_stage_is_one_clear_error():
+    """A mix at or after the deepest stage with a classifier reaches no classifier: the forward
+    used to skip it without a word."""
+    with pytest.raises(ValueError, match=r"mix_stages \['layer3'\] come at or after the last stage with a classifier "
+                                         r"\(layer3\)"):
+        _model("pmm", stages=["layer2", "layer3"], mix_stages=["layer2", "layer3"])
+    with pytest.raises(ValueError, match=r"mix_stages \['layer4'\]"):
+        _model("pmm", mix_stages=["layer3", "layer4"], batch_drop=True)
+    # layer4's batch-drop classifier sees a mix after layer3 even when layer3 is the last stage
+    model = _model("pmm", stages=["layer2", "layer3"], mix_stages=["layer2", "layer3"], batch_drop=True).train()
+    batch = _batch()
+    out = model(batch["img"], batch=batch)
+    assert sorted(out["mix"]) == ["layer2", "layer3"]
+    assert sorted(_model("pmm", stages=["layer2", "layer3"], mix_stages=["layer2"]).mix_stages) == ["layer2"]

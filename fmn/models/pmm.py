@@ -121,15 +121,21 @@ class PMM(SeedModel):
             raise ValueError(f"pmm: at least one stage classifier must start at epoch 0, got {starts}")
         self.stage_start = dict(zip(self.stages, (int(v) for v in starts)))
         self.mix_stages = check_stages("pmm", "mix_stages", mix_stages)
-        if self.mix_stages and self.mix_stages[-1] == STAGES[-1]:
-            raise ValueError("pmm: mix_stages cannot include layer4 (no later stage sees the mixed features)")
+        # features mixed after a stage reach a classifier only through a later stage that has one
+        # (layer4 has one with batch_drop)
+        batch_drop = check_bool("pmm", "batch_drop", batch_drop)
+        deepest = STAGES.index(STAGES[-1] if batch_drop else self.stages[-1])
+        late = [s for s in self.mix_stages if STAGES.index(s) >= deepest]
+        if late:
+            raise ValueError(f"pmm: mix_stages {late} come at or after the last stage with a classifier "
+                             f"({STAGES[deepest]}): no classifier would see the mixed features")
         for key, frac in (("mix_block", mix_block), ("drop_block", drop_block)):
             if not isinstance(frac, (list, tuple)) or len(frac) != 2 or not all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < v <= 1.0 for v in frac):
                 raise ValueError(f"pmm: {key} must be two fractions in (0, 1] (height, width), got {frac!r}")
         self.mix_block = tuple(float(v) for v in mix_block)
         self.mix_prob = float(check_number("pmm", "mix_prob", mix_prob, lo=0, hi=1))
-        self.batch_drop = check_bool("pmm", "batch_drop", batch_drop)
+        self.batch_drop = batch_drop
         self.drop_block = tuple(float(v) for v in drop_block)
         self.heads = nn.ModuleDict({s: self.head(self.channels[s]) for s in self.stages})
         if self.batch_drop:
