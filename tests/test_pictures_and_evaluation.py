@@ -1,5 +1,6 @@
-"""Defects found in review of the ranked-list pictures, the Fig. 4 heatmaps and the evaluator:
-each test fails on the code before the fix and states the behaviour that is expected now."""
+"""The ranked-list pictures, the Fig. 4 heatmaps and the evaluator on their delicate cases: junk
+gallery ids, train/eval flags, half-precision models, overflowed masks, image formats, atomic
+JSON and bad input."""
 import json
 import os
 

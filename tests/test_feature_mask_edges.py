@@ -1,4 +1,4 @@
-"""Review of the feature-mask op: non-finite values through the gates, NaN logits, gradients of
+"""The feature-mask op at its edges: non-finite values through the gates, NaN logits, gradients of
 gradients, registration before the first call, and one clear error for each bad argument."""
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""Review of MMGA, MGRAN, PMM and the seed trainer: part masks that are missing, misshapen or at
+"""MMGA, MGRAN, PMM and the seed trainer on bad or unusual input: part masks that are missing, misshapen or at
 another resolution; option validation; the training log, mismatched checkpoints and non-finite
 weights in the seed trainer."""
 import json
@@ -96,7 +96,7 @@ def test_a_single_stage_or_region_name_is_one_name():
 # ------------------------------------------------------------------------------ seed trainer
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("review_seed") / "synth")
+    root = str(tmp_path_factory.mktemp("seed_checks") / "synth")
     generate(root, num_ids=8, num_cams=2, images_per_id_per_cam=2, height=H, width=W, progress=False)
     return build_dataset("synthetic", root)
 

@@ -1,5 +1,5 @@
-"""Review of the CUDA feature-mask kernels (csrc/cuda/feature_mask.cu): the cases a static reading
-found delicate, run against spatial_mask_mul_ref.
+"""The CUDA feature-mask kernels (csrc/cuda/feature_mask.cu) in their delicate cases, against
+spatial_mask_mul_ref.
 
 - The ReLU gate: du = 0 at u == 0 exactly, du = dm * m for every u > 0, subnormal u included.
   The .cu is built with --use_fast_math (-ftz=true), under which a float compare sees a positive
