@@ -9,50 +9,24 @@ whose weights do not fit the model gives one ``CheckpointError`` naming the file
 from __future__ import annotations
 
 import os
-import secrets
 from typing import Any
 
 import torch
 from torch import nn
+
+from fmn.atomic import atomic_write
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or whose weights do not fit the model."""
 
 
-def _fsync_dir(folder: str) -> None:
-    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> str:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # created like any other file (mode 0o666 less the umask), unlike tempfile.mkstemp's 0o600
-    tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    def write(tmp):
+        with open(tmp, "wb") as fh:
             torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-    return path
+
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

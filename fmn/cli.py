@@ -186,20 +186,10 @@ def _check_output_dir(folder: str, what: str) -> None:
 
 
 def _atomic_write(path: str, write) -> str:
-    """``write(tmp_path)``, then move the file over ``path``: a reader never sees half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    base = os.path.basename(path)
-    # keep the extension last: numpy and PIL choose the format from it
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{base}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """``write(tmp_path)``, then the file moved over ``path`` (fmn.atomic.atomic_write)."""
+    from fmn.atomic import atomic_write
+
+    return atomic_write(path, write)
 
 
 def _write_json(path: str, payload: dict) -> str:

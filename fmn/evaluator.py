@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 import warnings
 from typing import Dict, List, Optional, Tuple
@@ -24,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from fmn.atomic import atomic_write
 from fmn.metrics import euclidean_distance, evaluate
 
 __all__ = ["extract_features", "fuse", "evaluate_features", "evaluate_model", "format_results", "get_reranker",
@@ -200,21 +200,12 @@ def evaluate_model(model: torch.nn.Module, dataset, height: int, width: int, dev
 
 
 def write_json(path: str, payload: dict, strict: bool = True) -> str:
-    """Write ``payload`` as JSON atomically: to a temporary file in the same folder, flushed to
-    disk, then moved over ``path``, so a reader never sees half a file. ``strict``: NaN / inf are
-    an error (else written as Python's json module does, NaN / Infinity)."""
+    """Write ``payload`` as JSON atomically (fmn.atomic). ``strict``: NaN / inf are an error (else
+    written as Python's json module does, NaN / Infinity)."""
     text = json.dumps(payload, indent=2, allow_nan=not strict)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
+
+    def write(tmp):
         with open(tmp, "w") as fh:
             fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write)

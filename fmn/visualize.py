@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from fmn.atomic import atomic_write
 from fmn.data.base import read_image
 from fmn.metrics import JUNK_PID
 
@@ -87,21 +88,11 @@ def ranked_list(dist, q_paths: Sequence[str], g_paths: Sequence[str], q_pids, g_
 
 
 def save_image(img: Image.Image, path: str) -> str:
-    """Save ``img`` (format from the extension) atomically: written to a temporary file in the same
-    folder, then moved over ``path``, so a reader never sees half a picture."""
+    """Save ``img`` (format from the extension) atomically (fmn.atomic): a reader never sees half a
+    picture."""
     ext = os.path.splitext(path)[1].lower()
     fmt = Image.registered_extensions().get(ext)
     if fmt is None:
         raise ValueError(f"{path}: unknown image file extension {ext or '(none)'!r}; expected an image "
                          f"extension such as .png or .jpg")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
-        img.save(tmp, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: img.save(tmp, format=fmt))

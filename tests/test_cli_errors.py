@@ -193,12 +193,12 @@ def test_results_json_is_written_atomically(tmp_path, monkeypatch):
     cli._write_results(str(path), DS, cfg, {"FMN": {"mAP": 1.0}}, 1.0)
     before = path.read_text()
 
-    import fmn.evaluator as ev
+    import fmn.atomic
 
     def broken_fsync(fd):             # the text is in the temporary file, the disk fails
         raise OSError("disk full")
 
-    monkeypatch.setattr(ev.os, "fsync", broken_fsync)
+    monkeypatch.setattr(fmn.atomic.os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         cli._write_results(str(path), DS, cfg, {"FMN": {"mAP": 2.0}}, 1.0)
     assert path.read_text() == before and json.loads(before)["results"]["FMN"]["mAP"] == 1.0
