@@ -20,8 +20,12 @@ distance from pixel p to the segment and ``sigma = kp_sigma * W``.
 
 Augmentation: the masks go through the same horizontal flip and pad-and-crop as the image
 (one draw per sample, ``fmn.data.transforms.augment_batch`` on the stacked image and mask
-channels; the zero padding is background for the masks). Random erasing then touches the image
-only. The region groups are left/right symmetric, so a flip needs no channel swap.
+channels; the zero padding is background for the masks). Random erasing then fills a rectangle
+of the image with noise and sets the masks to 0 there: an erased rectangle is an occluder, and
+occluders are background in the mask files (``fmn.data.masks``). A batch's draws are seeded by
+(seed, its sample indices) (``fmn.data.transforms.batch_generator``), as in
+``fmn.data.loader``: the same in any worker, on any replica, after any resume. The region groups
+are left/right symmetric, so a flip needs no channel swap.
 
 Missing files or a mask whose size differs from its image raise ``DatasetError`` naming the
 file and the expected layout before training starts (``check_parts``).
@@ -40,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from fmn.data.base import DatasetError, ReIDDataset, Sample
 from fmn.data.masks import KEYPOINT_NAMES, load_keypoints, load_mask, parts_paths
 from fmn.data.sampler import PKSampler
-from fmn.data.transforms import augment_batch, load_resized, to_float_normalized
+from fmn.data.transforms import augment_batch, batch_generator, load_resized, to_float_normalized
 
 __all__ = ["PART_CHANNELS", "LABEL_GROUPS", "KEYPOINT_REGIONS", "LAYOUT_HELP", "PartsImageDataset",
            "check_parts", "keypoint_regions", "label_groups", "make_parts_train_loader", "part_index",
@@ -212,34 +216,19 @@ class _PartsCollate:
         self.augment = augment
         self.seed = seed
         self.flip_p, self.pad, self.erase_p = flip_p, pad, erase_p
-        self._gen = None
-        self._gen_pid = None
-        self._epoch = None
-
-    def set_epoch(self, epoch: int) -> None:
-        """Reseed the augmentation from (seed, epoch), so that a resumed run draws what an
-        uninterrupted one would (with ``workers=0``; worker processes draw from their own seeds)."""
-        self._epoch = int(epoch)
-        self._gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self._epoch) % (2**63 - 1))
-        self._gen_pid = os.getpid()
-
-    def _generator(self):
-        if self._gen is None or self._gen_pid != os.getpid():
-            info = torch.utils.data.get_worker_info()
-            self._gen = torch.Generator().manual_seed(info.seed if info is not None else self.seed)
-            self._gen_pid = os.getpid()
-        return self._gen
 
     def __call__(self, items):
         x = to_float_normalized(torch.stack([it[0] for it in items]))
         parts = torch.stack([it[1] for it in items]).float().div_(255.0)
         if self.augment:
-            gen = self._generator()
+            gen = batch_generator(self.seed, torch.tensor([it[5] for it in items], dtype=torch.int64), x.device)
             both = augment_batch(torch.cat([x, parts], 1), flip_p=self.flip_p, pad=self.pad, erase_p=0.0,
                                  generator=gen)
             x, parts = both[:, :3].contiguous(), both[:, 3:].contiguous()
             if self.erase_p > 0:
-                x = augment_batch(x, flip_p=0.0, pad=0, erase_p=self.erase_p, generator=gen)
+                x, erased = augment_batch(x, flip_p=0.0, pad=0, erase_p=self.erase_p, generator=gen,
+                                          return_erased=True)
+                parts = parts.masked_fill_(erased, 0.0)
         return {"img": x, "parts": parts,
                 "pid": torch.tensor([it[2] for it in items], dtype=torch.int64),
                 "camid": torch.tensor([it[3] for it in items], dtype=torch.int64),
