@@ -23,7 +23,8 @@ class PKSampler(Sampler[int]):
     batches ``rank, rank + num_replicas, ...``, truncated to the same count on every replica
     (an epoch with fewer batches than replicas is an error, not an empty epoch);
     ``batch_size`` is per replica. Call ``set_epoch(e)`` each epoch (as with
-    ``DistributedSampler``); without it, each new iteration advances the epoch by one.
+    ``DistributedSampler``); without it, the epoch advances by one when an iteration ends (or is
+    abandoned), so that ``len()`` before an iteration (``len(loader)``) counts the epoch it draws.
     """
 
     def __init__(self, pids: Sequence[int], batch_size: int = 64, num_instances: int = 4,
@@ -48,7 +49,6 @@ class PKSampler(Sampler[int]):
                              f"identities, the training set has {len(self.id_list)}")
         self.epoch = 0
         self._explicit_epoch = False
-        self._started = False
         self._cache = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -89,13 +89,13 @@ class PKSampler(Sampler[int]):
         return mine
 
     def __iter__(self) -> Iterator[int]:
-        if not self._explicit_epoch:
-            if self._started:
-                self.epoch += 1
-            self._started = True
-        batches = self._batches(self.epoch)
-        for b in batches:
-            yield from b
+        epoch = self.epoch
+        try:
+            for b in self._batches(epoch):
+                yield from b
+        finally:
+            if not self._explicit_epoch:
+                self.epoch = epoch + 1
 
     def __len__(self) -> int:
         return len(self._batches(self.epoch)) * self.batch_size
