@@ -15,7 +15,6 @@ present); batches are then gathered and augmented there, in the main process.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fmn.data.base import ReIDDataset, Sample
 from fmn.data.sampler import PKSampler
-from fmn.data.transforms import augment_batch, load_resized, to_float_normalized
+from fmn.data.transforms import augment_batch, batch_generator, load_resized, to_float_normalized
 
 __all__ = ["ImageDataset", "make_train_loader", "make_test_loader", "cache_images"]
 
@@ -64,15 +63,6 @@ class _Collate:
         self.samples = samples
         self.cache = cache
 
-    def _generator(self, index: torch.Tensor, device: torch.device) -> torch.Generator:
-        """A generator seeded by (seed, the batch's sample indices): the same batch gets the same
-        augmentation in any worker, after any resume, whatever ran before it."""
-        digest = hashlib.blake2b(index.cpu().numpy().tobytes(), digest_size=8,
-                                 key=str(self.seed).encode()).digest()
-        g = torch.Generator(device=device)
-        g.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-        return g
-
     def __call__(self, items):
         if self.cache is not None:
             index = torch.as_tensor(items, dtype=torch.int64)
@@ -89,7 +79,7 @@ class _Collate:
             index = torch.tensor([it[4] for it in items], dtype=torch.int64)
         x = to_float_normalized(imgs)
         if self.augment:
-            x = augment_batch(x, generator=self._generator(index, x.device), **self.aug_kwargs)
+            x = augment_batch(x, generator=batch_generator(self.seed, index, x.device), **self.aug_kwargs)
         if x.is_cuda:
             pids, camids, index = pids.to(x.device), camids.to(x.device), index.to(x.device)
         return {"img": x, "pid": pids, "camid": camids, "path": paths, "index": index}

@@ -61,7 +61,9 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def batch_generator(seed: int, index: torch.Tensor, device: torch.device) -> torch.Generator:
-    """A generator on ``device`` seeded by ``seed`` and a batch's sample indices (int64)."""
+    """A generator on ``device`` seeded by ``seed`` and a batch's sample indices (int64): the same
+    batch gets the same augmentation in any worker, on any replica, after any resume, whatever ran
+    before it."""
     index = torch.as_tensor(index, dtype=torch.int64).cpu().contiguous()
     digest = hashlib.blake2b(index.numpy().tobytes(), digest_size=8, key=str(seed).encode()).digest()
     g = torch.Generator(device=device)
