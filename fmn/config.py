@@ -2,14 +2,19 @@
 
     cfg = load_config("configs/market1501.yaml", overrides=["train.stage1.lr=0.05", "data.root=/data/market"])
 
-A YAML file may hold any subset of the keys in ``DEFAULTS``; unknown keys and bad values raise
-``ConfigError`` naming the key, the value and what was expected. An override ``a.b.c=value``
-parses ``value`` as YAML (``0.05`` -> float, ``[20, 40]`` -> list, ``null`` -> None).
+A YAML file may hold any subset of the keys in ``DEFAULTS``; unknown keys, a key given twice in
+one mapping and bad values raise ``ConfigError`` naming the key, the value and what was expected.
+An override ``a.b.c=value`` parses ``value`` as YAML (``0.05`` -> float, ``[20, 40]`` -> list,
+``null`` -> None), except for the paths in ``PATH_KEYS``, which are taken as written (``null`` or
+``~`` still mean None, a quoted value is unquoted). Files and overrides read numbers as YAML 1.2
+does: ``1e-3`` is a float, not the string PyYAML's YAML 1.1 rules make of it.
 """
 from __future__ import annotations
 
 import copy
+import math
 import os
+import re
 from typing import Any
 
 import yaml
@@ -92,8 +97,53 @@ LAN_INIT_CHOICES = ("backbone", "grn")
 BACKEND_CHOICES = (None, "auto", "torch", "cpu", "cuda", "triton")
 
 
+PATH_KEYS = ("model.pretrained", "data.root", "output.dir", "seed.parts_root")
+
+
 class ConfigError(ValueError):
     """A bad configuration file, key or value."""
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that reads ``1e-3`` as a float and refuses a key given twice in one
+    mapping (PyYAML keeps the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found the key {key!r} twice",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(stream) -> Any:
+    return yaml.load(stream, Loader=_Loader)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's four-line message in one line: 'line L, column C: problem (while ... at line L, column C)'."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if not problem or mark is None:
+        return " ".join(str(exc).split())
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context:
+        text += f" ({context}" + (f" at line {context_mark.line + 1}, column {context_mark.column + 1})"
+                                  if context_mark is not None else ")")
+    return text
 
 
 def _merge(base: dict, update: dict, path: str, strict: bool = True) -> dict:
@@ -102,6 +152,8 @@ def _merge(base: dict, update: dict, path: str, strict: bool = True) -> dict:
         if strict and key not in base:
             known = ", ".join(sorted(base))
             raise ConfigError(f"unknown config key '{where}'; known keys here: {known}")
+        if isinstance(base.get(key), dict) and value is None:
+            continue    # a section with every key commented out
         if isinstance(base.get(key), dict) and key != "options":
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{where}' must be a mapping, got {value!r}")
@@ -119,10 +171,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key")
+    written = raw.strip()
+    if key in PATH_KEYS and written and written[0] not in "'\"" and written not in ("null", "Null", "NULL", "~"):
+        return key.split("."), written
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if written else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': cannot parse value '{raw}': {exc}") from None
+        raise ConfigError(f"override '{text}': cannot parse value '{raw}': {_yaml_problem(exc)}") from None
     return key.split("."), value
 
 
@@ -156,9 +211,9 @@ def read_yaml_sections(path: str) -> dict:
         raise ConfigError(f"config file not found: {path}")
     with open(path) as fh:
         try:
-            data = yaml.safe_load(fh)
+            data = _load_yaml(fh)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -197,6 +252,8 @@ def with_sections_of(trained: dict, other: dict) -> dict:
 def _get(cfg: dict, key: str) -> Any:
     node = cfg
     for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"config key '{key}' is missing (a config written by another version of fmn?)")
         node = node[part]
     return node
 
@@ -206,7 +263,7 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _check(cond: bool, key: str, value: Any, expected: str) -> None:
@@ -248,7 +305,9 @@ def _bool(cfg, key):
 
 def _choice(cfg, key, choices):
     v = _get(cfg, key)
-    _check(v in choices, key, v, "one of " + ", ".join("null" if c is None else str(c) for c in choices))
+    ok = any(type(v) is type(c) and v == c for c in choices)   # True is not the choice 1, nor 1.0
+    _check(ok, key, v, "one of " + ", ".join("null" if c is None else str(c).lower() if isinstance(c, bool) else str(c)
+                                             for c in choices))
 
 
 def _str(cfg, key, allow_none=False):
@@ -260,7 +319,12 @@ def _str(cfg, key, allow_none=False):
 
 def validate(cfg: dict) -> dict:
     """Check every value; raise ``ConfigError`` on the first bad one. Returns ``cfg``."""
+    from fmn.data import _ALIASES, DATASETS
+    from fmn.models import available_models
+
     _str(cfg, "model.name")
+    _check(cfg["model"]["name"] in available_models(), "model.name", cfg["model"]["name"],
+           f"one of {', '.join(available_models())} (unknown model {cfg['model']['name']!r})")
     _choice(cfg, "model.backbone", BACKBONE_CHOICES)
     _choice(cfg, "model.local_layer", LOCAL_LAYER_CHOICES)
     _str(cfg, "model.pretrained", allow_none=True)
@@ -273,6 +337,9 @@ def validate(cfg: dict) -> dict:
     _choice(cfg, "model.backend", BACKEND_CHOICES)
 
     _str(cfg, "data.name")
+    name = cfg["data"]["name"].lower()
+    _check(name in DATASETS or name in _ALIASES, "data.name", cfg["data"]["name"],
+           f"one of {', '.join(sorted(DATASETS))} (unknown dataset {cfg['data']['name']!r})")
     _str(cfg, "data.root")
     _check(isinstance(cfg["data"]["options"], dict), "data.options", cfg["data"]["options"], "a mapping")
     _int(cfg, "data.height", lo=32)
@@ -281,6 +348,11 @@ def validate(cfg: dict) -> dict:
     _int(cfg, "data.num_instances", lo=1)
     bs, k = cfg["data"]["batch_size"], cfg["data"]["num_instances"]
     _check(bs % k == 0, "data.batch_size", bs, f"a multiple of data.num_instances ({k})")
+    if _is_num(_get(cfg, "train.triplet_weight")) and cfg["train"]["triplet_weight"] > 0:
+        # batch-hard triplet: every anchor needs a positive (K >= 2) and a negative (P >= 2)
+        _check(k >= 2, "data.num_instances", k, "at least 2 when train.triplet_weight > 0 (no positive pairs)")
+        _check(bs >= 2 * k, "data.batch_size", bs,
+               f"at least 2 identities of data.num_instances ({k}) when train.triplet_weight > 0 (no negative pairs)")
     _int(cfg, "data.workers", lo=0)
     _bool(cfg, "data.cache")
     _bool(cfg, "data.augment")
@@ -290,7 +362,7 @@ def validate(cfg: dict) -> dict:
 
     _int(cfg, "train.seed", lo=0)
     dev = cfg["train"]["device"]
-    _check(isinstance(dev, str) and (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")),
+    _check(isinstance(dev, str) and re.fullmatch(r"auto|cpu|cuda(?::[0-9]+)?", dev) is not None,
            "train.device", dev, "auto, cpu, cuda or cuda:N")
     _int(cfg, "train.num_threads", lo=1, allow_none=True)
     _choice(cfg, "train.amp", AMP_CHOICES)
@@ -298,6 +370,8 @@ def validate(cfg: dict) -> dict:
     _num(cfg, "train.momentum", lo=0.0, hi=1.0, hi_open=True)
     _num(cfg, "train.weight_decay", lo=0.0)
     _bool(cfg, "train.nesterov")
+    _check(not cfg["train"]["nesterov"] or cfg["train"]["momentum"] > 0, "train.nesterov", True,
+           "false when train.momentum is 0 (Nesterov needs momentum)")
     _num(cfg, "train.label_smoothing", lo=0.0, hi=1.0, hi_open=True)
     _num(cfg, "train.rank_margin", lo=0.0, hi=1.0)
     _num(cfg, "train.rank_weight", lo=0.0)
