@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean softmax cross-entropy, computed in float32."""
+    """Mean softmax cross-entropy, computed in float32; 0 (with a zero gradient) for an empty batch."""
+    if logits.shape[0] == 0:
+        return logits.float().sum()
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
 
@@ -24,9 +26,11 @@ def true_class_probability(logits: torch.Tensor, targets: torch.Tensor) -> torch
 def ranking_loss(
     grn_logits: torch.Tensor, lan_logits: torch.Tensor, targets: torch.Tensor, margin: float = 0.05
 ) -> torch.Tensor:
-    """Mean over the batch of max(0, p_t^G - p_t^L + margin); p^G is detached."""
+    """Mean over the batch of max(0, p_t^G - p_t^L + margin); p^G is detached. 0 for an empty batch."""
     p_g = true_class_probability(grn_logits.detach(), targets)
     p_l = true_class_probability(lan_logits, targets)
+    if p_l.numel() == 0:
+        return p_l.sum()
     return torch.clamp(p_g - p_l + margin, min=0.0).mean()
 
 

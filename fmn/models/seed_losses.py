@@ -28,7 +28,9 @@ def downsample_masks(masks: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor
 
 
 def attention_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """BCE(sigmoid(logits), masks resized to the logits' size), in float32."""
+    """BCE(sigmoid(logits), masks resized to the logits' size), in float32; 0 for an empty batch."""
+    if logits.numel() == 0:
+        return logits.float().sum()
     target = downsample_masks(masks, logits.shape[-2:]).to(torch.float32)
     return F.binary_cross_entropy_with_logits(logits.float(), target)
 
