@@ -39,11 +39,14 @@ def batch_hard_triplet(feats: torch.Tensor, targets: torch.Tensor, margin: float
 
     For each anchor: the farthest same-identity sample and the nearest other-identity sample;
     loss = mean(relu(d_ap - d_an + margin)). Anchors without a positive or a negative are skipped.
+    Distances are computed in float32 also under autocast (in bf16/fp16, the cancellation in
+    |a|^2 + |b|^2 - 2 a.b is as large as the distances themselves).
     """
-    x = feats.float()
-    sq = (x * x).sum(1)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * x @ x.t()).clamp_min(1e-12)
-    dist = d2.sqrt()
+    with torch.autocast(device_type=feats.device.type, enabled=False):
+        x = feats.float()
+        sq = (x * x).sum(1)
+        d2 = (sq[:, None] + sq[None, :] - 2.0 * x @ x.t()).clamp_min(1e-12)
+        dist = d2.sqrt()
     same = targets[:, None] == targets[None, :]
     eye = torch.eye(len(targets), dtype=torch.bool, device=feats.device)
     pos = same & ~eye

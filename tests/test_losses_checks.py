@@ -1,4 +1,5 @@
-"""The training losses at their edges: every loss on an empty batch."""
+"""The training losses at their edges: the batch-hard triplet under autocast, and every loss on an
+empty batch."""
 import pytest
 import torch
 
@@ -6,6 +7,25 @@ from fmn.losses import batch_hard_triplet, cross_entropy, ranking_loss
 from fmn.models.seed_losses import attention_loss, identity_losses
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("offset", [0.0, 4.0])
+def test_batch_hard_triplet_under_autocast_is_computed_in_float32(dtype, offset):
+    """Unnormalised features (a common offset, as after a ReLU) under mixed precision: the loss and
+    its gradient are those of float32, not of a low-precision |a|^2 + |b|^2 - 2 a.b."""
+    pids = torch.arange(4).repeat_interleave(4)
+    feats = torch.randn(16, 64) * 0.5 + offset
+    a = feats.clone().requires_grad_()
+    b = feats.clone().requires_grad_()
+    expected = batch_hard_triplet(a, pids, 0.3)
+    with torch.autocast("cpu", dtype=dtype):
+        got = batch_hard_triplet(b, pids, 0.3)
+    assert got.dtype == torch.float32 and expected.item() > 0
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    expected.backward()
+    got.backward()
+    torch.testing.assert_close(b.grad, a.grad)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
