@@ -6,11 +6,20 @@ each kernel variant launched once or twice. Every result is compared with the pu
 reference evaluated in float64 on the same inputs, so a wrong answer fails the run as well as a
 bad memory access. A backend that silently falls back to "torch" is a failure too.
 
-Mask op: fmn.spatial_mask_mul / fmn.spatial_mix / fmn.FusedFeatureMask, forward and backward,
-fp32/fp16/bf16, NCHW / channels_last / strided views, f with and without requires_grad, on the
-kernel backends of the device (cuda: "cuda" and "triton"; cpu: "cpu" and "triton" under
-TRITON_INTERPRET=1). Re-ranking: fmn.rerank (dense and topk) and fmn.rerank_from_distances,
-q=7 g=23 d=16, also with k1 larger than N, against fmn_kernels.rerank.rerank_ref.
+Mask op: fmn.spatial_mask_mul (exp_relu, sigmoid with max_logit, identity) / fmn.spatial_mix /
+fmn.FusedFeatureMask, forward and backward, fp32/fp16/bf16, NCHW / channels_last / strided views,
+f with and without requires_grad, odd shapes (element-wise paths) and aligned ones (16-byte
+packets), on the kernel backends of the device (cuda: "cuda" and "triton"; cpu: "cpu" and
+"triton" under TRITON_INTERPRET=1); and two launch-geometry shapes (GRID_SHAPES) in NCHW and
+channels_last, fp32 and bf16: C=256 on one 8x8 plane (the CUDA plane backward's 16- and 32-row
+blocks) and B=64 C=32 64x80 (several channels per block in the plane forward, a grid-stride loop
+in the channel kernels), sized for an H200's 132 multiprocessors. Re-ranking: fmn.rerank (dense
+and topk) and fmn.rerank_from_distances, q=7 g=23 d=16, also with k1 larger than N; q=5 g=150
+k1=100 (index columns longer than the Jaccard kernel's 64-wide slices, so its barrier between
+slices matters); and q=7 g=23 cut into chunks of 2 query rows (a non-zero first row r0 in the
+Jaccard kernel, several pair_sqdist launches); each against fmn_kernels.rerank.rerank_ref.
+References are evaluated on the CPU in float64, so that under a sanitizer the device runs little
+besides the kernels under test.
 
     python .ci/gpu_sanitize.py                                    # CUDA
     TRITON_INTERPRET=1 python .ci/gpu_sanitize.py --device cpu    # CPU (C++ kernels, Triton interpreted)
@@ -25,6 +34,7 @@ Exit status 0 when every check passed, 1 otherwise (each failure is printed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import sys
@@ -40,6 +50,12 @@ TOL = {"fp32": 1e-5, "fp16": 4e-3, "bf16": 3e-2}
 RERANK_TOL, RANK_TOL = 1e-5, 2e-6  # as tests/test_rerank.py (DESIGN.md section 3)
 LAYOUTS = ("contiguous", "channels_last", "channel_slice", "batch_slice_cl")
 SHAPES = ((3, 5, 7, 9), (2, 16, 8, 8))  # odd (element-wise paths); aligned (16-byte packets)
+# Launch geometry of the CUDA kernels (csrc/cuda/feature_mask.cu, 132 SMs): (1, 256, 8, 8) gives the
+# plane backward 32-row blocks; (64, 32, 64, 80) gives the plane forward 3-5 channels per block and
+# the channel kernels fewer blocks than rows (grid-stride).
+GRID_SHAPES = ((1, 256, 8, 8), (64, 32, 64, 80))
+# spatial_mask_mul cases: (f requires grad, activation, max_logit)
+MUL_CASES = ((True, "exp_relu", None), (False, "exp_relu", None), (True, "sigmoid", 0.5), (False, "identity", None))
 
 
 class Checker:
@@ -54,7 +70,7 @@ class Checker:
         if got is None or tuple(got.shape) != tuple(ref.shape):
             self.fail(name, f"shape {None if got is None else tuple(got.shape)} != {tuple(ref.shape)}")
             return float("nan")
-        got64, ref64 = got.detach().double().cpu(), ref.detach().double().cpu()
+        got64, ref64 = got.detach().double().to(ref.device), ref.detach().double()  # on the reference's device
         diff = (got64 - ref64).abs()
         rms = ref64.pow(2).mean().sqrt().item() if ref64.numel() else 0.0
         err = (diff.norm() / ref64.norm().clamp_min(1e-30)).item()
@@ -154,9 +170,17 @@ def grads(out, inputs, grad):
     return torch.autograd.grad(out, inputs, grad)
 
 
-def mask_case(chk: Checker, backend: str, dname: str, lay: str, shape, device) -> float:
-    """spatial_mask_mul (f with / without grad, exp_relu and sigmoid+max_logit) and spatial_mix,
-    forward and backward, one layout and dtype. Returns the worst relative error."""
+def cpu64(t, requires_grad: bool = False, device="cpu"):
+    """A float64 copy of ``t`` (a leaf, with ``requires_grad``) for the reference: on the CPU,
+    except for shapes too large to evaluate there quickly."""
+    return t.detach().double().to(device).requires_grad_(requires_grad)
+
+
+def mask_case(chk: Checker, backend: str, dname: str, lay: str, shape, device, mul_cases=MUL_CASES,
+              mix_cases=((True, True), (False, False)), ref_device="cpu") -> float:
+    """spatial_mask_mul (``mul_cases``: f with / without grad, exp_relu, sigmoid+max_logit,
+    identity) and spatial_mix (``mix_cases``: (f requires grad, f_other requires grad); the mask
+    always does), forward and backward, one layout and dtype. Returns the worst relative error."""
     import torch
 
     import fmn
@@ -172,17 +196,17 @@ def mask_case(chk: Checker, backend: str, dname: str, lay: str, shape, device) -
         x = torch.randn(*size, device=device).to(dtype)
         return layout(x, lay_) if lay_ else x
 
-    # spatial_mask_mul, exp_relu: f requires grad (df written) and not (df skipped)
-    for f_grad, act, max_logit in ((True, "exp_relu", None), (False, "exp_relu", None), (True, "sigmoid", 0.5)):
+    # spatial_mask_mul: f requires grad (df written) and not (df skipped)
+    for f_grad, act, max_logit in mul_cases:
         f, u = fresh(B, C, H, W, lay_=lay), fresh(B, H * W)
         f.requires_grad_(f_grad)
         u.requires_grad_(True)
         out = fmn.spatial_mask_mul(f, u, act, max_logit, backend=backend)
         grad = fresh(*out.shape, lay_=lay)
         got = grads(out, (f, u) if f_grad else (u,), grad)
-        f64, u64 = f.detach().double().requires_grad_(f_grad), u.detach().double().requires_grad_(True)
+        f64, u64 = cpu64(f, f_grad, ref_device), cpu64(u, True, ref_device)
         ref = spatial_mask_mul_ref(f64, u64, act, max_logit)
-        want = grads(ref, (f64, u64) if f_grad else (u64,), grad.double())
+        want = grads(ref, (f64, u64) if f_grad else (u64,), cpu64(grad, False, ref_device))
         name = f"{tag} mul {act}{'' if max_logit is None else f' max_logit={max_logit}'} f.grad={f_grad}"
         same_format = lay not in ("contiguous", "channels_last") or out.stride() == f.stride()
         chk.true(f"{name} dtype/format", out.dtype == dtype and same_format,
@@ -191,19 +215,23 @@ def mask_case(chk: Checker, backend: str, dname: str, lay: str, shape, device) -
         for gname, g, w in zip(("df", "du") if f_grad else ("du",), got, want):
             worst = max(worst, chk.close(f"{name} {gname}", g, w, tol))
 
-    # spatial_mix: o = f*(1-m) + f_other*m, mask (B, H, W); grads for f, f_other and the mask
-    f, fo, m = fresh(B, C, H, W, lay_=lay), fresh(B, C, H, W, lay_=lay), torch.rand(B, H, W, device=device).to(dtype)
-    for t in (f, fo, m):
-        t.requires_grad_(True)
-    out = fmn.spatial_mix(f, fo, m, backend=backend)
-    grad = fresh(*out.shape, lay_=lay)
-    got = grads(out, (f, fo, m), grad)
-    f64, fo64, m64 = (t.detach().double().requires_grad_(True) for t in (f, fo, m))
-    ref = spatial_mix_ref(f64, fo64, m64)
-    want = grads(ref, (f64, fo64, m64), grad.double())
-    worst = max(worst, chk.close(f"{tag} mix out", out, ref, tol))
-    for gname, g, w in zip(("df", "df_other", "dmask"), got, want):
-        worst = max(worst, chk.close(f"{tag} mix {gname}", g, w, tol))
+    # spatial_mix: o = f*(1-m) + f_other*m, mask (B, H, W); grads for f, f_other (when they
+    # require grad: df / df_other written or skipped) and the mask
+    for f_grad, fo_grad in mix_cases:
+        f, fo, m = fresh(B, C, H, W, lay_=lay), fresh(B, C, H, W, lay_=lay), torch.rand(B, H, W, device=device).to(dtype)
+        for t, rg in ((f, f_grad), (fo, fo_grad), (m, True)):
+            t.requires_grad_(rg)
+        out = fmn.spatial_mix(f, fo, m, backend=backend)
+        grad = fresh(*out.shape, lay_=lay)
+        names, inputs = zip(*[(n, t) for n, t in (("df", f), ("df_other", fo), ("dmask", m)) if t.requires_grad])
+        got = grads(out, inputs, grad)
+        f64, fo64, m64 = cpu64(f, f_grad, ref_device), cpu64(fo, fo_grad, ref_device), cpu64(m, True, ref_device)
+        ref = spatial_mix_ref(f64, fo64, m64)
+        want = grads(ref, [t for t in (f64, fo64, m64) if t.requires_grad], cpu64(grad, False, ref_device))
+        name = f"{tag} mix f.grad={f_grad} f_other.grad={fo_grad}"
+        worst = max(worst, chk.close(f"{name} out", out, ref, tol))
+        for gname, g, w in zip(names, got, want):
+            worst = max(worst, chk.close(f"{name} {gname}", g, w, tol))
     sync(device)
     return worst
 
@@ -232,7 +260,7 @@ def module_case(chk: Checker, backend: str, dname: str, lay: str, device, autoca
     grad = torch.randn(out.shape, device=device).to(out.dtype)
     params = (local, glob, mixer.weight, mixer.bias)
     got = grads(out, params, grad)
-    p64 = [t.detach().double().requires_grad_(True) for t in params]
+    p64 = [cpu64(t, True) for t in params]
     if autocast:  # the GEMM runs on operands rounded to the autocast dtype
         p64 = [t.detach().to(dtype).double().requires_grad_(True) if i else t for i, t in enumerate(p64)]
     # The module's logits come out of the GEMM in the compute dtype: round the reference's logits
@@ -241,7 +269,7 @@ def module_case(chk: Checker, backend: str, dname: str, lay: str, device, autoca
     u64 = torch.addmm(p64[3], p64[1], p64[2])
     u64 = u64 + (u64.to(dtype).double() - u64).detach()
     ref = spatial_mask_mul_ref(p64[0], u64, "exp_relu")
-    want = grads(ref, p64, grad.double())
+    want = grads(ref, p64, cpu64(grad))
     tag = f"module {backend} {'autocast ' if autocast else ''}{dname} {lay}"
     tol = TOL[dname]
     worst = chk.close(f"{tag} out", out, ref, tol)
@@ -263,6 +291,17 @@ def run_mask(chk: Checker, backends, device) -> None:
                                   chk, backend, dname, lay, shape, device)
                     line.append(f"{lay} {err:.1e}")
                 print(f"  mask   {backend:<6} {dname} {'x'.join(map(str, shape)):<9} " + "  ".join(line), flush=True)
+            # launch geometry of the CUDA kernels (on CPU no new path, and slow when interpreted):
+            # one mul and one mix case per shape and layout
+            if device.type == "cuda" and dname != "fp16":
+                for shape in GRID_SHAPES:
+                    line = []
+                    for lay in ("contiguous", "channels_last"):
+                        err = guarded(chk, f"mask {backend} {dname} {lay} {shape}", mask_case, chk, backend, dname,
+                                      lay, shape, device, MUL_CASES[:1], ((True, True),), device)
+                        line.append(f"{lay} {err:.1e}")
+                    print(f"  grid   {backend:<6} {dname} {'x'.join(map(str, shape)):<9} " + "  ".join(line),
+                          flush=True)
             cases = [(lay, False) for lay in ("contiguous", "channels_last")]
             if dname != "fp32":
                 cases.append(("contiguous", True))
@@ -293,26 +332,107 @@ def rerank_matches(chk: Checker, name: str, out, ref) -> float:
     return diff
 
 
+def rerank_features(q: int, g: int, d: int, clusters: int, seed: int):
+    """Identity-like clusters of unit-variance noise around spread centres (CPU float32)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    centres = 3.0 * torch.randn(clusters, d, generator=gen)
+    x = centres[torch.randint(0, clusters, (q + g,), generator=gen)] + 0.7 * torch.randn(q + g, d, generator=gen)
+    return x[:q].contiguous(), x[q:].contiguous()
+
+
+class small_chunks:
+    """fmn_kernels.rerank_sparse with at most ``rows`` rows per chunk while active: the chunked
+    paths (a Jaccard kernel launch per chunk, from a non-zero first row) at a sanitizer's size."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+
+    def __enter__(self):
+        from fmn_kernels import rerank_sparse as sp
+
+        self.sp, self.saved = sp, sp._rows_per_chunk
+        sp._rows_per_chunk = lambda n_cols, device, cap=None: min(self.saved(n_cols, device, cap), self.rows)
+        return self
+
+    def __exit__(self, *exc):
+        self.sp._rows_per_chunk = self.saved
+        return False
+
+
+class overlap_probe:
+    """Records, while active, each S chunk of the sparse pipeline (Triton's jaccard_overlap or the
+    torch _overlap_chunk): its first query row r0 and the longest column list of the index. Lets the
+    driver check that a case reaches the path it is meant for."""
+
+    def __enter__(self):
+        from fmn_kernels import rerank_sparse as sp
+
+        self.r0s, self.longest, self.patched = [], 0, []
+
+        def wrap(fn):
+            def probe(qcols, qvals, r0, r1, index, g, n):
+                ptr = index[0]
+                if ptr.numel() > 1:
+                    self.longest = max(self.longest, int((ptr[1:] - ptr[:-1]).max().item()))
+                self.r0s.append(int(r0))
+                return fn(qcols, qvals, r0, r1, index, g, n)
+            return probe
+
+        targets = [(sp, "_overlap_chunk")]
+        try:
+            from fmn_kernels.triton import rerank as tr
+
+            targets.append((tr, "jaccard_overlap"))
+        except Exception:  # noqa: BLE001 - no Triton: the torch path only
+            pass
+        for mod, name in targets:
+            self.patched.append((mod, name, getattr(mod, name)))
+            setattr(mod, name, wrap(getattr(mod, name)))
+        return self
+
+    def __exit__(self, *exc):
+        for mod, name, fn in self.patched:
+            setattr(mod, name, fn)
+        return False
+
+
 def run_rerank(chk: Checker, backends, device) -> None:
     import torch
 
     import fmn
     from fmn_kernels.rerank import rerank_from_distances_ref, rerank_ref
 
-    gen = torch.Generator().manual_seed(7)
-    q, g, d = 7, 23, 16
-    centres = 3.0 * torch.randn(4, d, generator=gen)  # identity-like clusters
-    x = centres[torch.randint(0, 4, (q + g,), generator=gen)] + 0.7 * torch.randn(q + g, d, generator=gen)
-    qf, gf = x[:q].contiguous(), x[q:].contiguous()
-    params = (dict(k1=20, k2=6, lambda_value=0.3), dict(k1=40, k2=3, lambda_value=0.5))  # k1+1 = 41 > N = 30
-    refs = [rerank_ref(qf, gf, **p) for p in params]
-    qd, gd = qf.to(device), gf.to(device)
-    def one(backend, p, ref, tag):
-        out = fmn.rerank(qd, gd, backend=backend, **p)
-        sync(device)
-        chk.true(f"{tag} device", out.device.type == device.type, f"result on {out.device}")
-        err = rerank_matches(chk, tag, out, ref)
-        values, indices = fmn.rerank(qd, gd, backend=backend, topk=5, **p)
+    # (label, q, g, d, clusters, params, rows per chunk or None)
+    cases = [
+        ("", 7, 23, 16, 4, dict(k1=20, k2=6, lambda_value=0.3), None),
+        ("", 7, 23, 16, 4, dict(k1=40, k2=3, lambda_value=0.5), None),   # k1+1 = 41 > N = 30
+        ("long columns ", 5, 150, 8, 1, dict(k1=100, k2=6, lambda_value=0.3), None),
+        ("chunks of 2 rows ", 7, 23, 16, 4, dict(k1=20, k2=6, lambda_value=0.3), 2),
+    ]
+    data = []
+    for _, q, g, d, k, p, _ in cases:
+        qf, gf = rerank_features(q, g, d, k, seed=7)
+        data.append((rerank_ref(qf, gf, **p), qf.to(device), gf.to(device)))
+
+    def one(backend, i, tag):
+        label, q, g, d, k, p, chunk = cases[i]
+        ref, qd, gd = data[i]
+        with small_chunks(chunk) if chunk else contextlib.nullcontext(), overlap_probe() as probe:
+            out = fmn.rerank(qd, gd, backend=backend, **p)
+            sync(device)
+            chk.true(f"{tag} device", out.device.type == device.type, f"result on {out.device}")
+            err = rerank_matches(chk, tag, out, ref)
+            values, indices = fmn.rerank(qd, gd, backend=backend, topk=5, **p)
+            sync(device)
+        if backend != "cpu":  # the C++ backend has its own S; the sparse pipeline's paths:
+            if label.startswith("long"):
+                chk.true(f"{tag} reaches long columns", probe.longest > 64,
+                         f"longest index column {probe.longest} <= 64: one slice, the barrier is not exercised")
+            if chunk:
+                chk.true(f"{tag} reaches chunks", len(set(probe.r0s)) > 2,
+                         f"S chunks from rows {sorted(set(probe.r0s))}: not chunked")
         sv, si = torch.sort(out, dim=1, stable=True)
         chk.true(f"{tag} topk=5", torch.equal(values, sv[:, :5]) and torch.equal(indices, si[:, :5]),
                  "topk differs from the first 5 of the sorted dense result")
@@ -322,10 +442,13 @@ def run_rerank(chk: Checker, backends, device) -> None:
         if not check_backend(chk, "rerank", backend, device):
             continue
         errs = []
-        for p, ref in zip(params, refs):
-            tag = f"rerank {backend} q={q} g={g} d={d} k1={p['k1']}"
-            errs.append(f"k1={p['k1']} {guarded(chk, tag, one, backend, p, ref, tag):.1e}")
-        print(f"  rerank {backend:<6} q={q} g={g} d={d}  max|delta| " + "  ".join(errs), flush=True)
+        for i, (label, q, g, d, _, p, _) in enumerate(cases):
+            tag = f"rerank {backend} {label}q={q} g={g} d={d} k1={p['k1']}"
+            errs.append(f"{label}q={q} g={g} k1={p['k1']} {guarded(chk, tag, one, backend, i, tag):.1e}")
+        print(f"  rerank {backend:<6} max|delta| " + "  ".join(errs), flush=True)
+
+    _, qd, gd = data[0]
+    q, g = cases[0][1:3]
 
     def from_blocks(tag):  # the distance-block entry (the sparse torch pipeline on the device)
         blocks = [torch.cdist(a, b) for a, b in ((qd, gd), (qd, qd), (gd, gd))]
