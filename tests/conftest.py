@@ -3,6 +3,7 @@
 Without a CUDA device the Triton kernels run in Triton's interpreter on CPU tensors
 (TRITON_INTERPRET=1, set before triton is imported); tests keep their shapes small there.
 """
+import importlib.util
 import os
 
 import pytest
@@ -38,3 +39,12 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def load_bench(name: str):
+    """bench/<name>.py imported as a fresh module (its main() callable with an argv list)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_under_test", os.path.join(root, "bench", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

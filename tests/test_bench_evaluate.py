@@ -2,20 +2,15 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_bench
 
 
 @pytest.fixture
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_evaluate_under_test", os.path.join(ROOT, "bench", "evaluate.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("evaluate")
 
 
 def test_a_gallery_smaller_than_markets_distractors_runs_and_appends_one_header(bench, tmp_path, capsys):

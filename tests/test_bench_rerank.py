@@ -1,7 +1,6 @@
 """bench/rerank.py: what each worker measures, which runs are timed, and its flags."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from conftest import load_bench
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "rerank.py")
 
@@ -17,9 +18,7 @@ SCRIPT = os.path.join(ROOT, "bench", "rerank.py")
 @pytest.fixture
 def bench(monkeypatch):
     """The script as a module, with its workers replaced by a recorder of their configurations."""
-    spec = importlib.util.spec_from_file_location("bench_rerank_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("rerank")
     mod.configs = []
 
     def fake_worker(cfg, timeout):

@@ -2,25 +2,20 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
-import os
 
 import pytest
 import torch
 
+from conftest import load_bench
 from fmn_kernels import backend as fb
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--backbone", "resnet18", "--base-width", "4", "--height", "64", "--width", "32", "--batch", "4",
         "--classes", "4", "--warmup", "0", "--iters", "1", "--amp", "none", "--device", "cpu"]
 
 
 @pytest.fixture
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train_under_test", os.path.join(ROOT, "bench", "train.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("train")
 
 
 def test_tiny_run_reports_the_backend_that_runs_and_appends_one_header(bench, tmp_path, capsys):
