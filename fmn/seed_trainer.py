@@ -159,8 +159,8 @@ def train_seed_model(cfg: dict, resume: bool = True, log: Callable[[str], None] 
     from tqdm import tqdm
 
     from fmn.data import build_dataset
-    from fmn.trainer import (CHECKPOINT_FORMAT, NonFiniteLossError, epoch_seed, lr_at, resolve_amp,
-                             resolve_device, seed_everything)
+    from fmn.trainer import (CHECKPOINT_FORMAT, NonFiniteLossError, epoch_seed, loss_is_finite, lr_at,
+                             non_finite_weights, resolve_amp, resolve_device, seed_everything, stop_advice)
 
     validate_seed(cfg)
     t, d = cfg["train"], cfg["data"]
@@ -199,6 +199,7 @@ def train_seed_model(cfg: dict, resume: bool = True, log: Callable[[str], None] 
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     out_dir = cfg["output"]["dir"]
     last, final = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "model.pt")
+    tips = "a lower learning rate, train.amp=none or train.grad_clip"
     if info.is_main:
         os.makedirs(out_dir, exist_ok=True)
     history: list[dict] = []
@@ -257,14 +258,10 @@ def train_seed_model(cfg: dict, resume: bool = True, log: Callable[[str], None] 
             with amp:
                 out = run_model(img, batch=batch)
                 loss, stats = model.loss(out, batch)
-            bad = not bool(torch.isfinite(loss.detach()).item())
-            if info.enabled:
-                bad = fdist.any_true(bad, device)
-            if bad:
+            if not loss_is_finite(loss, device, info.enabled):
                 raise NonFiniteLossError(
                     f"{cfg['model']['name']} epoch {epoch + 1} step {step}: the loss is {loss.item()} (not finite); "
-                    f"stopped before the step. Last good checkpoint: {last if os.path.exists(last) else 'none yet'}. "
-                    "Try a lower learning rate, train.amp=none or train.grad_clip.")
+                    f"stopped before the step. {stop_advice(last, tips)}")
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -292,15 +289,11 @@ def train_seed_model(cfg: dict, resume: bool = True, log: Callable[[str], None] 
         history.append(record)
         say(f"{cfg['model']['name']} epoch {epoch + 1}/{sc['epochs']}  lr {lr:.4g}  loss {record.get('loss', float('nan')):.4f}"
             f"  acc {record.get('acc', float('nan')):.3f}  {record['images_per_s']:.1f} img/s  {seconds:.1f}s")
-        bad_weights = [k for k, v in model.state_dict().items()
-                       if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        failed = fdist.any_true(bool(bad_weights), device) if info.enabled else bool(bad_weights)
-        if failed:
+        bad_weights = non_finite_weights(model, device, info.enabled)
+        if bad_weights:
             raise NonFiniteLossError(
                 f"{cfg['model']['name']} epoch {epoch + 1}: weights are not finite after the epoch "
-                f"({', '.join(bad_weights[:3]) if bad_weights else 'on another rank'}); stopped without saving them. "
-                f"Last good checkpoint: {last if os.path.exists(last) else 'none yet'}. "
-                "Try a lower learning rate, train.amp=none or train.grad_clip.")
+                f"({', '.join(bad_weights[:3])}); stopped without saving them. {stop_advice(last, tips)}")
         if info.is_main:
             with open(os.path.join(out_dir, "train_log.jsonl"), "a") as fh:
                 fh.write(json.dumps(record) + "\n")

@@ -20,7 +20,6 @@ AMP (bf16 / fp16) and channels_last are used on GPU; under torchrun the model is
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import signal
@@ -41,6 +40,27 @@ CHECKPOINT_FORMAT = "fmn-checkpoint-v1"
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or Inf."""
+
+
+def loss_is_finite(loss: torch.Tensor, device: torch.device, distributed: bool) -> bool:
+    """True if the loss is finite here and (under DDP) on every rank."""
+    bad = not bool(torch.isfinite(loss.detach()).item())
+    return not (fdist.any_true(bad, device) if distributed else bad)
+
+
+def non_finite_weights(module: nn.Module, device: torch.device, distributed: bool) -> list[str]:
+    """The names of floating-point weights that are not finite here (["on another rank"] when only
+    another rank has some); empty when every rank's weights are finite. Checked before saving: an
+    update can overflow on a finite loss."""
+    bad = [k for k, v in module.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    failed = fdist.any_true(bool(bad), device) if distributed else bool(bad)
+    return (bad or ["on another rank"]) if failed else []
+
+
+def stop_advice(last_checkpoint: str, tips: str) -> str:
+    """The end of a NonFiniteLossError message: where the last good checkpoint is, and what to try."""
+    where = "" if os.path.exists(last_checkpoint) else " (none written yet)"
+    return f"The last good checkpoint is {last_checkpoint}{where}. Try {tips}."
 
 
 def seed_everything(seed: int) -> None:
@@ -224,21 +244,15 @@ class Trainer:
             with open(self.log_file, "w") as fh:
                 fh.writelines(json.dumps(record) + "\n" for record in self.history)
 
+    _TIPS = "a lower learning rate, train.grad_clip, model.mask_max_logit or train.amp=none"
+
     def _check_finite_weights(self, stage: int, epoch: int) -> None:
-        """Refuse to checkpoint non-finite weights (an update can overflow on a finite loss)."""
-        bad = [k for k, v in unwrap(self.model).state_dict().items()
-               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        failed = bool(bad)
-        if self.dist.enabled:
-            failed = fdist.any_true(failed, self.device)
-        if failed:
+        """Refuse to checkpoint non-finite weights."""
+        bad = non_finite_weights(unwrap(self.model), self.device, self.dist.enabled)
+        if bad:
             raise NonFiniteLossError(
-                f"stage {stage} epoch {epoch + 1}: weights are not finite after the epoch "
-                f"({', '.join(bad[:3]) if bad else 'on another rank'}); training stopped without saving them. "
-                f"The last good checkpoint is {self.last_checkpoint}"
-                + ("" if os.path.exists(self.last_checkpoint) else " (none written yet)")
-                + ". Try a lower learning rate, train.grad_clip, model.mask_max_logit or train.amp=none."
-            )
+                f"stage {stage} epoch {epoch + 1}: weights are not finite after the epoch ({', '.join(bad[:3])}); "
+                f"training stopped without saving them. {stop_advice(self.last_checkpoint, self._TIPS)}")
 
     def save(self, stage: int, epoch: int, path: str | None = None) -> None:
         if self.dist.is_main:
@@ -279,16 +293,10 @@ class Trainer:
         with amp:
             out = self.ddp_model(img)
             loss, stats, logits = self.compute_loss(stage, out, pid)
-        bad = not bool(torch.isfinite(loss.detach()).item())
-        if self.dist.enabled:
-            bad = fdist.any_true(bad, self.device)
-        if bad:
+        if not loss_is_finite(loss, self.device, self.dist.enabled):
             raise NonFiniteLossError(
-                f"stage {stage}: the loss is {loss.item()} (not finite); training stopped before this "
-                f"step was applied. The last good checkpoint is {self.last_checkpoint}"
-                + ("" if os.path.exists(self.last_checkpoint) else " (none written yet)")
-                + ". Try a lower learning rate, train.grad_clip, model.mask_max_logit or train.amp=none."
-            )
+                f"stage {stage}: the loss is {loss.item()} (not finite); training stopped before this step was "
+                f"applied. {stop_advice(self.last_checkpoint, self._TIPS)}")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
