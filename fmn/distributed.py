@@ -2,7 +2,8 @@
 
 ``init_distributed()`` reads RANK / WORLD_SIZE / LOCAL_RANK and starts the process group with
 ``gloo`` on CPU and ``nccl`` on CUDA. Without those variables it is a no-op (world size 1). A
-process group the caller has already started is used as it is: rank and world size come from it.
+process group the caller has already started is used as it is: rank and world size come from it,
+and ``cleanup()`` leaves it for the caller to destroy.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+# True while the default process group is one that init_distributed() started.
+_started_here = False
 
 @dataclass
 class DistInfo:
@@ -61,7 +64,9 @@ def init_distributed(device_type: str = "cpu") -> DistInfo:
     if device_type == "cuda":
         _check_cuda_device(local_rank)
         torch.cuda.set_device(local_rank)
+    global _started_here
     dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    _started_here = True
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
 
@@ -97,5 +102,8 @@ def any_true(flag: bool, device: torch.device) -> bool:
 
 
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Destroy the process group if init_distributed() started it; a caller's group is left alone."""
+    global _started_here
+    if _started_here and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _started_here = False

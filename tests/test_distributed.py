@@ -71,8 +71,12 @@ def _caller_group_worker(rank, world, store, out):
     try:
         info = fdist.init_distributed("cpu")
         torch.save((info.rank, info.world_size, info.enabled, info.is_main), os.path.join(out, f"rank{rank}.pt"))
-    finally:
         fdist.cleanup()
+        assert dist.is_initialized(), "fdist.cleanup() destroyed the caller's process group"
+        dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_a_group_started_by_the_caller_gives_its_rank_and_size(tmp_path):
@@ -81,3 +85,31 @@ def test_a_group_started_by_the_caller_gives_its_rank_and_size(tmp_path):
     mp.spawn(_caller_group_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert got == [(0, 2, True, True), (1, 2, True, False)]
+
+
+def test_cleanup_leaves_a_group_started_by_the_caller(monkeypatch, tmp_path):
+    _set_env(monkeypatch, {})
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        fdist.init_distributed("cpu")
+        fdist.cleanup()
+        assert dist.is_initialized()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cleanup_destroys_the_group_it_started(monkeypatch, tmp_path):
+    # The env path (as under torchrun) with the rendezvous swapped for a one-process file store.
+    real = dist.init_process_group
+    _set_env(monkeypatch, {"WORLD_SIZE": "2", "RANK": "0"})
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: real(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=kw["rank"], world_size=1))
+    try:
+        fdist.init_distributed("cpu")
+        assert dist.is_initialized()
+        fdist.cleanup()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
