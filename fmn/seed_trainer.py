@@ -90,7 +90,10 @@ def load_seed_config(path: str | os.PathLike | None = None, overrides: list[str]
     if model is not None:
         cfg["model"]["name"] = model
     cfg["seed"] = seed_defaults(cfg["model"]["name"])
-    _merge(cfg["seed"], seed_section, "seed")
+    try:
+        _merge(cfg["seed"], seed_section, "seed")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     for text in seed_over:
         apply_override(cfg, text)
     return validate_seed(cfg)

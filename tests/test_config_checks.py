@@ -175,3 +175,11 @@ def test_a_config_without_a_key_is_one_config_error(path):
     del node[path[-1]]
     with pytest.raises(ConfigError, match="is missing"):
         validate(cfg)
+
+
+def test_an_unknown_seed_key_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  name: mmga\nseed:\n  kp_sigmaa: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_seed_config(path)
+    assert str(err.value).startswith(f"{path}: ") and "kp_sigmaa" in str(err.value)
