@@ -161,9 +161,11 @@ def test_distributed_helpers_on_a_one_process_group(tmp_path):
         fdist.barrier()
         assert torch.equal(fdist.all_reduce_sum(torch.tensor([2.0])), torch.tensor([2.0]))
         assert fdist.any_true(True, torch.device("cpu")) and not fdist.any_true(False, torch.device("cpu"))
-    finally:
         fdist.cleanup()
-    assert not dist.is_initialized()
+        assert dist.is_initialized()                              # a caller's group is left to the caller
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("env, message", [
