@@ -144,19 +144,42 @@ class ReIDDataset:
                 f"query={q}, gallery={g}, cams={self.num_cams})")
 
 
+# Files that Windows writes into every folder it shows as thumbnails (the Market-1501 archive
+# itself carries a Thumbs.db in bounding_box_test/); not part of any dataset.
+SYSTEM_FILES = ("thumbs.db", "ehthumbs.db", "desktop.ini")
+
+
+def is_system_file(name: str) -> bool:
+    """A file the operating system or an archiver writes beside the data: hidden names
+    (``.DS_Store``, the macOS ``._*`` resource forks an archive made on a Mac carries beside
+    every image) and Windows' ``Thumbs.db`` / ``desktop.ini``."""
+    return name.startswith(".") or name.lower() in SYSTEM_FILES
+
+
 def is_image_name(name: str) -> bool:
-    """An image file name by its extension; hidden names (``.DS_Store``, macOS ``._*`` resource
-    forks that archives made on a Mac carry beside every image) are not images."""
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+    """An image file name by its extension (system files such as ``._0001.jpg`` are not images)."""
+    return not is_system_file(name) and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_images(folder: str) -> List[str]:
-    """Sorted image files (by extension) directly inside ``folder``; a clear error if it is missing."""
+def not_an_image_error(path: str, expected: str) -> DatasetError:
+    return DatasetError(f"{path}: not an image file; expected {expected} "
+                        f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+
+
+def list_images(folder: str, expected: str = "image files") -> List[str]:
+    """Sorted image files directly inside ``folder``; a clear error if it is missing or holds
+    a file that is neither an image nor a system file (sub-folders are not looked at)."""
     if not os.path.isdir(folder):
         raise DatasetError(f"{folder}: folder not found")
-    names = sorted(n for n in os.listdir(folder)
-                   if is_image_name(n) and os.path.isfile(os.path.join(folder, n)))
-    return [os.path.join(folder, n) for n in names]
+    out = []
+    for n in sorted(os.listdir(folder)):
+        path = os.path.join(folder, n)
+        if is_system_file(n) or not os.path.isfile(path):
+            continue
+        if not is_image_name(n):
+            raise not_an_image_error(path, expected)
+        out.append(path)
+    return out
 
 
 def as_int_array(x) -> np.ndarray:

@@ -16,6 +16,9 @@ found under all three splits are numbered 1..n in sorted order (so query and gal
 The camera comes from a ``c<digits>`` token in the image name (``_c3_``, ``c3s1``: 1-based,
 stored 0-based); images without one get camera 0 in train and query and camera 1 in the
 gallery, so every gallery image of the query's identity counts as a cross-camera match.
+A split folder holds only identity folders and an identity folder only images (.jpg, .jpeg,
+.png, .bmp); any other file or folder is an error naming it. System files (hidden names such
+as ``.DS_Store`` and ``._*``, ``Thumbs.db``, ``desktop.ini``) are ignored.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import os
 import re
 from typing import Dict, List
 
-from fmn.data.base import DatasetError, ReIDDataset, Sample, is_image_name
+from fmn.data.base import DatasetError, ReIDDataset, Sample, is_image_name, is_system_file, not_an_image_error
 
 __all__ = ["build_custom", "read_csv", "read_folder_tree"]
 
@@ -116,23 +119,30 @@ def read_folder_tree(root: str, name: str = "custom", **options) -> ReIDDataset:
         out: List[Sample] = []
         for ident in sorted(os.listdir(folder)):
             idir = os.path.join(folder, ident)
-            if ident.startswith(".") or not os.path.isdir(idir):
-                if is_image_name(ident):
-                    raise DatasetError(f"{idir}: image directly under {folder}; expected "
-                                       f"{folder}/<identity>/<image>")
+            if is_system_file(ident):
                 continue
+            if not os.path.isdir(idir):
+                what = "image" if is_image_name(ident) else "file"
+                raise DatasetError(f"{idir}: {what} directly under {folder}; expected only identity "
+                                   f"folders, {folder}/<identity>/<image>")
             pid = id_map[ident]
             if pid == -1:
                 continue
             for fname in sorted(os.listdir(idir)):
-                if not is_image_name(fname) or not os.path.isfile(os.path.join(idir, fname)):
+                fpath = os.path.join(idir, fname)
+                if is_system_file(fname):
                     continue
+                if os.path.isdir(fpath):
+                    raise DatasetError(f"{fpath}: folder inside the identity folder {idir}; expected "
+                                       f"the images directly in it, {folder}/<identity>/<image>")
+                if not is_image_name(fname):
+                    raise not_an_image_error(fpath, f"only images in the identity folder {idir}")
                 stem = os.path.splitext(fname)[0]
                 m = _CAM.search(stem)
                 cam = int(m.group(1)) - 1 if m else _DEFAULT_CAM[split]
                 if cam < 0:
-                    raise DatasetError(f"{os.path.join(idir, fname)}: camera c0 in the name; cameras are 1-based")
-                out.append((os.path.join(idir, fname), pid, cam))
+                    raise DatasetError(f"{fpath}: camera c0 in the name; cameras are 1-based")
+                out.append((fpath, pid, cam))
         if not out:
             raise DatasetError(f"{folder}: no images found; expected {folder}/<identity>/<image>")
         splits[split] = out

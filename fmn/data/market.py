@@ -8,7 +8,9 @@ identity and camera in the file name; they differ only in the name pattern:
     CUHK03-NP       PPPP_cC_N.png               e.g. 0003_c1_2.png
 
 Identity -1 (Market "junk") is dropped; identity 0000 (distractors) is kept. Cameras are
-written 1-based in the names (any number of digits) and stored 0-based.
+written 1-based in the names (any number of digits) and stored 0-based. A split folder holds
+images (.jpg, .jpeg, .png, .bmp) only: any other file is an error naming it, except system files
+(hidden names such as ``.DS_Store`` and ``._*``, ``Thumbs.db``, ``desktop.ini``).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def read_split_folder(folder: str, pattern: re.Pattern, expected: str, keep_junk
     """``(path, pid, camid)`` of every image in ``folder``; names must match ``pattern``
     (group 1 = identity, group 2 = 1-based camera). Identity -1 is dropped unless ``keep_junk``."""
     out: List[Sample] = []
-    paths = list_images(folder)
+    paths = list_images(folder, f"only images named like {expected}")
     if not paths:
         raise DatasetError(f"{folder}: no images found; expected files named like {expected}")
     for path in paths:
