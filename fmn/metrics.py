@@ -73,10 +73,11 @@ def _check_inputs(dist, q_pids, g_pids, q_camids, g_camids):
     if dist.dim() != 2:
         raise ValueError(f"dist must be a (num_query, num_gallery) matrix, got shape {tuple(dist.shape)}")
     dev = dist.device
-    q_pids = _as_tensor(q_pids, "q_pids", torch.int64, dev).reshape(-1)
-    g_pids = _as_tensor(g_pids, "g_pids", torch.int64, dev).reshape(-1)
-    q_camids = _as_tensor(q_camids, "q_camids", torch.int64, dev).reshape(-1)
-    g_camids = _as_tensor(g_camids, "g_camids", torch.int64, dev).reshape(-1)
+    # Contiguous: q_pids are searchsorted values, which torch would otherwise copy with a warning.
+    q_pids = _as_tensor(q_pids, "q_pids", torch.int64, dev).reshape(-1).contiguous()
+    g_pids = _as_tensor(g_pids, "g_pids", torch.int64, dev).reshape(-1).contiguous()
+    q_camids = _as_tensor(q_camids, "q_camids", torch.int64, dev).reshape(-1).contiguous()
+    g_camids = _as_tensor(g_camids, "g_camids", torch.int64, dev).reshape(-1).contiguous()
     nq, ng = dist.shape
     for name, t, n in (("q_pids", q_pids, nq), ("q_camids", q_camids, nq),
                        ("g_pids", g_pids, ng), ("g_camids", g_camids, ng)):

@@ -5,6 +5,7 @@ and its handling of junk ids, float64, non-finite distances and bad inputs.
 floats and lists, one query at a time, ``sorted`` on (distance, gallery index).
 """
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -213,3 +214,28 @@ def test_half_and_integer_distances_are_exact():
         assert n == ref[2] and mAP == pytest.approx(ref[1], abs=1e-12)
         assert cmc.tolist() == pytest.approx(ref[0], abs=1e-7)
     assert not math.isnan(ref[1])
+
+
+@pytest.mark.parametrize("numpy_sort", [True, False])
+def test_non_contiguous_distances_and_ids_match_and_do_not_warn(numpy_sort, monkeypatch):
+    # Every input a strided view of a larger tensor, as when evaluating a slice of a bigger run.
+    monkeypatch.setattr(M, "_NUMPY_SORT", numpy_sort)
+    g = torch.Generator().manual_seed(14)
+    big = _problem(g, 2 * 60, 3 * 150, 12, 4, "ties")
+    dist = big[0][1::2, ::3]
+    qp, gp = big[1][::2], big[2][1::3]
+    qc, gc = big[3][1::2], big[4][::3]
+    pair = torch.stack([qp, qc], 1)                        # ids as columns of a 2-D tensor
+    assert not any(t.is_contiguous() for t in (dist, qp, gp, qc, gc, pair[:, 0], pair[:, 1]))
+    ref = _protocol_reference(dist, qp, gp, qc, gc, 20)
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)                            # torch's one-time warnings every time
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for args in ((dist, qp, gp, qc, gc), (dist, pair[:, 0], gp, pair[:, 1], gc)):
+                cmc, mAP, n = evaluate(*args, max_rank=20, chunk_elems=1000)
+                assert n == ref[2] and mAP == pytest.approx(ref[1], abs=1e-12)
+                assert cmc.tolist() == pytest.approx(ref[0], abs=1e-7)
+    finally:
+        torch.set_warn_always(warn_always)
