@@ -119,7 +119,7 @@ def evaluate(dist, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
             Gallery items of identity -1 (junk) are left out of every ranking.
         max_rank: length of the returned CMC curve.
         chunk_elems: rows are processed in blocks of about this many matrix entries
-            (default 4M on CPU, 64M on GPU).
+            (default 2M on CPU, 64M on GPU).
 
     Returns:
         ``(cmc, mAP, num_valid)``: ``cmc`` a float32 CPU tensor of length ``max_rank`` with
