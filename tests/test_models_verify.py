@@ -206,6 +206,40 @@ def test_load_pretrained_rejects_a_checkpoint_of_another_model(tmp_path):
         load_pretrained(build_resnet("resnet18", base_width=8, num_classes=0), path, log=None)
 
 
+@pytest.mark.parametrize("case", ["resnet34_into_resnet18", "resnet18_into_resnet34", "one_tensor_missing",
+                                  "one_tensor_extra"])
+def test_load_pretrained_refuses_a_partial_or_other_depth_checkpoint(tmp_path, case):
+    # every tensor present fits its key, yet part of the network would stay at its random initialisation
+    target = "resnet34" if case == "resnet18_into_resnet34" else "resnet18"
+    source = {"resnet34_into_resnet18": "resnet34", "resnet18_into_resnet34": "resnet18"}.get(case, "resnet18")
+    torch.manual_seed(1)
+    state = build_resnet(source, base_width=8).state_dict()
+    if case == "one_tensor_missing":
+        del state["layer4.1.bn2.running_var"]
+    elif case == "one_tensor_extra":
+        state["layer4.2.conv1.weight"] = torch.randn(64, 64, 3, 3)
+    path = tmp_path / "ck.pth"
+    torch.save(state, path)
+    torch.manual_seed(2)
+    net = build_resnet(target, base_width=8, num_classes=0)
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(CheckpointError, match="not a complete checkpoint") as err:
+        load_pretrained(net, path, log=None)
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg
+    expected = {"resnet34_into_resnet18": "layer1.2.conv1.weight", "resnet18_into_resnet34": "layer1.2.conv1.weight",
+                "one_tensor_missing": "layer4.1.bn2.running_var", "one_tensor_extra": "layer4.2.conv1.weight"}[case]
+    assert expected in msg
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())   # nothing loaded
+    if case == "one_tensor_missing":
+        with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+            tiny_fmn(pretrained=str(path))
+    # strict=False loads what fits and reports the rest
+    missing, unexpected = load_pretrained(net, path, strict=False, log=None)
+    assert expected in missing + unexpected
+    assert torch.equal(net.conv1.weight, state["conv1.weight"])
+
+
 @pytest.mark.parametrize("kind", ["text", "module", "list", "no_tensors", "sneaky", "truncated"])
 def test_non_checkpoint_files_give_one_clear_error(tmp_path, kind):
     path = tmp_path / "weights.pth"

@@ -236,15 +236,21 @@ def load_pretrained(
     path: str | os.PathLike,
     *,
     skip_prefixes: tuple[str, ...] = ("fc.",),
+    strict: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> tuple[list[str], list[str]]:
-    """Load a local ImageNet checkpoint into ``module`` (non-strict) and report what did not match.
+    """Load a local ImageNet checkpoint into ``module`` and report what did not match.
 
     Keys starting with ``skip_prefixes`` (the ImageNet classifier by default) are not loaded.
     A tensor whose shape differs from the module's raises ``CheckpointError`` naming the key(s) and
     both shapes (e.g. an ImageNet checkpoint for a ``base_width`` != 64 network), and so does a
-    checkpoint of which no tensor fits the module; nothing is loaded then. Returns
-    ``(missing, unexpected)`` key lists; ``log`` receives a one-paragraph report.
+    checkpoint of which no tensor fits the module. With ``strict=True`` (the default) so does a
+    checkpoint that lacks a tensor of the module (other than BatchNorm's ``num_batches_tracked``,
+    absent from torchvision's original files) or holds one the module does not have (e.g. a
+    ResNet-101 file for a ResNet-50): a partial or other-depth file would leave part of the network
+    at its random initialisation. Nothing is loaded when an error is raised. Returns
+    ``(missing, unexpected)`` key lists (empty unless ``strict=False``); ``log`` receives a
+    one-paragraph report.
     """
     from fmn.checkpoint import CheckpointError
 
@@ -267,6 +273,21 @@ def load_pretrained(
         raise CheckpointError(
             f"{os.fspath(path)}: none of the checkpoint's {len(state)} tensors matches a parameter of the model "
             f"(checkpoint keys: {', '.join(list(state)[:4])}; model keys: {', '.join(list(own)[:4])})")
+    if strict:
+        missing = [k for k in own if k not in load and not k.endswith("num_batches_tracked")
+                   and not any(k.startswith(p) for p in skip_prefixes)]
+        unexpected = [k for k in load if k not in own_keys]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} tensor(s) of the model missing ({', '.join(missing[:4])}"
+                             + (" ..." if len(missing) > 4 else "") + ")")
+            if unexpected:
+                parts.append(f"{len(unexpected)} tensor(s) the model does not have ({', '.join(unexpected[:4])}"
+                             + (" ..." if len(unexpected) > 4 else "") + ")")
+            raise CheckpointError(
+                f"{os.fspath(path)}: not a complete checkpoint of this network: {'; '.join(parts)}. "
+                "Is it for another depth (e.g. resnet101 for resnet50) or a partial file? Nothing was loaded")
     result = module.load_state_dict(load, strict=False)
     missing = [k for k in result.missing_keys if not any(k.startswith(p) for p in skip_prefixes)]
     unexpected = list(result.unexpected_keys)
