@@ -40,6 +40,7 @@ the only q x g allocation.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import torch
@@ -161,6 +162,15 @@ if _backend.extension_loaded() and hasattr(torch.ops.fmn, "rerank"):
     _compiled_op()
 
 
+def _no_autocast(device: torch.device):
+    """Autocast off on the inputs' device: under an enclosing autocast region the kNN and output
+    GEMMs would run in bf16 / fp16 (wrong dn values, candidate bounds that no longer hold) and the
+    C++ kernel would receive a reduced-precision strip."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _variant(k1: int, faiss_compat: bool) -> tuple[int, int, bool, bool]:
     """(forward list length, half list length, raw weights, clamp J) before capping at N."""
     half = int(round(k1 / 2.0)) + 1  # Python's round is round-half-even, like numpy.around
@@ -191,7 +201,8 @@ def rerank(
     Returns a float32 (q, g) tensor on the inputs' device, or with ``topk=m`` a pair
     ``(values, indices)`` of shape (q, m): the m smallest re-ranked distances of each query in
     ascending (value, gallery index) order. Exact DESIGN section 3 semantics (see the module
-    docstring); memory O(N (k1 + k2) ) besides the output and one chunk of rows.
+    docstring); memory O(N (k1 + k2) ) besides the output and one chunk of rows. The arithmetic
+    is float32 also inside an autocast region.
 
     knn_precision (torch / triton backends): the precision of the kNN GEMM that proposes
     candidates: "fp32" IEEE fp32 (TF32 off whatever the global setting), "tf32" / "bf16" tensor
@@ -213,16 +224,17 @@ def rerank(
         k_forward=k_fwd, k_half=k_half, k_qe=k2, lambda_value=lam, square_twice=bool(squared_input),
         raw_weights=raw, clamp_jaccard=clamp, knn_precision=knn_precision,
     )
-    if name == "cpu":
-        values, indices = _compiled_op()(
-            query_feats.detach().float().contiguous(), gallery_feats.detach().float().contiguous(),
-            cfg.k_forward, cfg.k_half, cfg.k_qe, cfg.lambda_value, cfg.square_twice, cfg.raw_weights,
-            cfg.clamp_jaccard, 0 if topk is None else topk,
-        )
-        return values if topk is None else (values, indices)
-    source = _sparse.FeatureDistances(query_feats, gallery_feats, square_twice=cfg.square_twice,
-                                      use_triton=(name == "triton"))
-    return _sparse.rerank_sparse(source, cfg, topk=topk, use_triton=(name == "triton"))
+    with _no_autocast(query_feats.device):
+        if name == "cpu":
+            values, indices = _compiled_op()(
+                query_feats.detach().float().contiguous(), gallery_feats.detach().float().contiguous(),
+                cfg.k_forward, cfg.k_half, cfg.k_qe, cfg.lambda_value, cfg.square_twice, cfg.raw_weights,
+                cfg.clamp_jaccard, 0 if topk is None else topk,
+            )
+            return values if topk is None else (values, indices)
+        source = _sparse.FeatureDistances(query_feats, gallery_feats, square_twice=cfg.square_twice,
+                                          use_triton=(name == "triton"))
+        return _sparse.rerank_sparse(source, cfg, topk=topk, use_triton=(name == "triton"))
 
 
 def rerank_from_distances(
