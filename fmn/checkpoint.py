@@ -53,16 +53,22 @@ def _examples(keys: list[str], n: int = 3) -> str:
 
 
 def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: str | os.PathLike,
-                       saved_config: dict | None = None, config: dict | None = None) -> None:
+                       saved_config: dict | None = None, config: dict | None = None,
+                       settings_must_match: bool = False) -> None:
     """``model.load_state_dict(weights)``, or one ``CheckpointError`` naming ``path`` when the
     weights were written for a different model (missing or extra keys, other shapes), listing the
-    model settings that differ between ``saved_config`` and ``config`` when both are given."""
+    model settings that differ between ``saved_config`` and ``config`` when both are given.
+    With ``settings_must_match`` a difference in those settings is an error even when every tensor
+    fits (e.g. ``last_stride`` or ``dropout``, which change no tensor shape)."""
     own = model.state_dict()
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
     shapes = [f"{k} is {tuple(weights[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
               for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
-    if not (missing or unexpected or shapes):
+    keys = []
+    if isinstance(saved_config, dict) and isinstance(config, dict):
+        keys = sorted(k for k in set(saved_config) | set(config) if saved_config.get(k) != config.get(k))
+    if not (missing or unexpected or shapes or (settings_must_match and keys)):
         model.load_state_dict(weights)
         return
     parts = []
@@ -72,13 +78,10 @@ def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], path:
         parts.append(f"{len(missing)} missing key(s) ({_examples(missing)})")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected key(s) ({_examples(unexpected)})")
-    diff = ""
-    if isinstance(saved_config, dict) and isinstance(config, dict):
-        keys = sorted(k for k in set(saved_config) | set(config) if saved_config.get(k) != config.get(k))
-        if keys:
-            diff = "; model settings that differ (checkpoint -> now): " + ", ".join(
-                f"{k}: {saved_config.get(k)!r} -> {config.get(k)!r}" for k in keys)
-    raise CheckpointError(f"{os.fspath(path)} was written for a different model: {'; '.join(parts)}{diff}")
+    if keys:
+        parts.append("model settings that differ (checkpoint -> now): " + ", ".join(
+            f"{k}: {saved_config.get(k)!r} -> {config.get(k)!r}" for k in keys))
+    raise CheckpointError(f"{os.fspath(path)} was written for a different model: {'; '.join(parts)}")
 
 
 def model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:

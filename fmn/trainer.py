@@ -127,6 +127,22 @@ def _kill_point() -> tuple[int, int, int] | None:
     return s, e, i
 
 
+# model settings that do not change the network a checkpoint's weights belong to
+_NOT_ARCHITECTURE = ("pretrained", "backend", "lan_init")
+
+
+def _architecture(cfg: dict, num_classes: int | None) -> dict[str, Any]:
+    """The settings of ``cfg`` that define the network: model.* (less the path of the ImageNet
+    weights, the kernel backend and the stage-2 initialisation), the input size and num_classes."""
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    out = {k: v for k, v in model.items() if k not in _NOT_ARCHITECTURE}
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    if "height" in data and "width" in data:
+        out["input_size"] = (data["height"], data["width"])
+    out["num_classes"] = num_classes
+    return out
+
+
 class Trainer:
     """Runs Algorithm 1 on a model that has ``set_stage``, ``trainable_parameters`` and the
     output dict of ``fmn.models.FeatureMaskNetwork``.
@@ -377,10 +393,10 @@ class Trainer:
             if state.get("format") != CHECKPOINT_FORMAT:
                 raise ValueError(f"{self.last_checkpoint}: not an fmn training checkpoint")
             model = unwrap(self.model)
-            saved = state.get("config", {}).get("model") if isinstance(state.get("config"), dict) else None
-            saved = dict(saved or {}, num_classes=state.get("num_classes"))
-            now = dict(self.cfg.get("model", {}), num_classes=getattr(model, "num_classes", None))
-            load_model_weights(model, state["model"], self.last_checkpoint, saved, now)
+            saved_cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
+            saved = _architecture(saved_cfg, state.get("num_classes"))
+            now = _architecture(self.cfg, getattr(model, "num_classes", None))
+            load_model_weights(model, state["model"], self.last_checkpoint, saved, now, settings_must_match=True)
             stage, epoch = int(state["stage"]), int(state["epoch"])
             self.history = list(state.get("history", []))
             self.log(f"resuming from {self.last_checkpoint}: stage {stage}, {epoch} epoch(s) done")

@@ -124,6 +124,41 @@ def test_resume_from_another_model_config_names_file_and_settings(tmp_path, chan
         assert f"num_classes: {C} -> {C + 1}" in msg and f"({C}, " in msg and f"({C + 1}, " in msg
 
 
+@pytest.mark.parametrize("setting, shown", [("model.last_stride=1", "last_stride: 2 -> 1"),
+                                             ("model.dropout=0.5", "dropout: 0.0 -> 0.5"),
+                                             ("model.mask_max_logit=10.0", "mask_max_logit: None -> 10.0"),
+                                             ("data.height=63", "input_size: (64, 32) -> (63, 32)")])
+def test_resume_refuses_another_architecture_whose_weights_fit(tmp_path, setting, shown):
+    # these settings change the network but no tensor shape: load_state_dict alone accepts the weights
+    cfg = tiny_cfg(tmp_path)
+    trainer = Trainer(cfg, build_model_from_config(cfg, C), [], torch.device("cpu"), str(tmp_path), log=None)
+    trainer._start_stage(1, fresh=True)
+    trainer.save(1, 1)
+    other = tiny_cfg(tmp_path, setting)
+    model = build_model_from_config(other, C)
+    model.load_state_dict(torch.load(tmp_path / "last.pt", weights_only=True)["model"])
+    resumed = Trainer(other, model, [], torch.device("cpu"), str(tmp_path), log=None)
+    with pytest.raises(CheckpointError) as info:
+        resumed.fit(resume=True)
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path / 'last.pt'} was written for a different model: ") and shown in msg
+
+
+@pytest.mark.parametrize("setting", ["model.backend=torch", "model.lan_init=grn", "model.pretrained=/elsewhere.pth"])
+def test_resume_accepts_settings_that_leave_the_network_as_it_is(tmp_path, setting):
+    cfg = tiny_cfg(tmp_path, "train.stage1={epochs: 1, lr: 0.05, milestones: [1], gamma: 0.1}",
+                   "train.stage2={epochs: 0, lr: 0.05, milestones: [1], gamma: 0.1}")
+    trainer = Trainer(cfg, build_model_from_config(cfg, C), [], torch.device("cpu"), str(tmp_path), log=None)
+    trainer._start_stage(1, fresh=True)
+    trainer.save(1, 1)
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    other = dict(cfg, model=dict(cfg["model"], **{setting.split("=")[0].split(".")[1]: setting.split("=")[1]}))
+    torch.manual_seed(5)
+    model = build_model_from_config(dict(other, model=dict(other["model"], pretrained=None)), C)
+    Trainer(other, model, [], torch.device("cpu"), str(tmp_path), log=None).fit(resume=True)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
 def test_model_state_strips_ddp_prefix(tmp_path):
     save_checkpoint({"model": {"module.w": torch.ones(2), "b": torch.zeros(1)}}, tmp_path / "m.pt")
     assert sorted(model_state(tmp_path / "m.pt")) == ["b", "w"]
