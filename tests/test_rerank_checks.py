@@ -39,3 +39,16 @@ def test_autocast_region_does_not_change_the_result(backend, dtype):
     assert torch.equal(out, base)
     assert torch.equal(v, base_v) and torch.equal(i, base_i)
     assert (out.double() - rerank_ref(qf, gf)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.skipif(not HAS_CPU_EXT, reason="C++ extension not built")
+def test_compiled_op_inside_autocast():
+    """torch.ops.fmn.rerank called directly in an autocast region keeps its fp32 strips."""
+    from fmn_kernels.rerank import _compiled_op
+
+    qf, gf = _feats(6, 40, 8, seed=5)
+    args = (qf, gf, 21, 11, 6, 0.3, False, False, False, 0)
+    base = _compiled_op()(*args)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _compiled_op()(*args)[0]
+    assert torch.equal(out, base)

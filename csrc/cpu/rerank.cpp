@@ -155,6 +155,8 @@ std::tuple<at::Tensor, at::Tensor> rerank(
   TORCH_CHECK(k_forward >= 1 && k_half >= 1 && k_qe >= 1, "fmn::rerank: list lengths must be >= 1");
   TORCH_CHECK(lambda_value >= 0.0 && lambda_value <= 1.0, "fmn::rerank: lambda_value outside [0, 1]");
   TORCH_CHECK(topk >= 0 && topk <= gallery.size(0), "fmn::rerank: topk outside [0, g]");
+  // fp32 GEMMs also when called inside an autocast region (at::mm would otherwise return bf16/fp16)
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
 
   const int64_t q = query.size(0), g = gallery.size(0), n = q + g, d = query.size(1);
   const int64_t K = std::min(k_forward, n);
