@@ -3,12 +3,14 @@
 A checkpoint holds only tensors and plain containers of numbers and strings. It is written to a
 temporary file in the same folder, flushed and fsynced, then moved over the target with
 ``os.replace`` and the folder fsynced, so a kill at any moment leaves either the previous file or
-the new one. A file that cannot be read (truncated, corrupt, not a weights-only checkpoint) or
-whose weights do not fit the model gives one ``CheckpointError`` naming the file.
+the new one. A file that cannot be read (truncated, corrupt, not a weights-only checkpoint; the
+CRC-32 of every record is checked, which ``torch.load`` does not do) or whose weights do not fit
+the model gives one ``CheckpointError`` naming the file.
 """
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any
 
 import torch
@@ -29,6 +31,18 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> str:
     return atomic_write(path, write)
 
 
+def corrupt_record(path: str | os.PathLike) -> str | None:
+    """The name of the first record of a zip-format torch file whose stored CRC-32 does not match
+    its bytes, or None. ``torch.load`` does not check these checksums, so damage inside the tensor
+    data (a bad disk or copy) would otherwise load as wrong weights. Files that are not zip archives
+    (torch's legacy format) are not checked."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except Exception:  # not a zip archive, or one zipfile cannot parse: torch.load's verdict stands
+        return None
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -43,6 +57,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{path}: cannot load this checkpoint ({type(exc).__name__}: {reason}). The file is truncated, "
             "corrupt, or not a checkpoint of tensors and plain containers (fmn loads with weights_only=True)"
         ) from exc
+    bad = corrupt_record(path)
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: cannot load this checkpoint (the checksum of its record {bad} does not match its bytes). "
+            "The file is truncated, corrupt, or not a checkpoint of tensors and plain containers")
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not an fmn checkpoint (expected a dict, got {type(obj).__name__})")
     return obj

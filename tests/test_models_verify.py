@@ -240,7 +240,7 @@ def test_load_pretrained_refuses_a_partial_or_other_depth_checkpoint(tmp_path, c
     assert torch.equal(net.conv1.weight, state["conv1.weight"])
 
 
-@pytest.mark.parametrize("kind", ["text", "module", "list", "no_tensors", "sneaky", "truncated"])
+@pytest.mark.parametrize("kind", ["text", "module", "list", "no_tensors", "sneaky", "truncated", "damaged"])
 def test_non_checkpoint_files_give_one_clear_error(tmp_path, kind):
     path = tmp_path / "weights.pth"
     if kind == "text":
@@ -253,6 +253,14 @@ def test_non_checkpoint_files_give_one_clear_error(tmp_path, kind):
         torch.save({"epoch": 3, "arch": "resnet18"}, path)
     elif kind == "sneaky":
         torch.save({"state_dict": _tv_state(), "extra": _Sneaky()}, path)
+    elif kind == "damaged":                                       # tensor bytes overwritten: torch.load passes
+        state = _tv_state(base_width=4)
+        torch.save(state, path)
+        data = bytearray(path.read_bytes())
+        at = bytes(data).index(state["layer2.0.conv1.weight"].numpy().tobytes()) + 64
+        data[at:at + 8] = b"\x7f" * 8
+        path.write_bytes(bytes(data))
+        assert not torch.equal(torch.load(path, weights_only=True)["layer2.0.conv1.weight"], state["layer2.0.conv1.weight"])
     else:
         torch.save(_tv_state(), path)
         data = path.read_bytes()

@@ -67,13 +67,26 @@ class NotATensor:
     pass
 
 
-@pytest.mark.parametrize("kind", ["truncated", "empty", "garbage", "pickled_object"])
+def damage_tensor_bytes(path, tensor):
+    """Overwrite 8 bytes inside ``tensor``'s stored data: torch.load alone returns other values."""
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(tensor.numpy().tobytes()) + 4 * (tensor.numel() // 2)
+    data[at:at + 8] = b"\x7f" * 8
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "garbage", "pickled_object", "damaged_tensor_bytes"])
 def test_unreadable_checkpoint_gives_one_error_naming_the_file(tmp_path, kind):
     path = tmp_path / "last.pt"
+    w = torch.randn(256)
     if kind == "pickled_object":  # loads only with weights_only=False
         torch.save({"model": {}, "obj": NotATensor()}, path)
+    elif kind == "damaged_tensor_bytes":
+        save_checkpoint({"model": {"w": w}, "epoch": 3}, path)
+        damage_tensor_bytes(path, w)
+        assert not torch.equal(torch.load(path, weights_only=True)["model"]["w"], w)
     else:
-        save_checkpoint({"model": {"w": torch.randn(256)}, "epoch": 3}, path)
+        save_checkpoint({"model": {"w": w}, "epoch": 3}, path)
         data = path.read_bytes()
         path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": os.urandom(200)}[kind])
     with pytest.raises(CheckpointError) as info:

@@ -199,10 +199,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     Accepts a plain state dict or one nested under ``state_dict`` / ``model``; strips a
     ``module.`` prefix left by DataParallel/DDP. Loaded with ``weights_only=True``. A file that is
-    not such a checkpoint (not a torch file, a pickled module, no tensors) raises one
-    ``CheckpointError`` naming it.
+    not such a checkpoint (not a torch file, a pickled module, no tensors, a record whose CRC-32
+    does not match) raises one ``CheckpointError`` naming it.
     """
-    from fmn.checkpoint import CheckpointError
+    from fmn.checkpoint import CheckpointError, corrupt_record
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -216,6 +216,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             why = f"torch.load failed with {type(exc).__name__}: {str(exc).strip()[:200]}"
         raise CheckpointError(f"{path}: not a PyTorch checkpoint of weights; {why}") from exc
+    bad = corrupt_record(path)
+    if bad is not None:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint of weights; the checksum of its record {bad} "
+                              "does not match its bytes (a damaged download or copy)")
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
