@@ -116,6 +116,55 @@ def _check_features(query_feats, gallery_feats) -> None:
     _check_finite("gallery_feats", gallery_feats)
 
 
+# Largest working distance accepted: float32's max with a factor 2 for the rounding of the sums.
+_W_LIMIT = torch.finfo(torch.float32).max / 2
+
+
+def _check_feature_range(query_feats, gallery_feats, squared_input: bool) -> None:
+    """The float32 working distances of finite features must stay finite.
+
+    With x the float32 features less their mean and M = max_i |x_i|, every d2(i, j) is at most
+    (|x_i| + |x_j|)^2 <= 4 M^2 and the GEMM form's s_i + s_j at most 2 M^2; squared_input squares
+    d2 once more. Computed in float64, a bounded chunk of rows at a time.
+    """
+    feats = []
+    for name, t in (("query_feats", query_feats), ("gallery_feats", gallery_feats)):
+        t = t.detach().float()
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"fmn.rerank: {name} holds values beyond the float32 range (the arithmetic is float32)")
+        feats.append(t)
+    n = sum(t.shape[0] for t in feats)
+    mean = sum(t.sum(dim=0, dtype=torch.float64) for t in feats) / n
+    m2 = 0.0
+    for t in feats:
+        step = max(1, (1 << 20) // t.shape[1])
+        for r0 in range(0, t.shape[0], step):
+            m2 = max(m2, float(((t[r0:r0 + step].double() - mean) ** 2).sum(dim=1).max()))
+    w_max = 4.0 * m2
+    if squared_input:
+        w_max *= w_max
+    if w_max > _W_LIMIT:
+        what = "squared distances, squared again (squared_input)," if squared_input else "squared distances"
+        raise ValueError(
+            f"fmn.rerank: the features lie up to {m2 ** 0.5:.3g} from their mean, so their {what} can "
+            f"reach {w_max:.3g}, beyond float32 (limit {_W_LIMIT:.3g}): scale the features down"
+        )
+
+
+def _check_block_range(q_g, q_q, g_g, squared_input: bool) -> None:
+    """The float32 working distances of the blocks (D^2, or D^4 with squared_input) must stay finite."""
+    d_max = max(float(t.detach().double().abs().max()) if t.numel() else 0.0 for t in (q_g, q_q, g_g))
+    w_max = d_max * d_max
+    if squared_input:
+        w_max *= w_max
+    if w_max > _W_LIMIT:
+        what = "D**4 (squared_input)" if squared_input else "D**2"
+        raise ValueError(
+            f"fmn.rerank: the distance blocks reach {d_max:.3g}, so the working distance {what} reaches "
+            f"{w_max:.3g}, beyond float32 (limit {_W_LIMIT:.3g}): scale the distances down"
+        )
+
+
 def _check_distances(q_g, q_q, g_g) -> None:
     _check_matrix("q_g", q_g, "(q, g)")
     _check_matrix("q_q", q_q, "(q, q)")
@@ -202,7 +251,8 @@ def rerank(
     ``(values, indices)`` of shape (q, m): the m smallest re-ranked distances of each query in
     ascending (value, gallery index) order. Exact DESIGN section 3 semantics (see the module
     docstring); memory O(N (k1 + k2) ) besides the output and one chunk of rows. The arithmetic
-    is float32 also inside an autocast region.
+    is float32 also inside an autocast region; features whose float32 working distances could
+    overflow (or float64 features beyond float32's range) raise ValueError.
 
     knn_precision (torch / triton backends): the precision of the kNN GEMM that proposes
     candidates: "fp32" IEEE fp32 (TF32 off whatever the global setting), "tf32" / "bf16" tensor
@@ -214,6 +264,7 @@ def rerank(
     _check_features(query_feats, gallery_feats)
     q, g = query_feats.shape[0], gallery_feats.shape[0]
     k1, k2, lam, topk = _check_params(k1, k2, lambda_value, topk, g)
+    _check_feature_range(query_feats, gallery_feats, bool(squared_input))
     if knn_precision not in ("auto", "fp32", "tf32", "bf16"):
         raise ValueError(f"fmn.rerank: knn_precision must be auto, fp32, tf32 or bf16, got {knn_precision!r}")
     if knn_precision == "auto":
@@ -265,6 +316,7 @@ def rerank_from_distances(
     _check_distances(q_g, q_q, g_g)
     q, g = q_g.shape
     k1, k2, lam, topk = _check_params(k1, k2, lambda_value, topk, g)
+    _check_block_range(q_g, q_q, g_g, bool(squared_input))
     _backend.requested(backend)
     k_fwd, k_half, raw, clamp = _variant(k1, faiss_compat)
     cfg = _sparse.Config(

@@ -52,3 +52,49 @@ def test_compiled_op_inside_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = _compiled_op()(*args)[0]
     assert torch.equal(out, base)
+
+
+def _power_of_two_below(limit: float) -> float:
+    """The largest power of two not above limit."""
+    return 2.0 ** torch.tensor(limit, dtype=torch.float64).log2().floor().item()
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("squared_input", [False, True])
+def test_features_whose_distances_overflow_raise(backend, squared_input):
+    """Finite features with float32 distances beyond float32's range: one clear error, not NaN."""
+    qf, gf = _feats(3, 6, 4, seed=0)
+    big = 1e15 if squared_input else 1e19
+    with pytest.raises(ValueError, match="beyond float32"):
+        rerank(qf * big, gf * big, backend=backend, squared_input=squared_input)
+    # float64 features beyond float32's range (the arithmetic is float32)
+    with pytest.raises(ValueError, match="query_feats holds values beyond the float32 range"):
+        rerank(qf.double() * 1e300, gf.double(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("squared_input", [False, True])
+def test_large_features_within_range_are_exact(backend, squared_input):
+    """Just inside the accepted range: a power-of-two scale changes nothing (section 3 is scale
+    invariant and every float32 operation scales exactly), so the result equals the unscaled one."""
+    qf, gf = _feats(8, 30, 6, seed=1)
+    x = torch.cat([qf, gf]).double()
+    m2 = ((x - x.mean(0)) ** 2).sum(1).max().item()
+    limit = torch.finfo(torch.float32).max / 2
+    s = _power_of_two_below((limit ** 0.5 if squared_input else limit) / (4.0 * m2)) ** 0.5
+    s = _power_of_two_below(s)
+    base = rerank(qf, gf, backend=backend, squared_input=squared_input, k1=5, k2=3)
+    out = rerank(qf * s, gf * s, backend=backend, squared_input=squared_input, k1=5, k2=3)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, base)
+
+
+@pytest.mark.parametrize("squared_input", [False, True])
+def test_distance_blocks_that_overflow_raise(squared_input):
+    from fmn_kernels.rerank import rerank_from_distances
+
+    qf, gf = _feats(3, 6, 4, seed=0)
+    big = 1e10 if squared_input else 1e20
+    blocks = (torch.cdist(qf, gf).double() * big, torch.cdist(qf, qf).double() * big, torch.cdist(gf, gf).double() * big)
+    with pytest.raises(ValueError, match="beyond float32"):
+        rerank_from_distances(*blocks, squared_input=squared_input)
