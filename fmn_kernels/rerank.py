@@ -135,11 +135,12 @@ def _check_feature_range(query_feats, gallery_feats, squared_input: bool) -> Non
         feats.append(t)
     n = sum(t.shape[0] for t in feats)
     mean = sum(t.sum(dim=0, dtype=torch.float64) for t in feats) / n
-    m2 = 0.0
+    m2 = torch.zeros((), dtype=torch.float64, device=mean.device)
     for t in feats:
         step = max(1, (1 << 20) // t.shape[1])
         for r0 in range(0, t.shape[0], step):
-            m2 = max(m2, float(((t[r0:r0 + step].double() - mean) ** 2).sum(dim=1).max()))
+            m2 = torch.maximum(m2, ((t[r0:r0 + step].double() - mean) ** 2).sum(dim=1).max())
+    m2 = float(m2)
     w_max = 4.0 * m2
     if squared_input:
         w_max *= w_max
