@@ -278,10 +278,11 @@ def rerank(
     )
     with _no_autocast(query_feats.device):
         if name == "cpu":
+            n = q + g  # lists are cut at N anyway; the op takes int64 lengths
             values, indices = _compiled_op()(
                 query_feats.detach().float().contiguous(), gallery_feats.detach().float().contiguous(),
-                cfg.k_forward, cfg.k_half, cfg.k_qe, cfg.lambda_value, cfg.square_twice, cfg.raw_weights,
-                cfg.clamp_jaccard, 0 if topk is None else topk,
+                min(cfg.k_forward, n), min(cfg.k_half, n), min(cfg.k_qe, n), cfg.lambda_value,
+                cfg.square_twice, cfg.raw_weights, cfg.clamp_jaccard, 0 if topk is None else topk,
             )
             return values if topk is None else (values, indices)
         source = _sparse.FeatureDistances(query_feats, gallery_feats, square_twice=cfg.square_twice,

@@ -98,3 +98,15 @@ def test_distance_blocks_that_overflow_raise(squared_input):
     blocks = (torch.cdist(qf, gf).double() * big, torch.cdist(qf, qf).double() * big, torch.cdist(gf, gf).double() * big)
     with pytest.raises(ValueError, match="beyond float32"):
         rerank_from_distances(*blocks, squared_input=squared_input)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_list_lengths_beyond_int64(backend):
+    """k1 and k2 larger than the problem are cut at N (section 3 lists), however large."""
+    qf, gf = _feats(3, 6, 4, seed=2)
+    n = 9
+    k1_all = 2 * n  # both the list and the half list (k1 / 2 + 1) cover all N items
+    assert torch.equal(rerank(qf, gf, k1=2 ** 63 - 1, backend=backend), rerank(qf, gf, k1=k1_all, backend=backend))
+    assert torch.equal(rerank(qf, gf, k2=10 ** 20, backend=backend), rerank(qf, gf, k2=n, backend=backend))
+    assert torch.equal(rerank(qf, gf, k1=10 ** 20, faiss_compat=True, backend=backend),
+                       rerank(qf, gf, k1=k1_all, faiss_compat=True, backend=backend))
