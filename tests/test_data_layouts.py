@@ -157,3 +157,32 @@ def test_custom_tree_skips_hidden_entries_and_reads_both_camera_styles(tmp_path)
     assert [(os.path.basename(p), pid, c) for p, pid, c in ds.gallery] == [("0010_c3_f0000002.jpg", 10, 2),
                                                                           ("noc.jpg", 10, 1)]
 
+
+
+@pytest.mark.parametrize("names", [("0001", "0007"), ("alice", "bob")])
+def test_custom_tree_with_parts_files_in_their_default_place(tmp_path, names):
+    # save_parts puts a tree's masks in <root>/<split>/parts/<identity>/: the reader must neither
+    # refuse that folder nor count it as an identity (which renumbers every pid of a named tree).
+    from fmn.data.masks import load_parts, parts_paths, save_parts
+    from fmn.data.parts import check_parts
+
+    root = tmp_path / "tree"
+    a, b = names
+    for rel in [f"train/{a}/x_c1_0.png", f"train/{b}/y_c2_0.png", f"query/{a}/q_c1_0.png",
+                f"gallery/{a}/g_c2_0.png", f"gallery/{b}/h_c1_0.png"]:
+        _img(str(root / rel))
+    before = build_dataset("custom", str(root))
+    kp = np.zeros((17, 3), np.float32)
+    for path, _, _ in before.train:
+        mask_path, _ = save_parts(path, np.ones((16, 8), np.uint8), kp)
+        assert mask_path.startswith(str(root / "train" / "parts") + os.sep)
+    ds = build_dataset("custom", str(root))
+    assert ds.train == before.train and ds.query == before.query and ds.gallery == before.gallery
+    assert ds.train_pid_map == before.train_pid_map
+    check_parts(ds.train)
+    mask, _ = load_parts(ds.train[0][0])
+    assert mask.shape == (16, 8) and int(mask.max()) == 1
+    # The missing-files message describes where the reader looked.
+    with pytest.raises(DatasetError, match=r"<dir>/parts/<folder>/<stem>\.png") as err:
+        check_parts(ds.query)
+    assert parts_paths(ds.query[0][0])[0] in str(err.value)

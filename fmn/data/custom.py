@@ -18,7 +18,10 @@ stored 0-based); images without one get camera 0 in train and query and camera 1
 gallery, so every gallery image of the query's identity counts as a cross-camera match.
 A split folder holds only identity folders and an identity folder only images (.jpg, .jpeg,
 .png, .bmp); any other file or folder is an error naming it. System files (hidden names such
-as ``.DS_Store`` and ``._*``, ``Thumbs.db``, ``desktop.ini``) are ignored.
+as ``.DS_Store`` and ``._*``, ``Thumbs.db``, ``desktop.ini``) are ignored, and so is a ``parts``
+folder directly under a split folder: the default place of the body-part masks and keypoints of
+that split's images (``root/<split>/parts/<identity>/<stem>.png|.json``, see
+:mod:`fmn.data.masks`), so ``parts`` cannot name an identity.
 """
 from __future__ import annotations
 
@@ -104,9 +107,15 @@ def _split_dirs(root: str) -> Dict[str, str]:
     return found
 
 
+# The annotations folder that fmn.data.masks puts beside a tree's identity folders.
+_PARTS_DIR = "parts"
+
+
 def _identity_dirs(split_dir: str) -> List[str]:
-    """The identity folders of a split: sub-folders, except hidden ones (``.ipynb_checkpoints``)."""
-    return [d for d in os.listdir(split_dir) if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d))]
+    """The identity folders of a split: sub-folders, except hidden ones (``.ipynb_checkpoints``)
+    and the ``parts`` annotations folder."""
+    return [d for d in os.listdir(split_dir)
+            if not d.startswith(".") and d != _PARTS_DIR and os.path.isdir(os.path.join(split_dir, d))]
 
 
 def read_folder_tree(root: str, name: str = "custom", **options) -> ReIDDataset:
@@ -119,7 +128,7 @@ def read_folder_tree(root: str, name: str = "custom", **options) -> ReIDDataset:
         out: List[Sample] = []
         for ident in sorted(os.listdir(folder)):
             idir = os.path.join(folder, ident)
-            if is_system_file(ident):
+            if is_system_file(ident) or (ident == _PARTS_DIR and os.path.isdir(idir)):
                 continue
             if not os.path.isdir(idir):
                 what = "image" if is_image_name(ident) else "file"

@@ -1,12 +1,15 @@
 """Body-part masks and keypoints stored beside a dataset's images.
 
-Files. For an image ``<root>/<split folder>/<stem>.<ext>`` the annotations live in a parallel
-``parts`` folder (so the image folders keep only images)::
+Files. For an image ``<dir>/<folder>/<stem>.<ext>`` the annotations live in a ``parts`` folder
+beside the image's folder (so the image folders keep only images)::
 
-    <root>/parts/<split folder>/<stem>.png     body-part mask
-    <root>/parts/<split folder>/<stem>.json    keypoints
+    <dir>/parts/<folder>/<stem>.png     body-part mask
+    <dir>/parts/<folder>/<stem>.json    keypoints
 
-``parts_root`` replaces ``<root>/parts`` when the annotations are elsewhere.
+For Market-style layouts ``<dir>`` is the dataset root and ``<folder>`` the split folder
+(``<root>/parts/bounding_box_train/...``); for a folder-per-identity tree ``<dir>`` is the split
+folder and ``<folder>`` the identity (``<root>/train/parts/<identity>/...``, a folder the tree
+reader leaves alone). ``parts_root`` replaces ``<dir>/parts`` when the annotations are elsewhere.
 
 Mask: a single-channel 8-bit PNG of the image's size with integer labels
 

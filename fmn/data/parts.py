@@ -65,9 +65,10 @@ KEYPOINT_REGIONS = {
                  ("right_hip", "right_knee"), ("right_knee", "right_ankle")],
 }
 
-LAYOUT_HELP = ("expected a body-part mask and a keypoints file beside every image: "
-               "<root>/parts/<split folder>/<image stem>.png (8-bit labels 0..5, the image's size) and "
-               "<root>/parts/<split folder>/<image stem>.json (COCO-17 keypoints); see fmn.data.parts")
+LAYOUT_HELP = ("expected a body-part mask and a keypoints file beside every image <dir>/<folder>/<stem>.<ext>: "
+               "<dir>/parts/<folder>/<stem>.png (8-bit labels 0..5, the image's size) and "
+               "<dir>/parts/<folder>/<stem>.json (COCO-17 keypoints), or <parts_root>/<folder>/<stem>.png|.json "
+               "with seed.parts_root; see fmn.data.masks")
 
 
 def part_index(names: Sequence[str]) -> List[int]:
