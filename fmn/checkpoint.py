@@ -31,6 +31,26 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> str:
     return atomic_write(path, write)
 
 
+def load_failure(path: str | os.PathLike, exc: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` raised ``exc``, in words for a user. Torch's own
+    weights-only message is long and ends by advising ``weights_only=False``, which fmn never does."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+    except OSError:
+        head = b""
+    if not head:
+        return "the file is empty"
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        # neither torch.save's zip format nor its legacy pickle format (which starts with PROTO)
+        return "it is not a file written by torch.save"
+    if "Weights only load failed" in str(exc):
+        return ("it holds pickled Python objects besides tensors and plain containers (a whole nn.Module, "
+                "say); fmn loads with weights_only=True: save a state_dict instead")
+    reason = (str(exc).strip().splitlines() or [""])[0][:200] or "unexpected end of file"
+    return f"{type(exc).__name__}: {reason}"
+
+
 def corrupt_record(path: str | os.PathLike) -> str | None:
     """The name of the first record of a zip-format torch file whose stored CRC-32 does not match
     its bytes, or None. ``torch.load`` does not check these checksums, so damage inside the tensor
@@ -45,6 +65,10 @@ def corrupt_record(path: str | os.PathLike) -> str | None:
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = os.fspath(path)
+    if os.path.isdir(path):
+        inside = os.path.join(path, "model.pt")
+        hint = f" ({inside} is there)" if os.path.isfile(inside) else ""
+        raise CheckpointError(f"{path}: a folder; expected a checkpoint file{hint}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -52,9 +76,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except OSError:
         raise
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unexpected end of file"
         raise CheckpointError(
-            f"{path}: cannot load this checkpoint ({type(exc).__name__}: {reason}). The file is truncated, "
+            f"{path}: cannot load this checkpoint ({load_failure(path, exc)}). The file is truncated, "
             "corrupt, or not a checkpoint of tensors and plain containers (fmn loads with weights_only=True)"
         ) from exc
     bad = corrupt_record(path)

@@ -203,3 +203,39 @@ def test_results_json_is_written_atomically(tmp_path, monkeypatch):
         cli._write_results(str(path), DS, cfg, {"FMN": {"mAP": 2.0}}, 1.0)
     assert path.read_text() == before and json.loads(before)["results"]["FMN"]["mAP"] == 1.0
     assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_files_that_torch_cannot_load_are_named_without_torchs_advice(runs, tmp_path, capsys):
+    # torch's weights-only message advises weights_only=False; fmn never loads that way.
+    (tmp_path / "data.csv").write_text("path,pid,camid,split\na.jpg,1,0,train\n")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    q = tmp_path / "q.pt"
+    torch.save(torch.randn(3, 4), q)
+    expected = {"data.csv": "not a file written by torch.save", "module.pt": "save a state_dict instead",
+                "empty.pt": "the file is empty"}
+    for name, words in expected.items():
+        path = str(tmp_path / name)
+        for command, args in (("rerank", ["--query", str(q), "--gallery", path, "--out", str(tmp_path / "o.pt")]),
+                              ("eval", ["--checkpoint", path, "--no-rerank"])):
+            assert main([command, *args]) == 2
+            err = one_error(capsys, command)
+            assert path in err and words in err and "weights_only=False" not in err, err
+
+
+def test_a_folder_given_as_a_checkpoint_says_so(runs, tmp_path, capsys):
+    folder = str(runs["fmn"].parent)
+    assert main(["eval", "--checkpoint", folder, "--no-rerank"]) == 2
+    err = one_error(capsys, "eval")
+    assert "a folder; expected a checkpoint file" in err and str(runs["fmn"]) in err
+
+
+def test_a_missing_pretrained_file_fails_before_the_data_is_read(tmp_path, capsys):
+    missing = str(tmp_path / "resnet50.pth")
+    for model in ([], ["--model", "mmga"]):
+        # the data root does not exist either: the pretrained path is checked first
+        assert main(["train", *model, *TINY, "--data-root", str(tmp_path / "nodata"), "--set", "data.name=market1501",
+                     "--pretrained", missing, "--output", str(tmp_path / "r")]) == 2
+        err = one_error(capsys, "train")
+        assert f"model.pretrained: {missing}: checkpoint not found" in err, err
+    assert not (tmp_path / "r").exists()

@@ -202,20 +202,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     not such a checkpoint (not a torch file, a pickled module, no tensors, a record whose CRC-32
     does not match) raises one ``CheckpointError`` naming it.
     """
-    from fmn.checkpoint import CheckpointError, corrupt_record
+    from fmn.checkpoint import CheckpointError, corrupt_record, load_failure
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: a folder; expected a pretrained checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError ... here
-        if "Weights only load failed" in str(exc):
-            why = ("it holds pickled Python objects (e.g. a whole nn.Module); only state dicts of tensors are "
-                   "loaded (weights_only=True): save model.state_dict() instead")
-        else:
-            why = f"torch.load failed with {type(exc).__name__}: {str(exc).strip()[:200]}"
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint of weights; {why}") from exc
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint of weights; {load_failure(path, exc)}") from exc
     bad = corrupt_record(path)
     if bad is not None:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint of weights; the checksum of its record {bad} "
