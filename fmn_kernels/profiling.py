@@ -11,19 +11,43 @@ overstated by at most that block.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import os
+import sys
+from typing import Callable, Iterator
 
 import torch
 
 __all__ = ["peak_allocated_bytes"]
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """File descriptor 2 pointed at /dev/null: the profiler's native start/stop lines
+    ("USDT: ... profiler_start") are written there by Kineto, past Python's sys.stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak(fn: Callable[[], object]) -> int:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_native_stderr():
+        prof.start()
+    try:
         fn()
+    finally:
+        with _quiet_native_stderr():
+            prof.stop()
     events = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:

@@ -83,3 +83,12 @@ def test_fused_backward_holds_no_full_size_temporary(device, kernel, f_grad, sha
     if f_grad:
         assert eager >= 3 * full, f"eager peak {eager} B: expected out, df and do*f alive together"
     assert eager - peak >= full - returned - 4 * row, (eager, peak, full)
+
+
+def test_cpu_peak_writes_nothing_to_stderr(capfd):
+    # Kineto prints profiler start/stop lines to file descriptor 2; a benchmark table stays clean.
+    x = torch.randn(256, 256)
+    nbytes = x.numel() * x.element_size()
+    assert nbytes <= peak_allocated_bytes(lambda: x * 2, "cpu") < nbytes + 4096
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", err
