@@ -110,7 +110,7 @@ def test_missing_mask_is_a_clear_error(synth, tmp_path):
     os.remove(mask_path)
     with pytest.raises(DatasetError, match="missing") as err:
         check_parts(samples)
-    assert mask_path in str(err.value) and "<root>/parts/" in str(err.value)
+    assert mask_path in str(err.value) and "<dir>/parts/<folder>/<stem>.png" in str(err.value)
     with pytest.raises(DatasetError, match="missing"):
         make_parts_train_loader(samples * 2, H, W, batch_size=2, num_instances=1, workers=0)
 
