@@ -73,10 +73,23 @@ def triton_runs_on(device_type: str) -> bool:
     return device_type == "cpu" and triton_interpret()
 
 
+def functorch_active() -> bool:
+    """True inside a torch.func transform (vmap, grad, jacrev, ...), outside torch.compile traces.
+    The kernels' autograd is registered through torch.library, which functorch cannot transform,
+    so the ops run their pure-PyTorch reference there."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool(torch._C._are_functorch_transforms_active())
+
+
 _warned: set[tuple[str, str, str]] = set()
 
 
 def _warn_once(op: str, backend: str, device_type: str, why: str) -> None:
+    # Not while torch.compile traces: Dynamo cannot trace warnings.warn (fullgraph=True would
+    # fail); the first eager call warns.
+    if torch.compiler.is_compiling():
+        return
     key = (op, backend, device_type)
     if key not in _warned:
         _warned.add(key)

@@ -255,11 +255,12 @@ def spatial_mask_mul(
 
     ``logits`` is (B, H*W) or (B, H, W). ``activation`` is ``exp_relu`` (FMN), ``sigmoid`` or
     ``identity``. With ``f_other`` the result is the mix ``f*(1-m) + f_other*m``. The output has
-    f's dtype and memory format (contiguous or channels_last).
+    f's dtype and memory format (contiguous or channels_last). Inside torch.func transforms
+    (vmap, grad, jacrev, ...) the pure-PyTorch reference runs, whatever the backend.
     """
     logits, max_logit = _check_inputs(f, logits, f_other, activation, max_logit)
     name = _backend.resolve(_OP, backend, f.device)
-    if name == "torch":
+    if name == "torch" or _backend.functorch_active():
         return spatial_mask_mul_ref(f, logits, activation, max_logit, f_other)
     op = _compiled_op() if name in ("cpu", "cuda") else _triton_op()
     return op(f, logits, f_other, activation, max_logit)
@@ -268,7 +269,10 @@ def spatial_mask_mul(
 def spatial_mix(
     f: torch.Tensor, f_other: torch.Tensor, mask: torch.Tensor, *, backend: str | None = None
 ) -> torch.Tensor:
-    """o = f * (1 - mask) + f_other * mask; ``mask`` (B, H, W) or (B, H*W), broadcast over channels."""
+    """o = f * (1 - mask) + f_other * mask; ``mask`` (B, H, W) or (B, H*W), broadcast over channels.
+    A bool mask selects: True takes f_other, False keeps f."""
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and isinstance(f, torch.Tensor):
+        mask = mask.to(f.dtype if f.is_floating_point() else torch.float32)
     return spatial_mask_mul(f, mask, "identity", None, f_other=f_other, backend=backend)
 
 
@@ -313,6 +317,11 @@ def _mask_logits(f, g, weight, bias):
             f"fmn.FusedFeatureMask: global features have {g.shape[1]} dims, the weight expects {weight.shape[0]}")
     if not g.is_floating_point():
         raise TypeError(f"fmn.FusedFeatureMask: global features must be floating point; got {g.dtype}")
+    autocast = torch.is_autocast_enabled(g.device.type) and torch.float64 not in (g.dtype, weight.dtype)
+    if g.dtype != weight.dtype and not autocast:
+        raise TypeError(
+            f"fmn.FusedFeatureMask: global features are {g.dtype} but the weight is {weight.dtype}; "
+            "cast one to the other's dtype, or run under torch.autocast")
     return mask_linear(g, weight, bias)
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from fmn_kernels.backend import functorch_active
+
 
 def mask_linear_ref(g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """u = g @ weight + bias (the plain form; autograd of addmm)."""
@@ -51,7 +53,7 @@ class _MaskLinearCPU(torch.autograd.Function):
 
 
 def _use_cpu_forms(g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64)
+    return (not functorch_active() and g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64)
             and weight.dtype == g.dtype and (bias is None or bias.dtype == g.dtype)
             and not torch.is_autocast_enabled("cpu"))
 
