@@ -1,12 +1,14 @@
 // The one file that registers fmn's compiled kernels as torch ops (namespace `fmn`).
-// Schemas live here; fake (meta) kernels and autograd are registered in Python
-// (fmn_kernels/feature_mask.py, fmn_kernels/rerank.py). CPU kernels take at::Tensor
-// (csrc/cpu); CUDA kernels take raw pointers and a stream (csrc/cuda) and are wrapped here.
+// Schemas and the autograd of spatial_mask_mul (csrc/feature_mask_autograd.h) live here; fake
+// (meta) kernels are registered in Python (fmn_kernels/feature_mask.py, fmn_kernels/rerank.py).
+// CPU kernels take at::Tensor (csrc/cpu); CUDA kernels take raw pointers and a stream
+// (csrc/cuda) and are wrapped in csrc/cuda/feature_mask_torch.cpp.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "cpu/feature_mask.h"
 #include "cpu/rerank.h"
+#include "feature_mask_autograd.h"
 
 #ifdef FMN_WITH_CUDA
 #include "cuda/feature_mask_launch.h"
@@ -42,6 +44,12 @@ TORCH_LIBRARY_IMPL(fmn, CPU, m) {
   m.impl("rerank", &fmn::cpu::rerank);
   m.impl("spatial_mask_mul", &fmn::cpu::spatial_mask_mul);
   m.impl("spatial_mask_mul_backward", &fmn::cpu::spatial_mask_mul_backward);
+}
+
+// One autograd for every device's kernels (the backward calls spatial_mask_mul_backward through
+// the dispatcher).
+TORCH_LIBRARY_IMPL(fmn, Autograd, m) {
+  m.impl("spatial_mask_mul", &fmn::spatial_mask_mul_autograd);
 }
 
 #ifdef FMN_WITH_CUDA

@@ -154,7 +154,7 @@ def _check_max_logit(max_logit):
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd shared by the compiled and the Triton ops
+# Fake kernels of both ops; the Triton op's autograd (the compiled op's is in C++)
 # ----------------------------------------------------------------------------------------------
 def _empty_grad(f: torch.Tensor) -> torch.Tensor:
     return f.new_empty((0,))
@@ -207,10 +207,15 @@ def _backward_through_reference(grad_out, f, logits, f_other, activation, max_lo
     return tuple(next(grads) if need else None for need in needs) + (None, None)
 
 
-def _register(opname: str, backward_opname: str) -> None:
+def _register(opname: str, backward_opname: str, compiled: bool = False) -> None:
     torch.library.register_fake(opname)(_fake_forward)
     torch.library.register_fake(backward_opname)(_fake_backward)
     _BACKWARD_OPS[opname] = getattr(torch.ops.fmn, backward_opname.split("::")[1]).default
+    if compiled and torch._C._dispatch_has_kernel_for_dispatch_key(opname, "Autograd"):
+        # The extension registers its autograd in C++ (csrc/feature_mask_autograd.h, the same
+        # math at a fraction of the host time); an op defined by torch.library.custom_op (Triton)
+        # always has an Autograd kernel, the one that asks for register_autograd.
+        return
     setup_context, backward = _make_autograd(opname)
     torch.library.register_autograd(opname, backward, setup_context=setup_context)
 
@@ -221,7 +226,7 @@ _registered = {"compiled": False}
 def _compiled_op():
     """torch.ops.fmn.spatial_mask_mul (C++/CUDA), with fake and autograd registered once."""
     if not _registered["compiled"]:
-        _register("fmn::spatial_mask_mul", "fmn::spatial_mask_mul_backward")
+        _register("fmn::spatial_mask_mul", "fmn::spatial_mask_mul_backward", compiled=True)
         _registered["compiled"] = True
     return torch.ops.fmn.spatial_mask_mul.default
 

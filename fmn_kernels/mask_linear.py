@@ -14,8 +14,9 @@ form
 3.3-4.3 ms for the plain addmm there, so the forward stays addmm; dW = g^T @ du gains nothing
 either way. The results are the same sums over the same products; only the blocking of the BLAS
 call changes, so values agree with `addmm` to float rounding. cuBLAS gains nothing from this, so
-CUDA tensors, autocast regions and dtypes that MKL does not serve (fp16, bf16) take the plain
-`addmm` and its autograd.
+CUDA tensors, autocast regions, dtypes that MKL does not serve (fp16, bf16) and GEMMs too small
+for the form to pay for its Python autograd (``MIN_MACS``) take the plain `addmm` and its
+autograd.
 """
 from __future__ import annotations
 
@@ -32,15 +33,14 @@ def mask_linear_ref(g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 class _MaskLinearCPU(torch.autograd.Function):
     """u = g @ W + b, with dg in the transposed GEMM form (see the module docstring)."""
 
+    # forward(ctx, ...) rather than a setup_context: Function.apply then skips binding the
+    # arguments to the signature (inspect.signature on every call, ~40 us of host time).
+    # torch.func transforms, which need setup_context, take mask_linear_ref instead.
     @staticmethod
-    def forward(g, weight, bias):
-        return mask_linear_ref(g, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        g, weight, bias = inputs
+    def forward(ctx, g, weight, bias):
         ctx.save_for_backward(g, weight)
         ctx.has_bias = bias is not None
+        return mask_linear_ref(g, weight, bias)
 
     @staticmethod
     def backward(ctx, du):
@@ -52,8 +52,14 @@ class _MaskLinearCPU(torch.autograd.Function):
         return dg, dw, db
 
 
+# Below this many multiply-adds per GEMM (B * M * N) the transposed form saves less than the
+# host time of its autograd.Function (tens of microseconds), so small problems take addmm.
+MIN_MACS = 1 << 22
+
+
 def _use_cpu_forms(g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (not functorch_active() and g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64)
+            and g.dim() == 2 and weight.dim() == 2 and g.shape[0] * weight.numel() >= MIN_MACS
             and weight.dtype == g.dtype and (bias is None or bias.dtype == g.dtype)
             and not torch.is_autocast_enabled("cpu"))
 

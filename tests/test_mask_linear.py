@@ -20,7 +20,8 @@ def _inputs(B, M, N, dtype, device="cpu", bias=True, seed=0):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_addmm_values_and_grads(shape, dtype, bias):
+def test_matches_addmm_values_and_grads(shape, dtype, bias, monkeypatch):
+    monkeypatch.setattr(ml, "MIN_MACS", 0)
     g, w, b = _inputs(*shape, dtype, bias=bias, seed=sum(shape))
     leaves = [t.clone().requires_grad_(True) for t in (g, w, b) if t is not None]
     ref_leaves = [t.clone().requires_grad_(True) for t in (g, w, b) if t is not None]
@@ -87,6 +88,10 @@ def test_torch_compile_fullgraph():
 
 def test_plain_form_where_mkl_forms_do_not_apply():
     g, w, b = _inputs(4, 9, 7, torch.float32)
+    assert not ml._use_cpu_forms(g, w, b)                    # too small to pay for the Function
+    assert ml._use_cpu_forms(*_inputs(32, 2048, 2048, torch.float32))
+    g, w, b = _inputs(ml.MIN_MACS // 63 // 64 + 1, 63, 64, torch.float32)
+    assert ml._use_cpu_forms(g, w, b) and not ml._use_cpu_forms(g[:-1], w, b)
     assert not ml._use_cpu_forms(g.bfloat16(), w.bfloat16(), b.bfloat16())
     assert not ml._use_cpu_forms(g.double(), w, b)           # mixed dtypes: addmm's own error
     with torch.autocast("cpu", dtype=torch.bfloat16):
