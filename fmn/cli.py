@@ -222,9 +222,9 @@ def _resolve_device(cfg):
 def load_trained(checkpoint: str, overrides: list[str] | None = None, config: str | None = None):
     """(model in eval mode, config) from a checkpoint written by the trainer."""
     from fmn.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-    from fmn.config import apply_override, model_kwargs, validate, with_sections_of
+    from fmn.config import apply_override, validate, with_sections_of
     from fmn.seed_trainer import SEED_MODELS, load_any_config, load_seed_model
-    from fmn.trainer import build_model_from_config
+    from fmn.trainer import architecture, build_model_from_config
 
     state = load_checkpoint(checkpoint)
     saved = state.get("config")
@@ -244,12 +244,11 @@ def load_trained(checkpoint: str, overrides: list[str] | None = None, config: st
         apply_override(cfg, o)
     validate(cfg)
     model = build_model_from_config(cfg, int(state["num_classes"]))
-    # a mismatch (e.g. --set model.backbone=... or data.height=...) is one error naming what differs
-    try:
-        saved_kwargs = model_kwargs(saved)
-    except (KeyError, TypeError):
-        saved_kwargs = None
-    load_model_weights(model, state["model"], checkpoint, saved_config=saved_kwargs, config=model_kwargs(cfg))
+    # A mismatch (--set model.backbone=..., data.height=..., or model.last_stride=..., which
+    # changes no tensor) is one error naming what differs.
+    num_classes = int(state["num_classes"])
+    load_model_weights(model, state["model"], checkpoint, saved_config=architecture(saved, num_classes),
+                       config=architecture(cfg, num_classes), settings_must_match=True)
     if hasattr(model, "set_stage"):
         model.set_stage(int(state.get("stage", 2)))
     model.eval()

@@ -131,7 +131,7 @@ def _kill_point() -> tuple[int, int, int] | None:
 _NOT_ARCHITECTURE = ("pretrained", "backend", "lan_init")
 
 
-def _architecture(cfg: dict, num_classes: int | None) -> dict[str, Any]:
+def architecture(cfg: dict, num_classes: int | None) -> dict[str, Any]:
     """The settings of ``cfg`` that define the network: model.* (less the path of the ImageNet
     weights, the kernel backend and the stage-2 initialisation), the input size and num_classes."""
     model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
@@ -394,8 +394,8 @@ class Trainer:
                 raise ValueError(f"{self.last_checkpoint}: not an fmn training checkpoint")
             model = unwrap(self.model)
             saved_cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
-            saved = _architecture(saved_cfg, state.get("num_classes"))
-            now = _architecture(self.cfg, getattr(model, "num_classes", None))
+            saved = architecture(saved_cfg, state.get("num_classes"))
+            now = architecture(self.cfg, getattr(model, "num_classes", None))
             load_model_weights(model, state["model"], self.last_checkpoint, saved, now, settings_must_match=True)
             stage, epoch = int(state["stage"]), int(state["epoch"])
             self.history = list(state.get("history", []))

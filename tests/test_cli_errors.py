@@ -93,6 +93,9 @@ def test_eval_checkpoint_problems(runs, tmp_path, capsys):
     # architecture-defining overrides: one error naming what differs
     assert main(["eval", "--checkpoint", ck, "--set", "data.height=128", "--no-rerank"]) == 2
     assert "different model" in one_error(capsys, "eval")
+    # a setting that changes no tensor shape is refused as well
+    assert main(["eval", "--checkpoint", ck, "--set", "model.last_stride=1", "--no-rerank"]) == 2
+    assert "model settings that differ (checkpoint -> now): last_stride: 2 -> 1" in one_error(capsys, "eval")
     assert main(["eval", "--checkpoint", str(runs["mmga"]), "--set", "model.base_width=16", "--no-rerank"]) == 2
     assert "different model" in one_error(capsys, "eval")
     torch.save({"a": 1}, tmp_path / "dict.pt")
