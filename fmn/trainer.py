@@ -384,7 +384,16 @@ class Trainer:
             self.scaler = torch.amp.GradScaler(self.device.type)
 
     def fit(self, resume: bool = True) -> dict[str, Any]:
-        """Train both stages (resuming from ``<out>/last.pt`` if present); returns a summary."""
+        """Train both stages (resuming from ``<out>/last.pt`` if present); returns a summary.
+        The TensorBoard event file is closed at the end, also when training stops on an error."""
+        try:
+            return self._fit(resume)
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+                self.tb = None
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
         stage, epoch = 1, 0
         state = None
         self.history = []
@@ -444,8 +453,6 @@ class Trainer:
         final_epoch = self.tcfg[f"stage{final_stage}"]["epochs"]
         unwrap(self.model).set_stage(final_stage)
         self.save(final_stage, final_epoch, self.final_checkpoint)
-        if self.tb is not None:
-            self.tb.flush()
         return {
             "checkpoint": self.final_checkpoint,
             "seconds": time.perf_counter() - t_start,

@@ -228,3 +228,40 @@ def test_ddp_two_gloo_processes_keep_parameters_equal(tmp_path):
             moved += int(not torch.equal(a[k], init[k]))
     assert moved > 0
     assert (tmp_path / "model.pt").exists()
+
+
+class _RecordingWriter:
+    def __init__(self):
+        self.scalars, self.closed = 0, False
+
+    def add_scalar(self, *args):
+        self.scalars += 1
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_tensorboard_writer_is_closed_after_fit(tmp_path, monkeypatch, fails):
+    imgs, pids = make_data()
+    cfg = tiny_cfg(tmp_path, "train.tensorboard=true", "train.log_every=1")
+    model = build_model_from_config(cfg, C)
+    trainer = Trainer(cfg, model, TensorLoader(imgs, pids, 8), torch.device("cpu"), str(tmp_path), log=None)
+    writer = _RecordingWriter()
+
+    def open_writer():
+        trainer.tb = writer
+
+    monkeypatch.setattr(trainer, "_open_tensorboard", open_writer)
+    if fails:
+        def broken(*args, **kwargs):
+            raise RuntimeError("disk full")
+        monkeypatch.setattr(trainer, "save", broken)
+        with pytest.raises(RuntimeError, match="disk full"):
+            trainer.fit(resume=False)
+    else:
+        trainer.fit(resume=False)
+    assert writer.scalars > 0 and writer.closed and trainer.tb is None
