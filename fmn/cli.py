@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shortcuts(p)
     p.add_argument("--no-rerank", action="store_true", help="skip k-reciprocal re-ranking rows")
     p.add_argument("--json", help="write the results here (default: next to the checkpoint)")
+    p.add_argument("--save-features", metavar="DIR",
+                   help="also write DIR/query.pt and DIR/gallery.pt (one float32 row per image: the descriptor "
+                   "the FMN row evaluates, or a related method's fused descriptor; the input of fmn rerank) and "
+                   "DIR/images.json (the image path, identity and camera of each row)")
 
     p = sub.add_parser("rerank", help="k-reciprocal re-ranking of saved query/gallery features",
                        description="Re-rank query x gallery distances from feature files (.pt tensor or .npy "
@@ -290,15 +294,51 @@ def _write_results(path, dataset, cfg, results, seconds, extra=None):
     _write_json(path, payload)
 
 
+def _retrieval_descriptor(feats, alpha):
+    """The vectors that rank: FMN's descriptor of eq. (6), else a related method's fused
+    descriptor, else the only branch, L2-normalised."""
+    import torch.nn.functional as F
+
+    from fmn.evaluator import fuse
+
+    if "grn" in feats and "lan" in feats:
+        return fuse(feats["grn"], feats["lan"], alpha)
+    if "descriptor" in feats:
+        return feats["descriptor"].float()
+    if len(feats) == 1:
+        return F.normalize(next(iter(feats.values())).float(), dim=1)
+    raise UsageError(f"the model gives neither FMN's grn/lan features nor a fused descriptor "
+                     f"(features: {', '.join(sorted(feats))}); nothing to save")
+
+
+def save_features(folder, query, gallery, alpha):
+    """folder/query.pt, folder/gallery.pt ((n, d) float32 on the CPU) and folder/images.json
+    ({"query": [[path, pid, camid], ...], "gallery": [...]}), each written atomically."""
+    import torch
+
+    os.makedirs(folder, exist_ok=True)
+    listing = {}
+    for name, (feats, pids, camids, paths) in (("query", query), ("gallery", gallery)):
+        desc = _retrieval_descriptor(feats, alpha).detach().float().cpu().contiguous()
+        _atomic_write(os.path.join(folder, f"{name}.pt"), lambda tmp, d=desc: torch.save(d, tmp))
+        listing[name] = [[str(p), int(i), int(c)] for p, i, c in zip(paths, pids.tolist(), camids.tolist())]
+    _write_json(os.path.join(folder, "images.json"), listing)
+    return [os.path.join(folder, n) for n in ("query.pt", "gallery.pt", "images.json")]
+
+
 def evaluate_and_visualize(model, dataset, cfg, device, out_dir, json_path=None, visualize=True,
-                           queries=6, cases=3, extra=None):
-    """Features once -> results table (+ JSON), ranked-list PNG and Fig. 4 heatmaps."""
+                           queries=6, cases=3, extra=None, features_dir=None):
+    """Features once -> results table (+ JSON), ranked-list PNG and Fig. 4 heatmaps; with
+    ``features_dir`` the retrieval descriptors as well (``save_features``)."""
     from fmn.evaluator import evaluate_features, format_results, fuse
     from fmn.metrics import euclidean_distance
 
     t0 = time.time()
     (qf, qp, qc, qpaths), (gf, gp, gc, gpaths) = _features(model, dataset, cfg, device)
     e = cfg["eval"]
+    if features_dir:
+        written = save_features(features_dir, (qf, qp, qc, qpaths), (gf, gp, gc, gpaths), e["alpha"])
+        _log("wrote " + ", ".join(written))
     results = evaluate_features(qf, gf, qp, gp, qc, gc, rerank=e["rerank"], alpha=e["alpha"], device=device)
     seconds = time.time() - t0
     _log(format_results(results, title=f"{dataset.name}: {len(dataset.query)} queries, "
@@ -421,13 +461,17 @@ def cmd_eval(args) -> int:
     checkpoint = _checkpoint_arg(args)
     json_path = args.json or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "results.json")
     _check_output_file(json_path, "--json")
+    if args.save_features:
+        if os.path.exists(args.save_features) and not os.path.isdir(args.save_features):
+            raise UsageError(f"--save-features {args.save_features} is a file; give a folder")
+        _check_output_dir(args.save_features, "--save-features")
     model, cfg = load_trained(checkpoint, _overrides(args), args.config)
     if args.no_rerank:
         cfg["eval"]["rerank"] = False
     device = _device(cfg)
     model.to(device)
     evaluate_and_visualize(model, _dataset(cfg), cfg, device, os.path.dirname(json_path), json_path=json_path,
-                           visualize=False)
+                           visualize=False, features_dir=args.save_features)
     _log(f"wrote {json_path}")
     return 0
 

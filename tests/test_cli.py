@@ -9,6 +9,7 @@ import yaml
 
 from fmn.cli import main
 from fmn.config import DEFAULTS, ConfigError, load_config
+from fmn.metrics import euclidean_distance, evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,6 +129,27 @@ def test_synth_train_eval_visualize_rerank(tmp_path, capsys):
     assert all(0.0 <= res[k]["mAP"] <= 100.0 for k in res)
     out = capsys.readouterr().out
     assert "FMN" in out and "mAP" in out
+
+    # --save-features: the descriptors fmn rerank reads, which give the FMN rows again
+    feats = run / "feats"
+    assert main(["eval", "--checkpoint", str(ck), "--json", str(run / "res_f.json"),
+                 "--save-features", str(feats)]) == 0
+    assert json.loads((run / "res_f.json").read_text())["results"] == res
+    images = json.loads((feats / "images.json").read_text())
+    q, g = (torch.load(feats / f"{n}.pt", weights_only=True) for n in ("query", "gallery"))
+    assert q.dtype == torch.float32 and q.shape[0] == len(images["query"]) and g.shape[0] == len(images["gallery"])
+    (qp, qc), (gp, gc) = ((torch.tensor([r[1] for r in images[n]]), torch.tensor([r[2] for r in images[n]]))
+                          for n in ("query", "gallery"))
+    assert all(os.path.isfile(r[0]) for n in ("query", "gallery") for r in images[n])
+    _, m_ap, _ = evaluate(euclidean_distance(q, g), qp, gp, qc, gc)
+    assert 100 * m_ap == pytest.approx(res["FMN"]["mAP"], abs=1e-4)
+    assert main(["rerank", "--query", str(feats / "query.pt"), "--gallery", str(feats / "gallery.pt"),
+                 "--out", str(run / "rr.pt")]) == 0
+    _, m_ap, _ = evaluate(torch.load(run / "rr.pt", weights_only=True), qp, gp, qc, gc)
+    assert 100 * m_ap == pytest.approx(res["FMN+RR"]["mAP"], abs=1e-4)
+    (run / "afile").write_text("x")
+    assert main(["eval", "--checkpoint", str(ck), "--save-features", str(run / "afile")]) == 2
+    assert "--save-features" in capsys.readouterr().err
 
     # --config takes every section but the model from another file, a related method's file too
     assert main(["eval", "--checkpoint", str(ck), "--config", os.path.join(ROOT, "configs", "mmga.yaml"),
