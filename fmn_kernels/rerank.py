@@ -41,9 +41,8 @@ the only q x g allocation.
 from __future__ import annotations
 
 import contextlib
-import numbers
-
 import math
+import numbers
 
 import torch
 
@@ -91,22 +90,20 @@ def _check_matrix(name: str, t, what: str) -> None:
         raise ValueError(f"fmn.rerank: {name} must be a floating-point tensor, got {t.dtype}")
 
 
-def _abs_max(t: torch.Tensor) -> float:
-    """max |t| as a Python float (NaN if t holds a NaN, inf if an inf); 0 for an empty t.
-    One aminmax pass: a fraction of the time of isfinite(t).all() or t.abs().max()."""
+def _check_finite(name: str, t: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of ``t`` as Python floats, (0, 0) when empty; NaN or inf is an error. One
+    aminmax pass (NaN propagates through it), a fraction of the time of isfinite(t).all(): the
+    callers take the sign and the range checks from the same two numbers."""
     if not t.numel():
-        return 0.0
-    lo, hi = torch.aminmax(t.detach())
-    lo, hi = float(lo), float(hi)
-    return lo if lo != lo else max(-lo, hi)
-
-
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not math.isfinite(_abs_max(t)):
+        return 0.0, 0.0
+    lo, hi = (float(v) for v in torch.aminmax(t.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"fmn.rerank: {name} contains NaN or Inf")
+    return lo, hi
 
 
-def _check_features(query_feats, gallery_feats) -> None:
+def _check_features(query_feats, gallery_feats) -> tuple[float, float]:
+    """Shapes, device and finiteness; returns (max |query_feats|, max |gallery_feats|)."""
     _check_matrix("query_feats", query_feats, "(q, d)")
     _check_matrix("gallery_feats", gallery_feats, "(g, d)")
     if query_feats.shape[0] == 0:
@@ -124,32 +121,42 @@ def _check_features(query_feats, gallery_feats) -> None:
         raise ValueError(
             f"fmn.rerank: query_feats is on {query_feats.device}, gallery_feats on {gallery_feats.device}"
         )
-    _check_finite("query_feats", query_feats)
-    _check_finite("gallery_feats", gallery_feats)
+    lo_q, hi_q = _check_finite("query_feats", query_feats)
+    lo_g, hi_g = _check_finite("gallery_feats", gallery_feats)
+    return max(-lo_q, hi_q), max(-lo_g, hi_g)
 
 
 # Largest working distance accepted: float32's max with a factor 2 for the rounding of the sums.
 _W_LIMIT = torch.finfo(torch.float32).max / 2
 
 
-def _check_feature_range(query_feats, gallery_feats, squared_input: bool) -> None:
-    """The float32 working distances of finite features must stay finite.
+def _working(d2: float, squared_input: bool) -> float:
+    """The working distance of a squared distance d2: d2, or d2**2 with squared_input."""
+    return d2 * d2 if squared_input else d2
+
+
+def _check_working_max(w_max: float, squared_input: bool, source: str, remedy: str) -> None:
+    if w_max > _W_LIMIT:
+        what = "d2**2 (squared_input)" if squared_input else "d2"
+        raise ValueError(f"fmn.rerank: {source}, so the working distance {what} can reach {w_max:.3g}, "
+                         f"beyond float32 (limit {_W_LIMIT:.3g}): scale {remedy} down")
+
+
+def _check_feature_range(query_feats, gallery_feats, abs_max: tuple[float, float], squared_input: bool) -> None:
+    """The float32 working distances of finite features must stay finite; ``abs_max`` is
+    (max |query_feats|, max |gallery_feats|) from ``_check_features``.
 
     With x the float32 features less their mean and M = max_i |x_i|, every d2(i, j) is at most
-    (|x_i| + |x_j|)^2 <= 4 M^2 and the GEMM form's s_i + s_j at most 2 M^2; squared_input squares
-    d2 once more. A quick bound settles almost every input: with a = max |x| each centred row
-    has norm <= 2 a sqrt(d), so d2 <= 16 d a^2. Only inputs that fail it get the exact M,
-    computed in float64 a bounded chunk of rows at a time.
+    (|x_i| + |x_j|)^2 <= 4 M^2 and the GEMM form's s_i + s_j at most 2 M^2. A quick bound settles
+    almost every input: with a = max |x| each centred row has norm <= 2 a sqrt(d), so
+    d2 <= 16 d a^2. Only inputs that fail it get the exact M, computed in float64 a bounded chunk
+    of rows at a time.
     """
-    f32_max = torch.finfo(torch.float32).max
-    a = 0.0
-    for name, t in (("query_feats", query_feats), ("gallery_feats", gallery_feats)):
-        a_t = _abs_max(t)
-        if a_t > f32_max:
+    for name, a_t in zip(("query_feats", "gallery_feats"), abs_max):
+        if a_t > torch.finfo(torch.float32).max:
             raise ValueError(f"fmn.rerank: {name} holds values beyond the float32 range (the arithmetic is float32)")
-        a = max(a, a_t)
-    w_quick = 16.0 * query_feats.shape[1] * a * a
-    if (w_quick * w_quick if squared_input else w_quick) <= _W_LIMIT:
+    a = max(abs_max)
+    if _working(16.0 * query_feats.shape[1] * a * a, squared_input) <= _W_LIMIT:
         return
     feats = [t.detach().float() for t in (query_feats, gallery_feats)]
     n = sum(t.shape[0] for t in feats)
@@ -160,33 +167,19 @@ def _check_feature_range(query_feats, gallery_feats, squared_input: bool) -> Non
         for r0 in range(0, t.shape[0], step):
             m2 = torch.maximum(m2, ((t[r0:r0 + step].double() - mean) ** 2).sum(dim=1).max())
     m2 = float(m2)
-    w_max = 4.0 * m2
-    if squared_input:
-        w_max *= w_max
-    if w_max > _W_LIMIT:
-        what = "squared distances, squared again (squared_input)," if squared_input else "squared distances"
-        raise ValueError(
-            f"fmn.rerank: the features lie up to {m2 ** 0.5:.3g} from their mean, so their {what} can "
-            f"reach {w_max:.3g}, beyond float32 (limit {_W_LIMIT:.3g}): scale the features down"
-        )
+    _check_working_max(_working(4.0 * m2, squared_input), squared_input,
+                       f"the features lie up to {m2 ** 0.5:.3g} from their mean", "the features")
 
 
-def _check_block_range(q_g, q_q, g_g, squared_input: bool) -> None:
-    """The float32 working distances of the blocks (D^2, or D^4 with squared_input) must stay finite.
-    The blocks are already known to be finite and non-negative."""
-    d_max = max(float(t.detach().amax()) if t.numel() else 0.0 for t in (q_g, q_q, g_g))
-    w_max = d_max * d_max
-    if squared_input:
-        w_max *= w_max
-    if w_max > _W_LIMIT:
-        what = "D**4 (squared_input)" if squared_input else "D**2"
-        raise ValueError(
-            f"fmn.rerank: the distance blocks reach {d_max:.3g}, so the working distance {what} reaches "
-            f"{w_max:.3g}, beyond float32 (limit {_W_LIMIT:.3g}): scale the distances down"
-        )
+def _check_block_range(d_max: float, squared_input: bool) -> None:
+    """The float32 working distances of the blocks, whose largest entry is ``d_max`` (from
+    ``_check_distances``), must stay finite: D^2, or D^4 with squared_input."""
+    _check_working_max(_working(d_max * d_max, squared_input), squared_input,
+                       f"the distance blocks reach {d_max:.3g}", "the distances")
 
 
-def _check_distances(q_g, q_q, g_g) -> None:
+def _check_distances(q_g, q_q, g_g) -> float:
+    """Shapes, device, finite and non-negative entries; returns the largest entry."""
     _check_matrix("q_g", q_g, "(q, g)")
     _check_matrix("q_q", q_q, "(q, q)")
     _check_matrix("g_g", g_g, "(g, g)")
@@ -201,10 +194,13 @@ def _check_distances(q_g, q_q, g_g) -> None:
         raise ValueError(f"fmn.rerank: g_g must be ({g}, {g}) to match q_g {tuple(q_g.shape)}, got {tuple(g_g.shape)}")
     if not (q_g.device == q_q.device == g_g.device):
         raise ValueError("fmn.rerank: q_g, q_q and g_g must be on the same device")
+    d_max = 0.0
     for name, t in (("q_g", q_g), ("q_q", q_q), ("g_g", g_g)):
-        _check_finite(name, t)
-        if bool((t < 0).any()):
+        lo, hi = _check_finite(name, t)
+        if lo < 0:
             raise ValueError(f"fmn.rerank: {name} holds negative distances")
+        d_max = max(d_max, hi)
+    return d_max
 
 
 _fake_registered = {"done": False}
@@ -282,10 +278,10 @@ def rerank(
     scan, so the neighbour lists and row maxima are those of the exact d2 whatever the precision
     (ties stay exact and go to the lower index). "auto": "tf32" on CUDA, else "fp32".
     """
-    _check_features(query_feats, gallery_feats)
+    abs_max = _check_features(query_feats, gallery_feats)
     q, g = query_feats.shape[0], gallery_feats.shape[0]
     k1, k2, lam, topk = _check_params(k1, k2, lambda_value, topk, g)
-    _check_feature_range(query_feats, gallery_feats, bool(squared_input))
+    _check_feature_range(query_feats, gallery_feats, abs_max, bool(squared_input))
     if knn_precision not in ("auto", "fp32", "tf32", "bf16"):
         raise ValueError(f"fmn.rerank: knn_precision must be auto, fp32, tf32 or bf16, got {knn_precision!r}")
     if knn_precision == "auto":
@@ -335,10 +331,10 @@ def rerank_from_distances(
     The blocks are used as given (the g x q block is ``q_g.T``). The work runs in the sparse
     torch pipeline on the blocks' device (the C++ backend takes features only).
     """
-    _check_distances(q_g, q_q, g_g)
+    d_max = _check_distances(q_g, q_q, g_g)
     q, g = q_g.shape
     k1, k2, lam, topk = _check_params(k1, k2, lambda_value, topk, g)
-    _check_block_range(q_g, q_q, g_g, bool(squared_input))
+    _check_block_range(d_max, bool(squared_input))
     _backend.requested(backend)
     k_fwd, k_half, raw, clamp = _variant(k1, faiss_compat)
     cfg = _sparse.Config(
