@@ -75,8 +75,8 @@ def triton_runs_on(device_type: str) -> bool:
 
 def functorch_active() -> bool:
     """True inside a torch.func transform (vmap, grad, jacrev, ...), outside torch.compile traces.
-    The kernels' autograd is registered through torch.library, which functorch cannot transform,
-    so the ops run their pure-PyTorch reference there."""
+    functorch cannot transform the kernels' autograd (C++ for the compiled op, torch.library for
+    the Triton op, an autograd.Function for the CPU mask GEMM), so the reference runs there."""
     if torch.compiler.is_compiling():
         return False
     return bool(torch._C._are_functorch_transforms_active())

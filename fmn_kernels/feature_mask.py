@@ -277,7 +277,7 @@ def spatial_mix(
     """o = f * (1 - mask) + f_other * mask; ``mask`` (B, H, W) or (B, H*W), broadcast over channels.
     A bool mask selects: True takes f_other, False keeps f."""
     if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and isinstance(f, torch.Tensor):
-        mask = mask.to(f.dtype if f.is_floating_point() else torch.float32)
+        mask = mask.to(f.dtype)   # a non-float f is refused by the checks
     return spatial_mask_mul(f, mask, "identity", None, f_other=f_other, backend=backend)
 
 
@@ -322,8 +322,8 @@ def _mask_logits(f, g, weight, bias):
             f"fmn.FusedFeatureMask: global features have {g.shape[1]} dims, the weight expects {weight.shape[0]}")
     if not g.is_floating_point():
         raise TypeError(f"fmn.FusedFeatureMask: global features must be floating point; got {g.dtype}")
-    autocast = torch.is_autocast_enabled(g.device.type) and torch.float64 not in (g.dtype, weight.dtype)
-    if g.dtype != weight.dtype and not autocast:
+    if g.dtype != weight.dtype and not (torch.is_autocast_enabled(g.device.type)
+                                        and torch.float64 not in (g.dtype, weight.dtype)):
         raise TypeError(
             f"fmn.FusedFeatureMask: global features are {g.dtype} but the weight is {weight.dtype}; "
             "cast one to the other's dtype, or run under torch.autocast")

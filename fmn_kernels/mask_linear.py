@@ -58,10 +58,10 @@ MIN_MACS = 1 << 22
 
 
 def _use_cpu_forms(g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (not functorch_active() and g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64)
+    return (g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64)
             and g.dim() == 2 and weight.dim() == 2 and g.shape[0] * weight.numel() >= MIN_MACS
             and weight.dtype == g.dtype and (bias is None or bias.dtype == g.dtype)
-            and not torch.is_autocast_enabled("cpu"))
+            and not torch.is_autocast_enabled("cpu") and not functorch_active())
 
 
 def mask_linear(g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
