@@ -63,30 +63,38 @@ def corrupt_record(path: str | os.PathLike) -> str | None:
         return None
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def torch_load(path: str | os.PathLike, what: str = "checkpoint",
+               map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``, checked: a folder, an unreadable file (``load_failure``)
+    or a record whose CRC-32 does not match its bytes is one ``CheckpointError`` naming ``path``;
+    a missing file is ``FileNotFoundError``. ``what`` names the file in the messages."""
     path = os.fspath(path)
     if os.path.isdir(path):
         inside = os.path.join(path, "model.pt")
         hint = f" ({inside} is there)" if os.path.isfile(inside) else ""
-        raise CheckpointError(f"{path}: a folder; expected a checkpoint file{hint}")
+        raise CheckpointError(f"{path}: a folder; expected a {what} file{hint}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except OSError:
         raise
     except Exception as exc:
-        raise CheckpointError(
-            f"{path}: cannot load this checkpoint ({load_failure(path, exc)}). The file is truncated, "
-            "corrupt, or not a checkpoint of tensors and plain containers (fmn loads with weights_only=True)"
-        ) from exc
-    bad = corrupt_record(path)
-    if bad is not None:
-        raise CheckpointError(
-            f"{path}: cannot load this checkpoint (the checksum of its record {bad} does not match its bytes). "
-            "The file is truncated, corrupt, or not a checkpoint of tensors and plain containers")
+        reason = load_failure(path, exc)
+    else:
+        bad = corrupt_record(path)
+        if bad is None:
+            return obj
+        reason = f"the checksum of its record {bad} does not match its bytes"
+    raise CheckpointError(
+        f"{path}: cannot load this {what} ({reason}). The file is truncated, corrupt, or not a {what} "
+        "of tensors and plain containers (fmn loads with weights_only=True)")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    obj = torch_load(path, "checkpoint", map_location)
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: not an fmn checkpoint (expected a dict, got {type(obj).__name__})")
+        raise CheckpointError(f"{os.fspath(path)}: not an fmn checkpoint (expected a dict, got {type(obj).__name__})")
     return obj
 
 

@@ -202,21 +202,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     not such a checkpoint (not a torch file, a pickled module, no tensors, a record whose CRC-32
     does not match) raises one ``CheckpointError`` naming it.
     """
-    from fmn.checkpoint import CheckpointError, corrupt_record, load_failure
+    from fmn.checkpoint import CheckpointError, torch_load
 
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path}: a folder; expected a pretrained checkpoint file")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError ... here
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint of weights; {load_failure(path, exc)}") from exc
-    bad = corrupt_record(path)
-    if bad is not None:
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint of weights; the checksum of its record {bad} "
-                              "does not match its bytes (a damaged download or copy)")
+    obj = torch_load(path, "pretrained checkpoint")
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
