@@ -98,7 +98,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return obj
 
 
-def _examples(keys: list[str], n: int = 3) -> str:
+def key_examples(keys: list[str], n: int = 3) -> str:
+    """The first ``n`` keys, and how many there are in all when there are more."""
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
@@ -123,11 +124,11 @@ def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], path:
         return
     parts = []
     if shapes:
-        parts.append(f"{len(shapes)} tensor(s) of another shape ({_examples(shapes, 2)})")
+        parts.append(f"{len(shapes)} tensor(s) of another shape ({key_examples(shapes, 2)})")
     if missing:
-        parts.append(f"{len(missing)} missing key(s) ({_examples(missing)})")
+        parts.append(f"{len(missing)} missing key(s) ({key_examples(missing)})")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s) ({_examples(unexpected)})")
+        parts.append(f"{len(unexpected)} unexpected key(s) ({key_examples(unexpected)})")
     if keys:
         parts.append("model settings that differ (checkpoint -> now): " + ", ".join(
             f"{k}: {saved_config.get(k)!r} -> {config.get(k)!r}" for k in keys))

@@ -242,7 +242,7 @@ def load_pretrained(
     ``(missing, unexpected)`` key lists (empty unless ``strict=False``); ``log`` receives a
     one-paragraph report.
     """
-    from fmn.checkpoint import CheckpointError
+    from fmn.checkpoint import CheckpointError, key_examples
 
     state = read_state_dict(path)
     own = module.state_dict()
@@ -270,11 +270,9 @@ def load_pretrained(
         if missing or unexpected:
             parts = []
             if missing:
-                parts.append(f"{len(missing)} tensor(s) of the model missing ({', '.join(missing[:4])}"
-                             + (" ..." if len(missing) > 4 else "") + ")")
+                parts.append(f"{len(missing)} tensor(s) of the model missing ({key_examples(missing, 4)})")
             if unexpected:
-                parts.append(f"{len(unexpected)} tensor(s) the model does not have ({', '.join(unexpected[:4])}"
-                             + (" ..." if len(unexpected) > 4 else "") + ")")
+                parts.append(f"{len(unexpected)} tensor(s) the model does not have ({key_examples(unexpected, 4)})")
             raise CheckpointError(
                 f"{os.fspath(path)}: not a complete checkpoint of this network: {'; '.join(parts)}. "
                 "Is it for another depth (e.g. resnet101 for resnet50) or a partial file? Nothing was loaded")
