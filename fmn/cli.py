@@ -311,15 +311,16 @@ def _retrieval_descriptor(feats, alpha):
                      f"(features: {', '.join(sorted(feats))}); nothing to save")
 
 
-def save_features(folder, query, gallery, alpha):
+def save_features(folder, query, gallery):
     """folder/query.pt, folder/gallery.pt ((n, d) float32 on the CPU) and folder/images.json
-    ({"query": [[path, pid, camid], ...], "gallery": [...]}), each written atomically."""
+    ({"query": [[path, pid, camid], ...], "gallery": [...]}), each written atomically; ``query``
+    and ``gallery`` are (descriptors, pids, camids, paths)."""
     import torch
 
     os.makedirs(folder, exist_ok=True)
     listing = {}
-    for name, (feats, pids, camids, paths) in (("query", query), ("gallery", gallery)):
-        desc = _retrieval_descriptor(feats, alpha).detach().float().cpu().contiguous()
+    for name, (desc, pids, camids, paths) in (("query", query), ("gallery", gallery)):
+        desc = desc.detach().float().cpu().contiguous()
         _atomic_write(os.path.join(folder, f"{name}.pt"), lambda tmp, d=desc: torch.save(d, tmp))
         listing[name] = [[str(p), int(i), int(c)] for p, i, c in zip(paths, pids.tolist(), camids.tolist())]
     _write_json(os.path.join(folder, "images.json"), listing)
@@ -330,14 +331,17 @@ def evaluate_and_visualize(model, dataset, cfg, device, out_dir, json_path=None,
                            queries=6, cases=3, extra=None, features_dir=None):
     """Features once -> results table (+ JSON), ranked-list PNG and Fig. 4 heatmaps; with
     ``features_dir`` the retrieval descriptors as well (``save_features``)."""
-    from fmn.evaluator import evaluate_features, format_results, fuse
+    from fmn.evaluator import evaluate_features, format_results
     from fmn.metrics import euclidean_distance
 
     t0 = time.time()
     (qf, qp, qc, qpaths), (gf, gp, gc, gpaths) = _features(model, dataset, cfg, device)
     e = cfg["eval"]
+    ranks = "grn" in qf and "lan" in qf or "descriptor" in qf   # a ranked list can be drawn
+    if features_dir or (visualize and ranks):
+        q_desc, g_desc = _retrieval_descriptor(qf, e["alpha"]), _retrieval_descriptor(gf, e["alpha"])
     if features_dir:
-        written = save_features(features_dir, (qf, qp, qc, qpaths), (gf, gp, gc, gpaths), e["alpha"])
+        written = save_features(features_dir, (q_desc, qp, qc, qpaths), (g_desc, gp, gc, gpaths))
         _log("wrote " + ", ".join(written))
     results = evaluate_features(qf, gf, qp, gp, qc, gc, rerank=e["rerank"], alpha=e["alpha"], device=device)
     seconds = time.time() - t0
@@ -353,7 +357,7 @@ def evaluate_and_visualize(model, dataset, cfg, device, out_dir, json_path=None,
         from fmn.heatmap import fig4, pick_fig4_cases
         from fmn.visualize import ranked_list
 
-        d_fmn = euclidean_distance(fuse(qf["grn"], qf["lan"], e["alpha"]), fuse(gf["grn"], gf["lan"], e["alpha"]))
+        d_fmn = euclidean_distance(q_desc, g_desc)
         d_grn = euclidean_distance(F.normalize(qf["grn"], dim=1), F.normalize(gf["grn"], dim=1))
         picked = pick_fig4_cases(d_grn, d_fmn, qp, gp, qc, gc, count=max(cases, queries))
         rl = os.path.join(out_dir, "ranked_list.png")
@@ -368,7 +372,7 @@ def evaluate_and_visualize(model, dataset, cfg, device, out_dir, json_path=None,
         from fmn.heatmap import pick_fig4_cases
         from fmn.visualize import ranked_list
 
-        dist = euclidean_distance(qf["descriptor"].float(), gf["descriptor"].float())
+        dist = euclidean_distance(q_desc, g_desc)
         picked = pick_fig4_cases(dist, dist, qp, gp, qc, gc, count=queries)
         rl = os.path.join(out_dir, "ranked_list.png")
         ranked_list(dist, qpaths, gpaths, qp, gp, qc, gc, rl, queries=[c[0] for c in picked], topk=10)
