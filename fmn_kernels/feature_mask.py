@@ -94,17 +94,27 @@ def feature_mask_ref(
 # ----------------------------------------------------------------------------------------------
 # Input checks: one clear error per bad input
 # ----------------------------------------------------------------------------------------------
-def _check_inputs(f, logits, f_other, activation, max_logit):
+def _check_f(f):
+    """f (the local features): a dense 4-D tensor of a floating dtype the kernels take."""
     if not isinstance(f, torch.Tensor) or f.dim() != 4:
         got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
         raise ValueError(f"fmn.spatial_mask_mul: f must be a 4-D tensor (B, C, H, W); got {got}")
-    if not f.is_floating_point():
-        raise TypeError(f"fmn.spatial_mask_mul: f must be a floating-point tensor; got {f.dtype}")
+    _check_f_dtype(f)
+
+
+def _check_f_dtype(f):
+    """The dtype and layout of a 4-D tensor f."""
     if f.dtype not in FEATURE_DTYPES:
+        if not f.is_floating_point():
+            raise TypeError(f"fmn.spatial_mask_mul: f must be a floating-point tensor; got {f.dtype}")
         raise TypeError(
             f"fmn.spatial_mask_mul: f must be float32, float64, float16 or bfloat16; got {f.dtype}")
     if f.layout != torch.strided:
         raise TypeError(f"fmn.spatial_mask_mul: f must be a dense (strided) tensor; got {f.layout}")
+
+
+def _check_inputs(f, logits, f_other, activation, max_logit):
+    _check_f(f)
     B, C, H, W = f.shape
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"fmn.spatial_mask_mul: the mask logits must be a tensor; got {type(logits).__name__}")
@@ -214,7 +224,9 @@ def _register(opname: str, backward_opname: str, compiled: bool = False) -> None
     if compiled and torch._C._dispatch_has_kernel_for_dispatch_key(opname, "Autograd"):
         # The extension registers its autograd in C++ (csrc/feature_mask_autograd.h, the same
         # math at a fraction of the host time); an op defined by torch.library.custom_op (Triton)
-        # always has an Autograd kernel, the one that asks for register_autograd.
+        # always has an Autograd kernel, the one that asks for register_autograd. A compiled op
+        # without one comes from an extension built before the C++ autograd (an in-place build of
+        # `pip install -e .` not rebuilt since): the Python autograd below keeps it differentiable.
         return
     setup_context, backward = _make_autograd(opname)
     torch.library.register_autograd(opname, backward, setup_context=setup_context)
@@ -264,6 +276,11 @@ def spatial_mask_mul(
     (vmap, grad, jacrev, ...) the pure-PyTorch reference runs, whatever the backend.
     """
     logits, max_logit = _check_inputs(f, logits, f_other, activation, max_logit)
+    return _run(f, logits, activation, max_logit, f_other, backend)
+
+
+def _run(f, logits, activation, max_logit, f_other, backend):
+    """The op on checked inputs (logits (B, H*W)): the backend's kernel, or the reference."""
     name = _backend.resolve(_OP, backend, f.device)
     if name == "torch" or _backend.functorch_active():
         return spatial_mask_mul_ref(f, logits, activation, max_logit, f_other)
@@ -291,11 +308,14 @@ def feature_mask(
     backend: str | None = None,
 ) -> torch.Tensor:
     """FMN's mixing network: ``f * exp(relu(g @ weight + bias)).view(B, 1, H, W)``."""
+    _check_f(f)
     logits = _mask_logits(f, g, weight, bias)
-    return spatial_mask_mul(f, logits, "exp_relu", max_logit, backend=backend)
+    return _run(f, logits, "exp_relu", _check_max_logit(max_logit), None, backend)
 
 
 def _mask_logits(f, g, weight, bias):
+    """u = g @ weight + bias, (B, H*W), after checking g, weight and bias, and their fit to ``f``
+    (a checked 4-D tensor, or None). The logits this returns need no further check."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"fmn.FusedFeatureMask: the weight must be 2-D (M, H*W); got {got}")
@@ -305,7 +325,7 @@ def _mask_logits(f, g, weight, bias):
     if not isinstance(g, torch.Tensor) or g.dim() != 2:
         got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
         raise ValueError(f"fmn.FusedFeatureMask: global features must be 2-D (B, M); got {got}")
-    if isinstance(f, torch.Tensor) and f.dim() == 4:
+    if f is not None:
         if g.shape[0] != f.shape[0]:
             raise ValueError(
                 f"fmn.FusedFeatureMask: batch sizes differ: local features {tuple(f.shape)}, "
@@ -390,19 +410,26 @@ class FusedFeatureMask(nn.Module):
             nn.init.zeros_(self.bias)
 
     def mask_logits(self, global_feat: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
-        """u = global_feat @ weight + bias, (B, H*W)."""
+        """u = global_feat @ weight + bias, (B, H*W); checked against ``local`` when it is given."""
+        if local is not None:
+            self._check_local(local)
         return _mask_logits(local, global_feat, self.weight, self.bias)
 
-    def forward(self, local: torch.Tensor, global_feat: torch.Tensor, return_mask: bool = False):
+    def _check_local(self, local) -> None:
         if not isinstance(local, torch.Tensor) or local.dim() != 4:
             got = tuple(local.shape) if isinstance(local, torch.Tensor) else type(local).__name__
             raise ValueError(f"fmn.FusedFeatureMask: local features must be 4-D (B, C, H, W); got {got}")
-        if tuple(local.shape[2:]) != self.mask_hw:
+        if local.shape[2:] != self.mask_hw:
             raise ValueError(
                 f"fmn.FusedFeatureMask: built for local features of spatial size {self.mask_hw}; "
                 f"got {tuple(local.shape)}")
-        logits = self.mask_logits(global_feat, local)
-        out = spatial_mask_mul(local, logits, "exp_relu", self.max_logit, backend=self.backend)
+        _check_f_dtype(local)
+
+    def forward(self, local: torch.Tensor, global_feat: torch.Tensor, return_mask: bool = False):
+        # Every input is checked once, here and in _mask_logits; _run takes checked inputs.
+        self._check_local(local)
+        logits = _mask_logits(local, global_feat, self.weight, self.bias)
+        out = _run(local, logits, "exp_relu", self.max_logit, None, self.backend)
         if return_mask:
             mask = activation_ref(logits, "exp_relu", self.max_logit).view(-1, *self.mask_hw)
             return out, mask

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fmn
@@ -312,6 +313,34 @@ def test_fused_feature_mask_module():
                                torch.exp(torch.relu(g[:1] @ no_bias.weight)).view(1, 1, 6, 6))
 
 
+class _Queries(TorchFunctionMode):
+    """Records the tensor methods and properties read on one tensor (dim, dtype, layout, ...)."""
+
+    def __init__(self, watched):
+        super().__init__()
+        self.watched, self.names = watched, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if args and args[0] is self.watched:
+            name = getattr(func, "__name__", "")
+            self.names.append(func.__self__.__name__ if name == "__get__" else name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_local_features_are_checked_once_per_call(device, backend):
+    """The module and feature_mask check f at their boundary only: the functional op they call
+    does not check it again (a repeated check costs host time on every step)."""
+    mixer = FusedFeatureMask(16, (4, 2), backend=backend).to(device)
+    f, g = torch.randn(2, 4, 4, 2, device=device), torch.randn(2, 16, device=device)
+    for call in (lambda: mixer(f, g), lambda: feature_mask(f, g, mixer.weight, mixer.bias, backend=backend),
+                 lambda: spatial_mask_mul(f, g @ mixer.weight, backend=backend)):
+        with _Queries(f) as seen:
+            call()
+        for query in ("dim", "is_floating_point", "layout"):
+            assert seen.names.count(query) <= 1, seen.names
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 def test_module_gradients_match_reference(device, backend):
     mixer = FusedFeatureMask(9, (4, 6), backend=backend).to(device)
@@ -369,7 +398,17 @@ def test_bad_input_errors(backend):
         spatial_mix(f, torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.rand(2, 4, 5), backend=backend)
     with pytest.raises(ValueError, match="unknown backend"):
         spatial_mask_mul(f, u, backend="metal")
+    with pytest.raises(ValueError, match="f must be a 4-D tensor"):
+        feature_mask(torch.randn(3, 4, 5), torch.randn(3, 8), torch.randn(8, 20), backend=backend)
+    with pytest.raises(TypeError, match="floating-point"):
+        feature_mask(f.int(), torch.randn(2, 8), torch.randn(8, 20), backend=backend)
     mixer = FusedFeatureMask(8, (4, 5), backend=backend)
+    with pytest.raises(ValueError, match="local features must be 4-D"):
+        mixer(torch.randn(3, 4, 5), torch.randn(3, 8))
+    with pytest.raises(TypeError, match="floating-point"):
+        mixer(f.int(), torch.randn(2, 8))
+    with pytest.raises(TypeError, match="dense"):
+        mixer(f.to_sparse(), torch.randn(2, 8))
     with pytest.raises(ValueError, match="spatial size"):
         mixer(torch.randn(2, 3, 5, 4), torch.randn(2, 8))
     with pytest.raises(ValueError, match="batch sizes differ"):
