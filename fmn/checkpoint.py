@@ -24,6 +24,10 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> str:
+    """Write ``obj`` to ``path`` atomically (fmn.atomic); returns ``path``. A full disk is one
+    ``fmn.atomic.NoSpaceError`` (an OSError naming ``path``), the previous file kept. Before a
+    resumed run writes again, ``fmn.atomic.remove_stale_temporaries(folder, name)`` deletes the
+    temporary files a killed save left beside ``path``."""
     def write(tmp):
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
