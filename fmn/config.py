@@ -1,8 +1,16 @@
-"""Run configuration: defaults (the paper's settings), YAML files, dotted overrides, validation.
+"""Run configuration: one schema and one loader for every model and file.
 
-    cfg = load_config("configs/market1501.yaml", overrides=["train.stage1.lr=0.05", "data.root=/data/market"])
+    cfg = load_config("market1501", overrides=["train.stage1.lr=0.05", "data.root=/data/market"])
 
-A YAML file may hold any subset of the keys in ``DEFAULTS``; unknown keys, a key given twice in
+The sections ``model`` (the settings every model shares), ``data``, ``train``, ``eval``, ``output``
+and ``synth`` are defined here (``DEFAULTS``, the paper's settings). Each model adds its own
+section, named after it (``fmn``, ``mmga``, ``mgran``, ``pmm``), registered next to the model with
+:func:`register_section`; a config holds the section of the model it names and no other. Dataset
+names are registered by ``fmn.data`` (:func:`register_datasets`). This module imports nothing
+else of fmn: the layers above it (data, models, engine, cli) register what it checks.
+
+A config file is a path or the name of a config shipped with fmn (``fmn/configs/<name>.yaml``:
+:func:`bundled_configs`). A YAML file may hold any subset of the keys in ``DEFAULTS``; unknown keys, a key given twice in
 one mapping and bad values raise ``ConfigError`` naming the key, the value and what was expected.
 An override ``a.b.c=value`` parses ``value`` as YAML (``0.05`` -> float, ``[20, 40]`` -> list,
 ``null`` -> None), except for the paths in ``PATH_KEYS``, which are taken as written (``null`` or
@@ -21,17 +29,14 @@ import yaml
 
 DEFAULTS: dict[str, Any] = {
     "model": {
-        "name": "fmn",
+        "name": "fmn",                   # fmn | mmga | mgran | pmm: its own section holds its options
         "backbone": "resnet50",          # resnet18 | resnet34 | resnet50 | resnet101
-        "local_layer": "pool1",          # pool1 | res2 | res3 | res4 (paper Table 5)
         "pretrained": None,              # path to a local torchvision ImageNet state dict
         "base_width": 64,                # 64 = the standard ResNet; smaller is faster
         "last_stride": 2,
         "bnneck": False,
         "dropout": 0.0,
-        "mask_max_logit": None,          # clamp of the mask logits before exp (paper: none)
-        "lan_init": "backbone",          # backbone: theta_o -> theta_l (Alg. 1); grn: copy trained GRN
-        "backend": None,                 # FusedFeatureMask backend; None = FMN_BACKEND or auto
+        "backend": None,                 # fmn_kernels backend; None = FMN_BACKEND or auto
     },
     "data": {
         "name": "market1501",            # market1501 | dukemtmc | cuhk03 | msmt17 | custom | synthetic
@@ -47,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
         "flip_p": 0.5,                   # probability of a horizontal flip
         "pad": 10,                       # random crop: pad by this many pixels, crop back to H x W
         "erase_p": 0.0,                  # random erasing probability (not in the paper: 0)
+        "parts_root": None,              # part masks of models that train on them (default <root>/parts)
+        "kp_sigma": 0.1,                 # keypoint region width, as a fraction of the input width
     },
     "train": {
         "seed": 0,
@@ -69,7 +76,7 @@ DEFAULTS: dict[str, Any] = {
         "max_steps_per_epoch": None,     # cap on iterations per epoch (quick runs)
         "log_every": 10,
         "tensorboard": True,             # scalars under <output.dir>/tb when tensorboard is installed
-        "progress": True,
+        "progress": "auto",              # auto: progress bars on a terminal only; in a log, a line per epoch
     },
     "eval": {
         "alpha": 0.5,                    # D = [a g/|g|, (1-a) l/|l|], eq. (6)
@@ -91,13 +98,61 @@ DEFAULTS: dict[str, Any] = {
 }
 
 BACKBONE_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101")
-LOCAL_LAYER_CHOICES = ("pool1", "res2", "res3", "res4")
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
-LAN_INIT_CHOICES = ("backbone", "grn")
 BACKEND_CHOICES = (None, "auto", "torch", "cpu", "cuda", "triton")
 
 
-PATH_KEYS = ("model.pretrained", "data.root", "output.dir", "seed.parts_root")
+PATH_KEYS = ("model.pretrained", "data.root", "output.dir", "data.parts_root")
+COMMON_SECTIONS = tuple(DEFAULTS)
+
+
+class Section:
+    """A model's own config section: its defaults, a check of its values (raises ConfigError or
+    ValueError naming the key), and the keys that shape no weight (a checkpoint evaluated with
+    another value of these is the same network)."""
+
+    def __init__(self, defaults: dict, check=None, training_only: tuple = ()):
+        self.defaults, self.check, self.training_only = defaults, check, tuple(training_only)
+
+
+SECTIONS: dict[str, Section] = {}
+DATASET_NAMES: dict[str, str] = {}      # name or alias -> dataset name, registered by fmn.data
+
+
+def register_section(model: str, defaults: dict, check=None, training_only: tuple = ()) -> None:
+    """Declare model ``model``'s section (called next to the model, by ``fmn.models.register_model``)."""
+    if model in COMMON_SECTIONS:
+        raise ValueError(f"a model cannot be named after the config section {model!r}")
+    SECTIONS[model] = Section(copy.deepcopy(defaults), check, training_only)
+
+
+def register_datasets(names: dict[str, str]) -> None:
+    """Declare dataset names (and aliases) for ``data.name`` (called by ``fmn.data``)."""
+    DATASET_NAMES.update(names)
+
+
+def available_models() -> list[str]:
+    return sorted(SECTIONS)
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def bundled_configs() -> list[str]:
+    """Names of the configs shipped inside the package (``fmn/configs/<name>.yaml``)."""
+    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+
+
+def config_file(name_or_path: str | os.PathLike) -> str:
+    """The file of a config given as a path or as the name of a shipped config ("demo", "pmm")."""
+    path = os.fspath(name_or_path)
+    if os.path.isfile(path) or os.sep in path or path.endswith((".yaml", ".yml")):
+        return path
+    shipped = os.path.join(CONFIG_DIR, f"{path}.yaml")
+    if os.path.isfile(shipped):
+        return shipped
+    raise ConfigError(f"config {path!r}: no such file, and not a config shipped with fmn "
+                      f"({', '.join(bundled_configs())})")
 
 
 class ConfigError(ValueError):
@@ -221,28 +276,76 @@ def read_yaml_sections(path: str) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
-    """DEFAULTS <- the YAML file at ``path`` <- each ``key=value`` override; then ``validate``."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                model: str | None = None) -> dict:
+    """DEFAULTS <- the file ``path`` (a path or a shipped config's name) <- each ``key=value``
+    override, with the section of the model named by ``model`` (else the last ``model.name``
+    override, else the file's, else ``fmn``); then ``validate``."""
     cfg = copy.deepcopy(DEFAULTS)
+    data: dict = {}
     if path is not None:
-        path = os.fspath(path)
+        path = config_file(path)
         data = read_yaml_sections(path)
-        try:
-            _merge(cfg, data, "")
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+    name = model or _override_model(overrides) or (data.get("model") or {}).get("name") or cfg["model"]["name"]
+    if not isinstance(name, str) or name not in SECTIONS:
+        raise ConfigError(f"config value model.name={name!r} is invalid: expected one of {', '.join(available_models())}")
+    cfg[name] = copy.deepcopy(SECTIONS[name].defaults)
+    try:
+        _check_sections(data, name)
+        _merge(cfg, data, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     for text in overrides or []:
         apply_override(cfg, text)
+    cfg["model"]["name"] = name
     return validate(cfg)
 
 
+def _override_model(overrides: list[str] | None) -> str | None:
+    names = [parse_override(t)[1] for t in overrides or [] if t.split("=", 1)[0].strip() == "model.name"]
+    return names[-1] if names else None
+
+
+def _check_sections(data: dict, name: str) -> None:
+    if "seed" in data:
+        raise ConfigError(f"section 'seed': the options of {name} are now the section '{name}' "
+                          "(and seed.parts_root / seed.kp_sigma are data.parts_root / data.kp_sigma)")
+    for section in data:
+        if section in SECTIONS and section != name:
+            raise ConfigError(f"section '{section}' holds the options of model {section}, but model.name is "
+                              f"{name}; a config holds the section of its own model only")
+
+
+def upgrade_config(cfg: dict) -> dict:
+    """A config stored in a checkpoint by an earlier fmn, in today's schema: the FMN options of the
+    model section move to the ``fmn`` section, a related method's ``seed`` section to the section
+    named after the model (its mask-file options to ``data``). Other configs are returned as they are."""
+    cfg = copy.deepcopy(cfg)
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    name = model.get("name")
+    moved = {k: model.pop(k) for k in ("local_layer", "mask_max_logit", "lan_init") if k in model}
+    if name == "fmn" and moved and "fmn" not in cfg:
+        cfg["fmn"] = moved
+    seed = cfg.pop("seed", None)
+    if isinstance(seed, dict) and name:
+        data = cfg.setdefault("data", {})
+        for key in ("parts_root", "kp_sigma"):
+            if key in seed:
+                data[key] = seed.pop(key)
+        cfg.setdefault(name, seed)
+    if isinstance(cfg.get("data"), dict):
+        for key, value in (("parts_root", None), ("kp_sigma", 0.1)):
+            cfg["data"].setdefault(key, value)
+    return cfg
+
+
 def with_sections_of(trained: dict, other: dict) -> dict:
-    """A trained model's config with every section of ``other`` except ``model`` (and the related
-    methods' ``seed`` options), keeping the input size the model was trained at: evaluate or
+    """A trained model's config with every section of ``other`` except the model's (``model`` and
+    the model's own section), keeping the input size the model was trained at: evaluate or
     visualise a checkpoint on another dataset or device."""
     cfg = copy.deepcopy(trained)
     for section, values in other.items():
-        if section not in ("model", "seed"):
+        if section != "model" and section not in SECTIONS:
             cfg[section] = copy.deepcopy(values)
     cfg["data"]["height"], cfg["data"]["width"] = trained["data"]["height"], trained["data"]["width"]
     return cfg
@@ -319,27 +422,60 @@ def _str(cfg, key, allow_none=False):
 
 def validate(cfg: dict) -> dict:
     """Check every value; raise ``ConfigError`` on the first bad one. Returns ``cfg``."""
-    from fmn.data import _ALIASES, DATASETS
-    from fmn.models import available_models
+    _check_model(cfg)
+    _check_data(cfg)
+    _check_train(cfg)
+    _num(cfg, "eval.alpha", lo=0.0, hi=1.0)
+    _bool(cfg, "eval.flip")
+    _bool(cfg, "eval.rerank")
+    _int(cfg, "eval.batch_size", lo=1)
+    _str(cfg, "output.dir")
+    _int(cfg, "synth.num_ids", lo=2)
+    _int(cfg, "synth.num_cams", lo=2)
+    _int(cfg, "synth.images_per_id_per_cam", lo=1)
+    _int(cfg, "synth.height", lo=16)
+    _int(cfg, "synth.width", lo=8)
+    _int(cfg, "synth.seed", lo=0)
+    return cfg
 
+
+def _check_model(cfg: dict) -> None:
     _str(cfg, "model.name")
-    _check(cfg["model"]["name"] in available_models(), "model.name", cfg["model"]["name"],
-           f"one of {', '.join(available_models())} (unknown model {cfg['model']['name']!r})")
+    name = cfg["model"]["name"]
+    _check(name in SECTIONS, "model.name", name, f"one of {', '.join(available_models())} (unknown model {name!r})")
     _choice(cfg, "model.backbone", BACKBONE_CHOICES)
-    _choice(cfg, "model.local_layer", LOCAL_LAYER_CHOICES)
     _str(cfg, "model.pretrained", allow_none=True)
     _int(cfg, "model.base_width", lo=1)
     _choice(cfg, "model.last_stride", (1, 2))
     _bool(cfg, "model.bnneck")
     _num(cfg, "model.dropout", lo=0.0, hi=1.0, hi_open=True)
-    _num(cfg, "model.mask_max_logit", lo=0.0, lo_open=True, allow_none=True)
-    _choice(cfg, "model.lan_init", LAN_INIT_CHOICES)
     _choice(cfg, "model.backend", BACKEND_CHOICES)
+    others = sorted(k for k in cfg if k in SECTIONS and k != name)
+    if others:
+        raise ConfigError(f"section '{others[0]}' holds the options of model {others[0]}, but model.name is {name}")
+    section = cfg.get(name)
+    if not isinstance(section, dict):
+        raise ConfigError(f"config section '{name}' (the options of model {name}) is missing")
+    unknown = sorted(set(section) - set(SECTIONS[name].defaults))
+    if unknown:
+        raise ConfigError(f"unknown config key '{name}.{unknown[0]}'; known keys: "
+                          f"{', '.join(sorted(SECTIONS[name].defaults))}")
+    if SECTIONS[name].check is not None:
+        try:
+            SECTIONS[name].check(cfg)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
 
+
+def _check_data(cfg: dict) -> None:
     _str(cfg, "data.name")
     name = cfg["data"]["name"].lower()
-    _check(name in DATASETS or name in _ALIASES, "data.name", cfg["data"]["name"],
-           f"one of {', '.join(sorted(DATASETS))} (unknown dataset {cfg['data']['name']!r})")
+    if DATASET_NAMES:
+        choices = sorted(set(DATASET_NAMES.values()))
+        _check(name in DATASET_NAMES, "data.name", cfg["data"]["name"],
+               f"one of {', '.join(choices)} (unknown dataset {cfg['data']['name']!r})")
     _str(cfg, "data.root")
     _check(isinstance(cfg["data"]["options"], dict), "data.options", cfg["data"]["options"], "a mapping")
     _int(cfg, "data.height", lo=32)
@@ -359,7 +495,11 @@ def validate(cfg: dict) -> dict:
     _num(cfg, "data.flip_p", lo=0.0, hi=1.0)
     _int(cfg, "data.pad", lo=0)
     _num(cfg, "data.erase_p", lo=0.0, hi=1.0)
+    _str(cfg, "data.parts_root", allow_none=True)
+    _num(cfg, "data.kp_sigma", lo=0.0, lo_open=True)
 
+
+def _check_train(cfg: dict) -> None:
     _int(cfg, "train.seed", lo=0)
     dev = cfg["train"]["device"]
     _check(isinstance(dev, str) and re.fullmatch(r"auto|cpu|cuda(?::[0-9]+)?", dev) is not None,
@@ -379,36 +519,27 @@ def validate(cfg: dict) -> dict:
     _num(cfg, "train.triplet_margin", lo=0.0)
     _num(cfg, "train.grad_clip", lo=0.0, lo_open=True, allow_none=True)
     for stage in ("stage1", "stage2"):
-        sc = cfg["train"][stage]
-        unknown = set(sc) - {"epochs", "lr", "milestones", "gamma"}
-        if unknown:
-            raise ConfigError(f"unknown config key 'train.{stage}.{sorted(unknown)[0]}'; known keys: epochs, gamma, lr, milestones")
-        _int(cfg, f"train.{stage}.epochs", lo=0)
-        _num(cfg, f"train.{stage}.lr", lo=0.0, lo_open=True)
-        _num(cfg, f"train.{stage}.gamma", lo=0.0, lo_open=True, hi=1.0)
-        ms = sc["milestones"]
-        _check(isinstance(ms, list) and all(_is_int(m) and m >= 1 for m in ms) and ms == sorted(set(ms)),
-               f"train.{stage}.milestones", ms, "an increasing list of positive epoch numbers, e.g. [20]")
+        _check_schedule(cfg, stage)
     _check(cfg["train"]["stage1"]["epochs"] + cfg["train"]["stage2"]["epochs"] > 0,
            "train.stage1.epochs", cfg["train"]["stage1"]["epochs"], "at least one epoch in stage 1 or stage 2")
     _int(cfg, "train.warmup_epochs", lo=0)
     _int(cfg, "train.max_steps_per_epoch", lo=1, allow_none=True)
     _int(cfg, "train.log_every", lo=1)
     _bool(cfg, "train.tensorboard")
-    _bool(cfg, "train.progress")
+    _choice(cfg, "train.progress", ("auto", True, False))
 
-    _num(cfg, "eval.alpha", lo=0.0, hi=1.0)
-    _bool(cfg, "eval.flip")
-    _bool(cfg, "eval.rerank")
-    _int(cfg, "eval.batch_size", lo=1)
-    _str(cfg, "output.dir")
-    _int(cfg, "synth.num_ids", lo=2)
-    _int(cfg, "synth.num_cams", lo=2)
-    _int(cfg, "synth.images_per_id_per_cam", lo=1)
-    _int(cfg, "synth.height", lo=16)
-    _int(cfg, "synth.width", lo=8)
-    _int(cfg, "synth.seed", lo=0)
-    return cfg
+
+def _check_schedule(cfg: dict, stage: str) -> None:
+    sc = cfg["train"][stage]
+    unknown = set(sc) - {"epochs", "lr", "milestones", "gamma"}
+    if unknown:
+        raise ConfigError(f"unknown config key 'train.{stage}.{sorted(unknown)[0]}'; known keys: epochs, gamma, lr, milestones")
+    _int(cfg, f"train.{stage}.epochs", lo=0)
+    _num(cfg, f"train.{stage}.lr", lo=0.0, lo_open=True)
+    _num(cfg, f"train.{stage}.gamma", lo=0.0, lo_open=True, hi=1.0)
+    ms = sc["milestones"]
+    _check(isinstance(ms, list) and all(_is_int(m) and m >= 1 for m in ms) and ms == sorted(set(ms)),
+           f"train.{stage}.milestones", ms, "an increasing list of positive epoch numbers, e.g. [20]")
 
 
 def dump_config(cfg: dict) -> str:
@@ -416,17 +547,37 @@ def dump_config(cfg: dict) -> str:
 
 
 def model_kwargs(cfg: dict) -> dict:
-    """Keyword arguments of ``fmn.models.build_model`` for this config (the name excluded)."""
+    """The keyword arguments every model builder takes from a config: the shared model settings
+    and the input size (a model's own section is added by its registered builder)."""
     m = cfg["model"]
     return {
         "backbone": m["backbone"],
-        "local_layer": m["local_layer"],
         "input_size": (cfg["data"]["height"], cfg["data"]["width"]),
         "pretrained": m["pretrained"],
         "base_width": m["base_width"],
         "last_stride": m["last_stride"],
         "bnneck": m["bnneck"],
         "dropout": m["dropout"],
-        "mask_max_logit": m["mask_max_logit"],
         "backend": m["backend"],
     }
+
+
+# model settings that do not change the network a checkpoint's weights belong to
+NOT_ARCHITECTURE = ("pretrained", "backend")
+
+
+def architecture(cfg: dict, num_classes: int | None) -> dict[str, Any]:
+    """The settings of ``cfg`` that define the network its weights belong to: model.* (less the
+    path of the ImageNet weights and the kernel backend), the model's own section less its
+    training-only keys, the input size and num_classes."""
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    out = {f"model.{k}": v for k, v in model.items() if k not in NOT_ARCHITECTURE}
+    name = model.get("name")
+    section = cfg.get(name) if isinstance(cfg.get(name), dict) else {}
+    skip = SECTIONS[name].training_only if name in SECTIONS else ()
+    out.update({f"{name}.{k}": v for k, v in section.items() if k not in skip})
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    if "height" in data and "width" in data:
+        out["input_size"] = (data["height"], data["width"])
+    out["num_classes"] = num_classes
+    return out

@@ -20,6 +20,7 @@ import logging
 import os
 from typing import Callable, Dict
 
+from fmn.config import register_datasets
 from fmn.data.base import DatasetError, ImageReadError, ReIDDataset, read_image
 from fmn.data.cuhk03 import build_cuhk03
 from fmn.data.custom import build_custom
@@ -70,6 +71,7 @@ DATASETS: Dict[str, Callable[..., ReIDDataset]] = {
 }
 _ALIASES = {"market": "market1501", "market-1501": "market1501", "duke": "dukemtmc", "dukemtmc-reid": "dukemtmc",
             "dukemtmcreid": "dukemtmc", "msmt": "msmt17"}
+register_datasets({**{name: name for name in DATASETS}, **_ALIASES})
 
 
 def build_dataset(name: str, root: str, verify_images: bool = False, verbose: bool = False,

@@ -29,7 +29,11 @@ import torch
 from torch import nn
 
 from fmn_kernels import FusedFeatureMask
+from fmn.config import model_kwargs
+from fmn.losses import accuracy, batch_hard_triplet, cross_entropy, ranking_loss
+from fmn.models import register_model
 from fmn.models.heads import ClassifierHead
+from fmn.models.stages import Stage
 from fmn.models.resnet import BACKBONES, build_resnet, check_images, load_pretrained
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -112,6 +116,7 @@ class FeatureMaskNetwork(nn.Module):
         self.lan_head = ClassifierHead(self.feature_dim, num_classes, bnneck=bnneck, dropout=dropout)
 
         self.stage = 1
+        self.lan_trained = True
         self.set_stage(1)
 
     def local_hw(self, height: int, width: int) -> tuple[int, int]:
@@ -147,6 +152,11 @@ class FeatureMaskNetwork(nn.Module):
             m.requires_grad_(stage == 2)
         self.train(self.training)
         return self
+
+    def set_trained_stage(self, stage: int) -> None:
+        """The last stage training reached. After stage 1 alone the MN and LAN are untrained: in eval
+        mode the model then gives the GRN feature only, ``{"grn": g}``, and evaluation reports GRN."""
+        self.lan_trained = int(stage) >= 2
 
     def copy_grn_into_lan(self) -> None:
         """Initialise the LAN stages from the (trained) GRN stages."""
@@ -192,6 +202,8 @@ class FeatureMaskNetwork(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             local, _, g = self.grn_features(x)
             grn_logits = self.grn_head(g) if self.training else None
+        if not self.training and not self.lan_trained and not return_mask:
+            return {"grn": g}
         if self.training and self.stage == 1:
             out = {"grn_logits": grn_logits, "grn_feat": g}
             if return_mask:
@@ -208,6 +220,30 @@ class FeatureMaskNetwork(nn.Module):
             out["mask"] = mask
         return out
 
+    def training_stages(self, cfg: dict) -> list[Stage]:
+        """Algorithm 1: stage 1 trains GRN with cross-entropy; stage 2 freezes GRN (eval mode, no
+        grad) and trains MN + LAN with cross-entropy plus the ranking loss
+        max(0, p_t^G - p_t^L + margin) (eq. 5). ``train.label_smoothing`` and a batch-hard triplet
+        on the branch feature (``train.triplet_weight``) apply to both. ``fmn.lan_init: grn``
+        starts the LAN from the trained GRN when stage 2 begins."""
+        t = cfg["train"]
+        copy_grn = cfg["fmn"]["lan_init"] == "grn"
+
+        def start(stage: int):
+            def begin(fresh: bool) -> None:
+                self.set_stage(stage)
+                self.zero_grad(set_to_none=True)   # no stale stage-1 gradients on the frozen GRN
+                if stage == 2 and fresh and copy_grn:
+                    self.copy_grn_into_lan()
+            return begin
+
+        return [
+            Stage(1, "stage1", "stage 1 (GRN)", tuple(self.grn_modules()), _branch_loss(t, "grn"),
+                  frozen=tuple(self.local_modules()), start=start(1)),
+            Stage(2, "stage2", "stage 2 (MN + LAN)", tuple(self.local_modules()), _branch_loss(t, "lan"),
+                  frozen=tuple(self.grn_modules()), start=start(2)),
+        ]
+
     @torch.no_grad()
     def activation_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Maps for heatmaps (paper Fig. 4): the predicted mask (B, H, W) over the local layer and
@@ -221,3 +257,53 @@ class FeatureMaskNetwork(nn.Module):
 
 
 FMN = FeatureMaskNetwork
+
+
+def _branch_loss(t: dict, branch: str):
+    """The loss of the stage that trains ``branch`` (grn: stage 1, lan: stage 2)."""
+    def loss(out: dict, batch: dict):
+        pid = batch["pid"]
+        logits, feat = out[f"{branch}_logits"], out[f"{branch}_feat"]
+        ce = cross_entropy(logits, pid, t["label_smoothing"])
+        total, stats = ce, {"ce": ce.detach()}
+        if branch == "lan" and t["rank_weight"] > 0:
+            rank = ranking_loss(out["grn_logits"], logits, pid, t["rank_margin"])
+            total = total + t["rank_weight"] * rank
+            stats["rank"] = rank.detach()
+        if t["triplet_weight"] > 0:
+            tri = batch_hard_triplet(feat, pid, t["triplet_margin"])
+            total = total + t["triplet_weight"] * tri
+            stats["triplet"] = tri.detach()
+        stats["loss"] = total.detach()
+        stats["acc"] = torch.tensor(accuracy(logits.detach(), pid))
+        return total, stats
+    return loss
+
+
+SECTION = {
+    "local_layer": "pool1",       # pool1 | res2 | res3 | res4 (paper Table 5)
+    "mask_max_logit": None,       # clamp of the mask logits before exp (paper: none)
+    "lan_init": "backbone",       # backbone: theta_o -> theta_l (Alg. 1); grn: copy the trained GRN
+}
+
+
+def _check_section(cfg: dict) -> None:
+    s = cfg["fmn"]
+    if s["local_layer"] not in LOCAL_LAYERS:
+        raise ValueError(f"config value fmn.local_layer={s['local_layer']!r} is invalid: expected one of "
+                         f"{', '.join(LOCAL_LAYERS)}")
+    v = s["mask_max_logit"]
+    if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")):
+        raise ValueError(f"config value fmn.mask_max_logit={v!r} is invalid: expected a number > 0 or null")
+    if s["lan_init"] not in ("backbone", "grn"):
+        raise ValueError(f"config value fmn.lan_init={s['lan_init']!r} is invalid: expected one of backbone, grn")
+
+
+def _kwargs(cfg: dict) -> dict:
+    return {**model_kwargs(cfg), "local_layer": cfg["fmn"]["local_layer"],
+            "mask_max_logit": cfg["fmn"]["mask_max_logit"]}
+
+
+@register_model("fmn", section=SECTION, check=_check_section, training_only=("lan_init",), kwargs_from_config=_kwargs)
+def build_fmn(num_classes: int, **kwargs) -> FeatureMaskNetwork:
+    return FeatureMaskNetwork(num_classes=num_classes, **kwargs)

@@ -43,7 +43,7 @@ from torch import nn
 from fmn_kernels import spatial_mask_mul
 from fmn.data.parts import part_index
 from fmn.models import register_model
-from fmn.models.seed_base import STAGES, SeedModel, check_names, check_number, part_masks, split_kwargs
+from fmn.models.seed_base import STAGES, SeedModel, check_names, check_number, check_single_stage, kwargs_from_config, part_masks, split_kwargs
 from fmn.models.seed_losses import identity_losses
 
 ALIGNMENTS = ("region", "part")
@@ -163,6 +163,12 @@ class MGRAN(SeedModel):
         return total, stats
 
 
-@register_model("mgran")
+SECTION = {"regions": ["body", "kp_upper", "kp_lower"], "alignment": "region", "threshold": 0.5,
+           "mask_weight": 1.0, "mask_width": 32, "train_masks": "given"}
+
+
+@register_model("mgran", section=SECTION, check=check_single_stage("mgran"),
+                training_only=("mask_weight", "train_masks"), kwargs_from_config=kwargs_from_config("mgran"),
+                needs_parts=lambda cfg: cfg["mgran"]["alignment"] == "region")
 def build_mgran(num_classes: int, **cfg) -> MGRAN:
     return MGRAN(num_classes=num_classes, **cfg)

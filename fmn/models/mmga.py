@@ -30,7 +30,7 @@ from torch import nn
 from fmn_kernels import spatial_mask_mul
 from fmn.data.parts import part_index
 from fmn.models import register_model
-from fmn.models.seed_base import STAGES, SeedModel, check_number, check_stages, part_masks, split_kwargs
+from fmn.models.seed_base import STAGES, SeedModel, check_number, check_single_stage, check_stages, kwargs_from_config, part_masks, split_kwargs
 from fmn.models.seed_losses import attention_loss, identity_losses
 
 ATTENTION_PARTS = ("body", "upper", "lower")
@@ -113,6 +113,11 @@ class MMGA(SeedModel):
         return {k: torch.sigmoid(v.float()) for k, v in self._run(img)[1].items()}
 
 
-@register_model("mmga")
+SECTION = {"scales": ["layer2", "layer3", "layer4"], "part_dim": 256, "attention_weight": 1.0}
+
+
+@register_model("mmga", section=SECTION, check=check_single_stage("mmga"),
+                training_only=("attention_weight",), kwargs_from_config=kwargs_from_config("mmga"),
+                needs_parts=lambda cfg: True)
 def build_mmga(num_classes: int, **cfg) -> MMGA:
     return MMGA(num_classes=num_classes, **cfg)

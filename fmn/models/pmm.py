@@ -39,7 +39,7 @@ from torch import nn
 
 from fmn_kernels import spatial_mask_mul, spatial_mix
 from fmn.models import register_model
-from fmn.models.seed_base import STAGES, SeedModel, check_bool, check_number, check_stages, split_kwargs
+from fmn.models.seed_base import STAGES, SeedModel, check_bool, check_number, check_single_stage, check_stages, kwargs_from_config, split_kwargs
 from fmn.models.seed_losses import identity_losses
 
 
@@ -192,6 +192,12 @@ class PMM(SeedModel):
         return total, stats
 
 
-@register_model("pmm")
+SECTION = {"stages": ["layer2", "layer3", "layer4"], "stage_start_epochs": [0, 0, 0],
+           "mix_stages": ["layer2", "layer3"], "mix_block": [0.33, 0.5], "mix_prob": 1.0,
+           "batch_drop": False, "drop_block": [0.3, 1.0]}
+
+
+@register_model("pmm", section=SECTION, check=check_single_stage("pmm"),
+                training_only=("stage_start_epochs", "mix_stages", "mix_block", "mix_prob", "drop_block"), kwargs_from_config=kwargs_from_config("pmm"))
 def build_pmm(num_classes: int, **cfg) -> PMM:
     return PMM(num_classes=num_classes, **cfg)

@@ -2,8 +2,10 @@
 
 Every model here:
   * is built as ``Model(num_classes=..., backbone=..., input_size=..., pretrained=..., base_width=...,
-    last_stride=..., backend=..., <its own options>)``; the FMN-only keys of the generic model
-    config (``local_layer``, ``mask_max_logit``) are accepted and ignored;
+    last_stride=..., backend=..., <its own options>)``; from a config: the shared model settings,
+    the model's own section and the loss settings of ``train`` (``kwargs_from_config``);
+  * trains in one stage (``training_stages``): every parameter, the loader's batch passed to
+    ``forward``;
   * runs ``forward(img, batch=None)``: in training ``batch`` is the loader's batch on the model's
     device (``pid``, ``parts``) and the output is a dict of logits and features; in eval mode the
     output is the evaluator's dict of branch features plus ``descriptor``;
@@ -19,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmn.config import model_kwargs
 from fmn.data.parts import PART_CHANNELS
 from fmn.models.heads import ClassifierHead
+from fmn.models.stages import Stage, forward_with_batch
 from fmn.models.resnet import BACKBONES, build_resnet, check_images, load_pretrained
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
-IGNORED_KEYS = ("local_layer", "mask_max_logit")
 
 
 BASE_KEYS = ("backbone", "input_size", "pretrained", "base_width", "last_stride", "bnneck", "dropout", "backend",
@@ -33,9 +36,9 @@ BASE_KEYS = ("backbone", "input_size", "pretrained", "base_width", "last_stride"
 
 def split_kwargs(model: str, kwargs: dict) -> dict:
     """Pop the ``SeedModel`` keywords out of ``kwargs`` and return them; an error for any key
-    left that is neither the model's own (already taken) nor in ``IGNORED_KEYS``."""
+    left that is not the model's own (already taken)."""
     base = {k: kwargs.pop(k) for k in list(kwargs) if k in BASE_KEYS}
-    bad = sorted(k for k in kwargs if k not in IGNORED_KEYS)
+    bad = sorted(kwargs)
     if bad:
         raise TypeError(f"{model}: unknown option(s) {', '.join(bad)}")
     return base
@@ -156,3 +159,32 @@ class SeedModel(nn.Module):
         tri = batch_hard_triplet(feat, pid, self.triplet_margin)
         stats["triplet"] = tri.detach()
         return self.triplet_weight * tri
+
+    def training_stages(self, cfg: dict) -> list[Stage]:
+        """One stage on ``train.stage1``: every parameter trains on the model's own ``loss``. DDP
+        looks for unused parameters (a head can sit out a step, e.g. PMM's later classifiers)."""
+        return [Stage(1, "stage1", self.model_name, (self,), self.loss, forward=forward_with_batch,
+                      find_unused_parameters=True)]
+
+
+def kwargs_from_config(name: str):
+    """``kwargs_from_config`` of a related method: the shared model settings, its own section and
+    the loss settings of ``train``."""
+    def kwargs(cfg: dict) -> dict:
+        t = cfg["train"]
+        return {**model_kwargs(cfg), **cfg[name], "label_smoothing": t["label_smoothing"],
+                "triplet_weight": t["triplet_weight"], "triplet_margin": t["triplet_margin"]}
+    return kwargs
+
+
+def check_single_stage(name: str):
+    """The section check of a one-stage model: ``train.stage1`` holds its epochs."""
+    def check(cfg: dict) -> None:
+        epochs = cfg["train"]["stage2"]["epochs"]
+        if epochs != 0:
+            raise ValueError(f"config value train.stage2.epochs={epochs!r} is invalid: {name} trains in one stage "
+                             "(train.stage1); set train.stage2.epochs=0")
+        if cfg["train"]["stage1"]["epochs"] < 1:
+            raise ValueError(f"config value train.stage1.epochs={cfg['train']['stage1']['epochs']!r} is invalid: "
+                             f"expected >= 1 for {name}")
+    return check

@@ -10,6 +10,8 @@ Rows of :func:`evaluate_features`, from the model's dict of branch features:
 * each of them again as "<row>+RR" with k-reciprocal re-ranking (``fmn_kernels.rerank``,
   k1=20, k2=6, lambda=0.3) applied to the same vectors.
 
+An FMN model trained in stage 1 only gives "grn" alone, so its table has the GRN rows only.
+
 Each row holds rank1, rank5, rank10, rank20 and mAP in percent, and valid_queries.
 """
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -25,11 +26,10 @@ import torch.nn.functional as F
 
 from fmn.atomic import atomic_write
 from fmn.metrics import euclidean_distance, evaluate
+from fmn_kernels.rerank import rerank as fmn_rerank
 
-__all__ = ["extract_features", "fuse", "evaluate_features", "evaluate_model", "format_results", "get_reranker",
-           "eval_mode", "input_dtype", "write_json"]
-
-_RERANK_WARNED = False
+__all__ = ["extract_features", "fuse", "evaluate_features", "evaluate_model", "format_results", "retrieval_descriptor",
+           "retrieval_row", "eval_mode", "input_dtype", "write_json"]
 
 
 def _as_feature_dict(out) -> Dict[str, torch.Tensor]:
@@ -100,18 +100,27 @@ def fuse(g: torch.Tensor, l: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     return torch.cat([alpha * F.normalize(g.float(), dim=1), (1 - alpha) * F.normalize(l.float(), dim=1)], dim=1)
 
 
-def get_reranker():
-    """``fmn_kernels.rerank.rerank`` or None (with one warning) when it cannot be imported."""
-    global _RERANK_WARNED
-    try:
-        from fmn_kernels.rerank import rerank
-        return rerank
-    except Exception as e:  # ImportError, or a failing extension load
-        if not _RERANK_WARNED:
-            warnings.warn(f"re-ranking unavailable ({type(e).__name__}: {e}); the +RR rows are skipped",
-                          RuntimeWarning, stacklevel=2)
-            _RERANK_WARNED = True
-        return None
+def retrieval_descriptor(feats: Dict[str, torch.Tensor], alpha: float = 0.5) -> torch.Tensor:
+    """The vectors that rank, (n, D) float32: FMN's descriptor of eq. (6) when the model gives
+    "grn" and "lan", else a related method's fused "descriptor", else the only branch,
+    L2-normalised (a GRN-only model)."""
+    if "grn" in feats and "lan" in feats:
+        return fuse(feats["grn"], feats["lan"], alpha)
+    if "descriptor" in feats:
+        return feats["descriptor"].float()
+    if len(feats) == 1:
+        return F.normalize(next(iter(feats.values())).float(), dim=1)
+    raise ValueError(f"the model gives neither FMN's grn/lan features nor a fused descriptor "
+                     f"(features: {', '.join(sorted(feats))}); no retrieval descriptor")
+
+
+def retrieval_row(feats: Dict[str, torch.Tensor]) -> str:
+    """The name of the results row that ranks by ``retrieval_descriptor``."""
+    if "grn" in feats and "lan" in feats:
+        return "FMN"
+    if "descriptor" in feats:
+        return "fused"
+    return next(iter(feats)).upper()
 
 
 def _metrics_row(dist, q_pids, g_pids, q_camids, g_camids) -> Dict[str, float]:
@@ -137,11 +146,13 @@ def _descriptors(q_feats: Dict[str, torch.Tensor], g_feats: Dict[str, torch.Tens
 def evaluate_features(q_feats: Dict[str, torch.Tensor], g_feats: Dict[str, torch.Tensor], q_pids, g_pids,
                       q_camids, g_camids, rerank: bool = True, alpha: float = 0.5,
                       k1: int = 20, k2: int = 6, lambda_value: float = 0.3, device=None,
-                      ) -> Dict[str, Dict[str, float]]:
+                      keep_distances: Tuple[str, ...] = ()) -> Dict[str, Dict[str, float]]:
     """Results per row (see the module docstring): row name -> {"rank1", "rank5", "rank10",
     "rank20", "mAP", "valid_queries"} (ranks and mAP in percent). Plain rows first, then the
     re-ranked ones. ``device``: where the distances, the metrics and the re-ranking run (a GPU
-    when the features were extracted there); default: where the features are."""
+    when the features were extracted there); default: where the features are. With
+    ``keep_distances`` (row names) the result also holds ``"distances": {row: (q, g) tensor}``
+    of those plain rows, computed once for the table and reused by the pictures."""
     rows = _descriptors(q_feats, g_feats, alpha)
     if not rows:
         raise ValueError("evaluate_features: no features to evaluate")
@@ -149,14 +160,18 @@ def evaluate_features(q_feats: Dict[str, torch.Tensor], g_feats: Dict[str, torch
         device = torch.device(device)
         rows = {name: (qf.to(device), gf.to(device)) for name, (qf, gf) in rows.items()}
     results: Dict[str, Dict[str, float]] = {}
+    kept: Dict[str, torch.Tensor] = {}
     for name, (qf, gf) in rows.items():
-        results[name] = _metrics_row(euclidean_distance(qf, gf), q_pids, g_pids, q_camids, g_camids)
+        dist = euclidean_distance(qf, gf)
+        results[name] = _metrics_row(dist, q_pids, g_pids, q_camids, g_camids)
+        if name in keep_distances:
+            kept[name] = dist
     if rerank:
-        rr = get_reranker()
-        if rr is not None:
-            for name, (qf, gf) in rows.items():
-                dist = rr(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value)
-                results[name + "+RR"] = _metrics_row(dist, q_pids, g_pids, q_camids, g_camids)
+        for name, (qf, gf) in rows.items():
+            dist = fmn_rerank(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value)
+            results[name + "+RR"] = _metrics_row(dist, q_pids, g_pids, q_camids, g_camids)
+    if keep_distances:
+        results["distances"] = kept
     return results
 
 

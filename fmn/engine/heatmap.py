@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from fmn.evaluator import eval_mode, input_dtype
+from fmn.engine.evaluation import eval_mode, input_dtype
 from fmn.metrics import JUNK_PID
-from fmn.visualize import save_image
+from fmn.engine.visualize import save_image
 
 # (position, r, g, b) stops of a jet-like colour map
 _STOPS = np.array([
