@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from PIL import Image
 
 from fmn.data import DatasetError, build_dataset, load_parts
 from fmn.data.masks import KEYPOINT_NAMES, parts_paths
-from fmn.data.synthetic import _detail_distance, generate
+from fmn.data import synthetic
+from fmn.data.synthetic import _detail_distance, generate, is_complete
 
 SMALL = dict(num_ids=8, num_cams=3, images_per_id_per_cam=2, height=32, width=16, progress=False,
              num_distractors=2, num_junk=2)
@@ -110,6 +112,64 @@ def test_refuses_non_empty_folder_and_bad_args(synth, tmp_path):
         generate(str(tmp_path / "x"), num_ids=4, num_cams=1, progress=False)
     with pytest.raises(DatasetError, match="synthetic.json"):
         build_dataset("synthetic", str(tmp_path))
+
+
+def _files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def _interrupted(out, monkeypatch, after):
+    """generate(out) stopped by an error after ``after`` images (a kill or Ctrl-C part-way)."""
+    real, calls = synthetic.save_parts, []
+
+    def dying(*args, **kwargs):
+        if len(calls) == after:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(synthetic, "save_parts", dying)
+        with pytest.raises(KeyboardInterrupt):
+            generate(out, seed=3, **SMALL)
+    return out
+
+
+@pytest.mark.parametrize("after", [0, 5, 29])
+def test_interrupted_generate_is_rerun_to_the_same_dataset(synth, tmp_path, monkeypatch, after):
+    out = _interrupted(str(tmp_path / "a"), monkeypatch, after)
+    assert not is_complete(out) and os.listdir(out)
+    # what a kill while the marker was written leaves (fmn.atomic's temporary)
+    with open(os.path.join(out, ".tmp-123-0123abcd-synthetic.json"), "w") as fh:
+        fh.write('{"generator": "fmn.da')
+    assert generate(out, seed=3, **SMALL) == out
+    assert is_complete(out) and _digest(out) == _digest(synth) and _files(out) == _files(synth)
+    with pytest.raises(FileExistsError, match="complete synthetic dataset"):
+        generate(out, seed=3, **SMALL)
+
+
+@pytest.mark.parametrize("foreign", ["notes.txt", "query/readme.txt", "parts/query/x.txt", "parts/other/",
+                                     "bounding_box_train/0001_c1s1_000001_01.png", "extra/", ".hidden"])
+def test_interrupted_generate_with_a_foreign_file_is_refused_and_untouched(tmp_path, monkeypatch, foreign):
+    out = _interrupted(str(tmp_path / "a"), monkeypatch, 12)
+    path = os.path.join(out, foreign)
+    if foreign.endswith("/"):
+        os.makedirs(path)
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as fh:
+            fh.write("the user's")
+    before = _digest(out), _files(out)
+    with pytest.raises(FileExistsError, match=re.escape(path.rstrip("/")) + ".*does not write"):
+        generate(out, seed=3, **SMALL)
+    assert (_digest(out), _files(out)) == before and os.path.exists(path)
+
+
+def test_is_complete(synth, tmp_path):
+    assert is_complete(synth)
+    assert not is_complete(str(tmp_path / "absent")) and not is_complete(str(tmp_path))
+    (tmp_path / "synthetic.json").write_text('{"generator": "fmn.data.synth')
+    assert not is_complete(str(tmp_path))
 
 
 def _part_colour_features(ds, samples, labels):

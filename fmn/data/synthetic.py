@@ -6,7 +6,8 @@
     out_dir/query/...              one image per (test identity, camera)
     out_dir/bounding_box_test/...  the other test images, distractors (0000) and junk (-1)
     out_dir/parts/<split>/<stem>.png / .json    body-part mask and keypoints (fmn.data.masks)
-    out_dir/synthetic.json         the parameters and every identity's attributes
+    out_dir/synthetic.json         the parameters and every identity's attributes, written last:
+                                   the mark of a complete dataset (``is_complete``)
 
 What makes it a re-ID problem where local detail matters:
 
@@ -32,15 +33,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from fmn.atomic import atomic_write
 from fmn.data.masks import KEYPOINT_NAMES, PART_LABELS, save_parts
 
-__all__ = ["generate", "DEFAULTS", "render_person"]
+__all__ = ["generate", "is_complete", "DEFAULTS", "render_person"]
 
 DEFAULTS = dict(num_ids=96, num_cams=4, images_per_id_per_cam=4, height=128, width=64, group_size=4,
                 num_distractors=32, num_junk=16)
@@ -366,13 +369,91 @@ def _distractor(seed: int, k: int, num_cams: int) -> Identity:
                     cams=[int(r.integers(num_cams))])
 
 
+# What generate writes under out_dir: the split folders with their images, parts/<split>/ with a
+# mask and a keypoints file per image, and synthetic.json (each file possibly still as
+# fmn.atomic's temporary, or cut short by a kill).
+MARKER = "synthetic.json"
+SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
+_STEM = r"(?:-1|\d{4})_c\d+s1_\d{6}_\d{2}"
+_OWN_FILES = {
+    "split": re.compile(_STEM + r"\.jpg"),
+    "parts": re.compile(_STEM + r"\.(?:png|json)"),
+    "top": re.compile(r"(?:\.tmp-\d+-[0-9a-f]{8}-)?" + re.escape(MARKER)),
+}
+
+
+def is_complete(out_dir: str) -> bool:
+    """True when ``out_dir`` holds a dataset that :func:`generate` finished: its ``synthetic.json``,
+    written last, is there and reads as generate's. A run killed part-way leaves no such file."""
+    try:
+        with open(os.path.join(os.path.expanduser(str(out_dir)), MARKER)) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("generator") == "fmn.data.synthetic" and "counts" in meta
+
+
+def _foreign_entries(out_dir: str) -> List[str]:
+    """The paths under ``out_dir`` that generate does not write (empty: the folder holds only
+    what an interrupted generate left)."""
+    foreign = []
+
+    def files_of(folder: str, pattern: re.Pattern) -> None:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if not (entry.is_file(follow_symlinks=False) and pattern.fullmatch(entry.name)):
+                foreign.append(entry.path)
+
+    for entry in sorted(os.scandir(out_dir), key=lambda e: e.name):
+        is_dir = entry.is_dir(follow_symlinks=False)
+        if is_dir and entry.name in SPLIT_FOLDERS.values():
+            files_of(entry.path, _OWN_FILES["split"])
+        elif is_dir and entry.name == "parts":
+            for sub in sorted(os.scandir(entry.path), key=lambda e: e.name):
+                if sub.is_dir(follow_symlinks=False) and sub.name in SPLIT_FOLDERS.values():
+                    files_of(sub.path, _OWN_FILES["parts"])
+                else:
+                    foreign.append(sub.path)
+        elif not (entry.is_file(follow_symlinks=False) and _OWN_FILES["top"].fullmatch(entry.name)):
+            foreign.append(entry.path)
+    return foreign
+
+
+def _clear_partial(out_dir: str) -> None:
+    """Delete what an interrupted generate wrote in ``out_dir`` (checked by _foreign_entries):
+    its files, then its emptied folders; ``out_dir`` itself stays."""
+    for dirpath, _, files in os.walk(out_dir, topdown=False):
+        for name in files:
+            os.unlink(os.path.join(dirpath, name))
+        if dirpath != out_dir:
+            os.rmdir(dirpath)
+
+
+def _prepare_out_dir(out_dir: str) -> None:
+    """``out_dir`` absent or empty; or holding an unfinished generate's files only, which are
+    cleared. A complete dataset, or anything generate does not write, is an error (nothing is
+    deleted then)."""
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        return
+    if is_complete(out_dir):
+        raise FileExistsError(f"{out_dir}: output folder exists and holds a complete synthetic dataset "
+                              f"({MARKER}); give an empty or absent folder")
+    foreign = _foreign_entries(out_dir)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise FileExistsError(
+            f"{out_dir}: output folder exists and is not empty: it holds {foreign[0]}{more}, which "
+            "fmn.data.synthetic.generate does not write; give an empty or absent folder")
+    _clear_partial(out_dir)
+
+
 def generate(out_dir: str, num_ids: int = DEFAULTS["num_ids"], num_cams: int = DEFAULTS["num_cams"],
              seed: int = 0, images_per_id_per_cam: int = DEFAULTS["images_per_id_per_cam"],
              height: int = DEFAULTS["height"], width: int = DEFAULTS["width"],
              progress: bool = True, group_size: int = DEFAULTS["group_size"],
              num_distractors: Optional[int] = None, num_junk: Optional[int] = None,
              with_parts: bool = True) -> str:
-    """Write the synthetic dataset to ``out_dir`` (created; must be empty or absent).
+    """Write the synthetic dataset to ``out_dir`` (created; must be empty or absent, or hold what
+    an interrupted ``generate`` left there, which is cleared and written again).
 
     Defaults: 96 identities in groups of 4 (48 train / 48 test), 4 cameras, each identity in 2-4
     of them with 4 images per camera, 128x64 images: for seed 0, 576 training images, 148
@@ -395,9 +476,8 @@ def generate(out_dir: str, num_ids: int = DEFAULTS["num_ids"], num_cams: int = D
     if num_junk is None:
         num_junk = num_ids // 6
     out_dir = os.path.abspath(os.path.expanduser(str(out_dir)))
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir}: output folder exists and is not empty")
-    folders = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
+    _prepare_out_dir(out_dir)
+    folders = SPLIT_FOLDERS
     for f in folders.values():
         os.makedirs(os.path.join(out_dir, f), exist_ok=True)
 
@@ -454,6 +534,9 @@ def generate(out_dir: str, num_ids: int = DEFAULTS["num_ids"], num_cams: int = D
         "identities": [asdict(i) for i in ids],
         "cameras": [asdict(c) for c in cams],
     }
-    with open(os.path.join(out_dir, "synthetic.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    def write_marker(tmp):
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+
+    atomic_write(os.path.join(out_dir, MARKER), write_marker)   # last: the dataset is complete
     return out_dir
