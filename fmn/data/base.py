@@ -53,7 +53,9 @@ def relabel(samples: Sequence[Sample]) -> Tuple[List[Sample], dict]:
 class ReIDDataset:
     """Train / query / gallery lists of ``(path, pid, camid)``.
 
-    ``train`` identities are relabelled to ``0..num_train_pids-1`` (``train_pid_map`` maps the
+    ``query`` and ``gallery`` must hold images; ``train`` may be empty (a dataset for evaluation
+    only, e.g. of a model trained on another dataset): code that trains calls
+    :meth:`require_train` first. ``train`` identities are relabelled to ``0..num_train_pids-1`` (``train_pid_map`` maps the
     original identity to the label); ``query`` and ``gallery`` keep the dataset's own identity
     numbers (0 = distractor in Market-style datasets). ``camid`` is 0-based everywhere and
     ``num_cams`` is one more than the largest camera id in any split.
@@ -72,7 +74,7 @@ class ReIDDataset:
         self.query: List[Sample] = list(query)
         self.gallery: List[Sample] = list(gallery)
         self.parts_root = parts_root
-        for split in ("train", "query", "gallery"):
+        for split in ("query", "gallery"):
             if not getattr(self, split):
                 raise DatasetError(f"{name} at {self.root}: the {split} split has no images")
         for split in ("train", "query", "gallery"):
@@ -87,6 +89,14 @@ class ReIDDataset:
                 raise DatasetError(
                     f"{path}: query identity {p} has no image in the gallery "
                     f"({len(missing)} query image(s) affected); every query identity must appear in the gallery")
+
+    def require_train(self) -> None:
+        """Raise :class:`DatasetError` when the dataset has no training images (training on it
+        is asked for; evaluating its query and gallery needs none)."""
+        if not self.train:
+            raise DatasetError(
+                f"{self.name} at {self.root} has no training images; training needs a train split (a "
+                "dataset of query and gallery only serves to evaluate a model trained elsewhere, fmn eval)")
 
     @property
     def num_train_pids(self) -> int:

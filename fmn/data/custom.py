@@ -3,13 +3,16 @@
 CSV (``root`` is the .csv file): one row per image, ``path,pid,camid,split`` with an optional
 header row. ``path`` is absolute or relative to the CSV's folder; ``pid`` an integer (-1 rows
 are dropped as junk); ``camid`` a non-negative integer used as is; ``split`` one of ``train``,
-``query``, ``gallery`` (``test`` is accepted for ``gallery``).
+``query``, ``gallery`` (``test`` is accepted for ``gallery``). Train rows may be absent: such a
+dataset serves evaluation only (``ReIDDataset.require_train`` refuses it for training).
 
 Folder tree (``root`` a folder)::
 
     root/train/<identity>/<image>
     root/query/<identity>/<image>
     root/gallery/<identity>/<image>     (``bounding_box_test``/``test`` also accepted)
+
+``train/`` may be absent or empty (a dataset for evaluation only).
 
 ``<identity>`` is a folder name: an integer is used as the identity number; otherwise the names
 found under all three splits are numbered 1..n in sorted order (so query and gallery agree).
@@ -88,8 +91,8 @@ def read_csv(csv_path: str, name: str = "custom", **options) -> ReIDDataset:
         if pid == -1:
             continue
         splits[split].append((path, pid, cam))
-    for s, v in splits.items():
-        if not v:
+    for s in ("query", "gallery"):
+        if not splits[s]:
             raise DatasetError(f"{csv_path}: no rows for the {s} split")
     return ReIDDataset(name, csv_path, splits["train"], splits["query"], splits["gallery"], **options)
 
@@ -100,10 +103,10 @@ def _split_dirs(root: str) -> Dict[str, str]:
         split = _SPLIT_ALIASES.get(entry.lower())
         if split and os.path.isdir(os.path.join(root, entry)) and split not in found:
             found[split] = os.path.join(root, entry)
-    for s in ("train", "query", "gallery"):
+    for s in ("query", "gallery"):
         if s not in found:
-            raise DatasetError(f"{os.path.join(root, s)}: folder not found; expected train/, query/ and "
-                               "gallery/ each holding one folder per identity")
+            raise DatasetError(f"{os.path.join(root, s)}: folder not found; expected query/ and gallery/ "
+                               "(and train/ to train on it) each holding one folder per identity")
     return found
 
 
@@ -123,7 +126,7 @@ def read_folder_tree(root: str, name: str = "custom", **options) -> ReIDDataset:
     ids = sorted({d for s in dirs.values() for d in _identity_dirs(s)})
     numeric = all(d.lstrip("-").isdigit() for d in ids)
     id_map = {d: (int(d) if numeric else i + 1) for i, d in enumerate(ids)}
-    splits: Dict[str, List[Sample]] = {}
+    splits: Dict[str, List[Sample]] = {"train": []}
     for split, folder in dirs.items():
         out: List[Sample] = []
         for ident in sorted(os.listdir(folder)):
@@ -152,7 +155,7 @@ def read_folder_tree(root: str, name: str = "custom", **options) -> ReIDDataset:
                 if cam < 0:
                     raise DatasetError(f"{fpath}: camera c0 in the name; cameras are 1-based")
                 out.append((fpath, pid, cam))
-        if not out:
+        if not out and split != "train":
             raise DatasetError(f"{folder}: no images found; expected {folder}/<identity>/<image>")
         splits[split] = out
     return ReIDDataset(name, root, splits["train"], splits["query"], splits["gallery"], **options)

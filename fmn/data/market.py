@@ -7,6 +7,9 @@ identity and camera in the file name; they differ only in the name pattern:
     DukeMTMC-reID   PPPP_cC_fFFFFFFF.jpg        e.g. 0005_c2_f0046985.jpg
     CUHK03-NP       PPPP_cC_N.png               e.g. 0003_c1_2.png
 
+``bounding_box_train/`` may be absent or empty: such a dataset serves evaluation only (a model
+trained on another dataset; ``ReIDDataset.require_train`` refuses it for training).
+
 Identity -1 (Market "junk") is dropped; identity 0000 (distractors) is kept. Cameras are
 written 1-based in the names (any number of digits) and stored 0-based. A split folder holds
 images (.jpg, .jpeg, .png, .bmp) only: any other file is an error naming it, except system files
@@ -40,12 +43,13 @@ SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bo
 
 
 def read_split_folder(folder: str, pattern: re.Pattern, expected: str, keep_junk: bool = False,
-                      ) -> List[Sample]:
+                      allow_empty: bool = False) -> List[Sample]:
     """``(path, pid, camid)`` of every image in ``folder``; names must match ``pattern``
-    (group 1 = identity, group 2 = 1-based camera). Identity -1 is dropped unless ``keep_junk``."""
+    (group 1 = identity, group 2 = 1-based camera). Identity -1 is dropped unless ``keep_junk``.
+    A folder without usable images is an error unless ``allow_empty``."""
     out: List[Sample] = []
     paths = list_images(folder, f"only images named like {expected}")
-    if not paths:
+    if not paths and not allow_empty:
         raise DatasetError(f"{folder}: no images found; expected files named like {expected}")
     for path in paths:
         name = os.path.basename(path)
@@ -59,24 +63,25 @@ def read_split_folder(folder: str, pattern: re.Pattern, expected: str, keep_junk
         if pid == -1 and not keep_junk:
             continue
         out.append((path, pid, cam - 1))
-    if not out:
+    if not out and not allow_empty:
         raise DatasetError(f"{folder}: every image has identity -1 (junk); no usable images")
     return out
 
 
 def find_layout_root(root: str, candidates: Sequence[str] = ()) -> str:
-    """The folder holding ``bounding_box_train/ query/ bounding_box_test/``: ``root`` itself or
-    one of ``root/<candidate>``; an error lists what was looked for."""
+    """The folder holding ``query/ bounding_box_test/`` (and ``bounding_box_train/``, optional):
+    ``root`` itself or one of ``root/<candidate>``; an error lists what was looked for."""
     root = os.path.expanduser(str(root))
     if not os.path.isdir(root):
         raise DatasetError(f"{root}: dataset folder not found")
     tried = [root] + [os.path.join(root, c) for c in candidates]
     for d in tried:
         if any(os.path.isdir(os.path.join(d, f)) for f in SPLIT_FOLDERS.values()):
-            for f in SPLIT_FOLDERS.values():
-                if not os.path.isdir(os.path.join(d, f)):
+            for s, f in SPLIT_FOLDERS.items():
+                if s != "train" and not os.path.isdir(os.path.join(d, f)):
                     raise DatasetError(f"{os.path.join(d, f)}: folder not found; expected "
-                                       f"{', '.join(SPLIT_FOLDERS.values())} under {d}")
+                                       f"{', '.join(SPLIT_FOLDERS.values())} under {d} "
+                                       f"({SPLIT_FOLDERS['train']} only to train on it)")
             return d
     raise DatasetError(f"{root}: no Market-style layout found (looked for "
                        f"{'/, '.join(SPLIT_FOLDERS.values())}/ in {', '.join(tried)})")
@@ -86,8 +91,11 @@ def read_market_layout(name: str, root: str, pattern: re.Pattern, expected: str,
                        candidates: Sequence[str] = (), parts_root: Optional[str] = None,
                        check_query_in_gallery: bool = True) -> ReIDDataset:
     base = find_layout_root(root, candidates)
+    train_dir = os.path.join(base, SPLIT_FOLDERS["train"])
     splits = {s: read_split_folder(os.path.join(base, f), pattern, expected)
-              for s, f in SPLIT_FOLDERS.items()}
+              for s, f in SPLIT_FOLDERS.items() if s != "train"}
+    splits["train"] = (read_split_folder(train_dir, pattern, expected, allow_empty=True)
+                       if os.path.isdir(train_dir) else [])
     return ReIDDataset(name, base, splits["train"], splits["query"], splits["gallery"],
                        parts_root=parts_root, check_query_in_gallery=check_query_in_gallery)
 
