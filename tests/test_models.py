@@ -187,7 +187,16 @@ def test_ranking_loss_matches_formula():
     torch.testing.assert_close(got, expected)
     got.backward()
     assert l.grad.abs().sum() > 0
-    assert float(ranking_loss(g, g * 10, t, margin=0.0)) >= 0.0
+    # By hand, two classes, target 0, softmax of (ln 3, 0) = (0.75, 0.25), of (0, 0) = (0.5, 0.5):
+    # p^G - p^L + 0.1 = 0.5 - 0.75 + 0.1 < 0 (clamped), 0.75 - 0.5 + 0.1 = 0.35, 0.25 - 0.75 + 0.1 < 0
+    ln3 = torch.tensor(3.0).log().item()
+    g = torch.tensor([[0.0, 0.0], [ln3, 0.0], [0.0, ln3]])
+    l = torch.tensor([[ln3, 0.0], [0.0, 0.0], [ln3, 0.0]], requires_grad=True)
+    got = ranking_loss(g, l, torch.tensor([0, 0, 0]), margin=0.1)
+    assert float(got) == pytest.approx(0.35 / 3, rel=1e-6)           # computed in float32
+    got.backward()
+    # only the second sample's term is open: d(-p^L/3)/dl = -p(1-p)/3 = -1/12 on the target logit
+    torch.testing.assert_close(l.grad, torch.tensor([[0.0, 0.0], [-1 / 12, 1 / 12], [0.0, 0.0]]))
 
 
 def test_batch_hard_triplet():
