@@ -218,7 +218,7 @@ def test_remove_stale_temporaries_removes_only_the_files_own_dead_temporaries(tm
             f".tmp-{sleeper.pid}-0123abcd-last.pt",        # a writer still running
             f".tmp-{dead}-0123abcd-model.pt",              # another file's temporary
             f".tmp-{dead}-0123abcd-last.pt.bak",
-            f".tmp-{dead}-0123ABCD-last.pt", f".tmp-{dead}-0123abc-last.pt", f".tmp-x-0123abcd-last.pt",
+            f".tmp-{dead}-0123ABCD-last.pt", f".tmp-{dead}-0123abc-last.pt", ".tmp-x-0123abcd-last.pt",
             f"tmp-{dead}-0123abcd-last.pt", f"a.tmp-{dead}-0123abcd-last.pt",
         ]
         for name in stale + kept:
