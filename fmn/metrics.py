@@ -226,7 +226,8 @@ def evaluate_from_features(query_feats, gallery_feats, q_pids, g_pids, q_camids,
     block = _block_rows(ng, _kind(a))
     rows = min(nq, int(chunk_size) if chunk_size is not None
                else max(1, _RANK_CHUNK_ELEMS[_kind(a)] // g_pids.numel()))
-    step = block * max(1, rows // block)           # whole blocks, aligned with euclidean_distance's
+    # Whole blocks, aligned with euclidean_distance's; all queries at once when the chunk covers them.
+    step = nq if rows == nq else block * max(1, rows // block)
     b2 = (b * b).sum(1)
     buf = torch.empty((min(step, nq), ng), dtype=a.dtype, device=a.device)
     with _rank_pool(a.device) as pool:
