@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fmn.config import load_config  # noqa: E402
-from fmn.trainer import Trainer, build_model_from_config  # noqa: E402
+from fmn.engine.trainer import Trainer  # noqa: E402
+from fmn.models import build_model_from_config  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -115,11 +116,11 @@ def main(argv=None):
     device = torch.device(a.device)
     cl = {"auto": "auto", "true": True, "false": False}[a.channels_last]
     cfg = load_config(None, [
-        f"model.backbone={a.backbone}", f"model.base_width={a.base_width}", f"model.local_layer={a.local_layer}",
+        f"model.backbone={a.backbone}", f"model.base_width={a.base_width}", f"fmn.local_layer={a.local_layer}",
         f"data.height={a.height}", f"data.width={a.width}", f"data.batch_size={a.batch}",
         f"train.amp={a.amp}", f"train.channels_last={cl}", f"train.device={a.device}",
         "train.progress=false", "train.tensorboard=false", "output.dir=/tmp/fmn-bench",
-        f"model.mask_max_logit={a.mask_max_logit}",
+        f"fmn.mask_max_logit={a.mask_max_logit}",
     ] + ([f"model.backend={a.backend}"] if a.backend else []))
     torch.manual_seed(0)
     model = build_model_from_config(cfg, a.classes)

@@ -212,7 +212,7 @@ def _device_ok(cfg) -> None:
 
     try:
         check_device(cfg)
-    except RuntimeError as exc:
+    except ValueError as exc:
         raise UsageError(str(exc)) from None
 
 
@@ -235,13 +235,18 @@ def cmd_synth(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from fmn.config import bundled_configs, load_config
+    from fmn.config import bundled_configs, config_file, load_config, read_yaml_sections
     from fmn.engine.commands import run_train
 
     for text in args.overrides:   # --model against a model named by --set
         key, _, value = text.partition("=")
         if args.model and key.strip() == "model.name" and value.strip() != args.model:
             raise UsageError(f"--model {args.model} conflicts with --set {text.strip()}; give one of them")
+    if args.model and args.config:
+        named = (read_yaml_sections(config_file(args.config)).get("model") or {}).get("name")
+        if named and named != args.model:
+            raise UsageError(f"--model {args.model} conflicts with --config {args.config} (a config of {named}); "
+                             "drop one of them")
     config = args.config or (args.model if args.model in bundled_configs() else None)
     cfg = load_config(config, _overrides(args), model=args.model)
     _device_ok(cfg)

@@ -111,19 +111,22 @@ class Section:
     ValueError naming the key), and the keys that shape no weight (a checkpoint evaluated with
     another value of these is the same network)."""
 
-    def __init__(self, defaults: dict, check=None, training_only: tuple = ()):
+    def __init__(self, defaults: dict, check=None, training_only: tuple = (), schedules: tuple = ("stage1", "stage2")):
         self.defaults, self.check, self.training_only = defaults, check, tuple(training_only)
+        self.schedules = tuple(schedules)
 
 
 SECTIONS: dict[str, Section] = {}
 DATASET_NAMES: dict[str, str] = {}      # name or alias -> dataset name, registered by fmn.data
 
 
-def register_section(model: str, defaults: dict, check=None, training_only: tuple = ()) -> None:
-    """Declare model ``model``'s section (called next to the model, by ``fmn.models.register_model``)."""
+def register_section(model: str, defaults: dict, check=None, training_only: tuple = (),
+                     schedules: tuple = ("stage1", "stage2")) -> None:
+    """Declare model ``model``'s section (called next to the model, by ``fmn.models.register_model``);
+    ``schedules``: the ``train.stageN`` sections its stages follow (the others default to 0 epochs)."""
     if model in COMMON_SECTIONS:
         raise ValueError(f"a model cannot be named after the config section {model!r}")
-    SECTIONS[model] = Section(copy.deepcopy(defaults), check, training_only)
+    SECTIONS[model] = Section(copy.deepcopy(defaults), check, training_only, schedules)
 
 
 def register_datasets(names: dict[str, str]) -> None:
@@ -288,8 +291,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         data = read_yaml_sections(path)
     name = model or _override_model(overrides) or (data.get("model") or {}).get("name") or cfg["model"]["name"]
     if not isinstance(name, str) or name not in SECTIONS:
-        raise ConfigError(f"config value model.name={name!r} is invalid: expected one of {', '.join(available_models())}")
+        raise ConfigError(f"config value model.name={name!r} is invalid: expected one of "
+                          f"{', '.join(available_models())} (unknown model {name!r})")
     cfg[name] = copy.deepcopy(SECTIONS[name].defaults)
+    for schedule in ("stage1", "stage2"):
+        if schedule not in SECTIONS[name].schedules:
+            cfg["train"][schedule]["epochs"] = 0
     try:
         _check_sections(data, name)
         _merge(cfg, data, "")
@@ -348,6 +355,8 @@ def with_sections_of(trained: dict, other: dict) -> dict:
         if section != "model" and section not in SECTIONS:
             cfg[section] = copy.deepcopy(values)
     cfg["data"]["height"], cfg["data"]["width"] = trained["data"]["height"], trained["data"]["width"]
+    for schedule in ("stage1", "stage2"):     # the schedules the model was trained on
+        cfg["train"][schedule] = copy.deepcopy(trained["train"][schedule])
     return cfg
 
 

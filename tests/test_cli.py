@@ -32,14 +32,14 @@ def test_help_lists_every_command(capsys):
 
 @pytest.mark.parametrize("name", ["market1501", "dukemtmc", "cuhk03", "demo"])
 def test_shipped_configs_are_valid(name):
-    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+    cfg = load_config(name)
     assert cfg["model"]["name"] == "fmn"
 
 
 def test_paper_settings_are_the_defaults():
     cfg = load_config(None)
     t = cfg["train"]
-    assert cfg["model"]["backbone"] == "resnet50" and cfg["model"]["local_layer"] == "pool1"
+    assert cfg["model"]["backbone"] == "resnet50" and cfg["fmn"]["local_layer"] == "pool1"
     assert t["momentum"] == 0.9 and t["stage1"]["lr"] == 0.1 and t["stage1"]["milestones"] == [20]
     assert t["stage2"]["lr"] == 0.1 and t["stage2"]["milestones"] == [35]
     assert cfg["eval"]["alpha"] == 0.5 and (cfg["data"]["height"], cfg["data"]["width"]) == (256, 128)
@@ -50,10 +50,11 @@ def test_paper_configs_hold_the_paper_settings(name):
     """DESIGN §6: ResNet-50, mask on pool1, SGD momentum 0.9, stage 1 lr 0.1 -> 0.01 after 20 epochs,
     stage 2 (cross-entropy + ranking loss) lr 0.1 -> 0.01 after 35, flip + random crop; eq. (6) alpha
     0.5; nothing that is not in the paper (no triplet, no mask clamp, LAN from the backbone)."""
-    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+    cfg = load_config(name)
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
     assert cfg["data"]["name"] == name and cfg["output"]["dir"] == f"runs/{name}"
-    assert (m["backbone"], m["local_layer"], m["mask_max_logit"], m["lan_init"]) == ("resnet50", "pool1", None, "backbone")
+    f = cfg["fmn"]
+    assert (m["backbone"], f["local_layer"], f["mask_max_logit"], f["lan_init"]) == ("resnet50", "pool1", None, "backbone")
     assert (d["height"], d["width"], d["augment"], d["erase_p"]) == (256, 128, True, 0.0)
     assert t["momentum"] == 0.9 and t["triplet_weight"] == 0.0 and t["rank_weight"] > 0
     for stage, step in (("stage1", 20), ("stage2", 35)):
@@ -66,7 +67,7 @@ def test_paper_configs_hold_the_paper_settings(name):
 
 @pytest.mark.parametrize("override,message", [
     ("train.stage1.lr=-0.1", "train.stage1.lr=-0.1 is invalid: expected a number > 0"),
-    ("model.local_layer=res5", "expected one of pool1, res2, res3, res4"),
+    ("fmn.local_layer=res5", "expected one of pool1, res2, res3, res4"),
     ("model.backbone=vgg16", "expected one of resnet18, resnet34, resnet50, resnet101"),
     ("data.batch_size=30", "a multiple of data.num_instances"),
     ("train.stage2.milestones=[40, 10]", "increasing list"),
@@ -101,7 +102,7 @@ def test_bad_config_files(tmp_path, capsys):
 
 
 TINY = [
-    "model.backbone=resnet18", "model.base_width=8", "model.lan_init=grn",
+    "model.backbone=resnet18", "model.base_width=8", "fmn.lan_init=grn",
     "data.name=synthetic", "data.height=64", "data.width=32", "data.batch_size=8", "data.num_instances=2",
     "data.workers=0", "data.cache=true",
     "train.stage1={epochs: 1, lr: 0.05, milestones: [1], gamma: 0.1}",
@@ -152,7 +153,7 @@ def test_synth_train_eval_visualize_rerank(tmp_path, capsys):
     assert "--save-features" in capsys.readouterr().err
 
     # --config takes every section but the model from another file, a related method's file too
-    assert main(["eval", "--checkpoint", str(ck), "--config", os.path.join(ROOT, "configs", "mmga.yaml"),
+    assert main(["eval", "--checkpoint", str(ck), "--config", "mmga",
                  "--set", f"data.root={data}", "--set", "eval.rerank=false", "--set", "eval.flip=false",
                  "--set", "train.progress=false",
                  "--json", str(run / "res_mmga.json")]) == 0
@@ -160,7 +161,7 @@ def test_synth_train_eval_visualize_rerank(tmp_path, capsys):
     assert set(res2) == {"GRN", "LAN", "FMN"}   # no re-ranked rows: eval.rerank came from the file
     assert res2["FMN"] == res["FMN"]
     capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(ck), "--config", os.path.join(ROOT, "configs", "mmga.yaml"),
+    assert main(["eval", "--checkpoint", str(ck), "--config", "mmga",
                  "--set", f"data.root={tmp_path / 'nowhere'}", "--json", str(run / "res_bad.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fmn eval: ") and "nowhere" in err and "Traceback" not in err
@@ -187,7 +188,7 @@ def test_synth_train_eval_visualize_rerank(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["mmga", "mgran", "pmm", "market1501"])
 def test_synth_reads_every_shipped_config(name, tmp_path):
     out = tmp_path / "data"
-    assert main(["synth", "--config", os.path.join(ROOT, "configs", f"{name}.yaml"), "--out", str(out),
+    assert main(["synth", "--config", name, "--out", str(out),
                  "--ids", "3", "--cams", "2", "--images-per-cam", "1"]) == 0
     assert json.loads((out / "synthetic.json").read_text())
 

@@ -43,7 +43,7 @@ def test_synth_bad_arguments(runs, tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "a"), "--seed", "-1"]) == 2
     assert "synth.seed=-1" in one_error(capsys, "synth")
     assert main(["synth", "--out", str(runs["data"]), "--ids", "2"]) == 2
-    assert "not empty" in one_error(capsys, "synth")
+    assert "output folder exists" in one_error(capsys, "synth")
     (tmp_path / "file").write_text("x")
     assert main(["synth", "--out", str(tmp_path / "file"), "--ids", "2"]) == 2
     assert "is a file" in one_error(capsys, "synth")
@@ -74,11 +74,12 @@ def test_train_bad_inputs(runs, tmp_path, capsys):
     # an FMN output folder holds an FMN last.pt: another model kind says so
     assert main(["train", "--model", "pmm", *TINY, "--data-root", data,
                  "--output", str(runs["fmn"].parent)]) == 2
-    assert "not a pmm training checkpoint" in one_error(capsys, "train")
+    assert "last.pt was written for a different model" in (err := one_error(capsys, "train")) \
+        and "model.name: 'fmn' -> 'pmm'" in err
     # conflicting flags: --model against --set model.name or another method's config file
     assert main(["train", "--model", "mmga", "--set", "model.name=pmm", *TINY, "--data-root", data]) == 2
     assert "--model mmga conflicts with --set model.name=pmm" in one_error(capsys, "train")
-    assert main(["train", "--model", "fmn", "--config", os.path.join(ROOT, "configs", "mmga.yaml"), *TINY]) == 2
+    assert main(["train", "--model", "fmn", "--config", "mmga", *TINY]) == 2
     assert "conflicts with --config" in one_error(capsys, "train")
     if not torch.cuda.is_available():
         for model in ([], ["--model", "mmga"]):
@@ -95,7 +96,7 @@ def test_eval_checkpoint_problems(runs, tmp_path, capsys):
     assert "different model" in one_error(capsys, "eval")
     # a setting that changes no tensor shape is refused as well
     assert main(["eval", "--checkpoint", ck, "--set", "model.last_stride=1", "--no-rerank"]) == 2
-    assert "model settings that differ (checkpoint -> now): last_stride: 2 -> 1" in one_error(capsys, "eval")
+    assert "model settings that differ (checkpoint -> now): model.last_stride: 2 -> 1" in one_error(capsys, "eval")
     assert main(["eval", "--checkpoint", str(runs["mmga"]), "--set", "model.base_width=16", "--no-rerank"]) == 2
     assert "different model" in one_error(capsys, "eval")
     torch.save({"a": 1}, tmp_path / "dict.pt")
@@ -186,14 +187,16 @@ def test_rerank_bad_files_and_outputs(tmp_path, capsys):
 
 
 def test_results_json_is_written_atomically(tmp_path, monkeypatch):
-    import fmn.cli as cli
+    from fmn.engine import commands
+    from fmn.engine.evaluation import write_json
 
     class DS:
         name, root, query, gallery = "synthetic", "x", [1], [1]
 
     cfg = {"data": {"height": 64, "width": 32}, "eval": {"flip": False, "alpha": 0.5, "rerank": False}}
     path = tmp_path / "results.json"
-    cli._write_results(str(path), DS, cfg, {"FMN": {"mAP": 1.0}}, 1.0)
+    write = lambda results: write_json(str(path), commands._payload(DS, cfg, results, 1.0, None))
+    write({"FMN": {"mAP": 1.0}})
     before = path.read_text()
 
     import fmn.atomic
@@ -203,7 +206,7 @@ def test_results_json_is_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fmn.atomic.os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
-        cli._write_results(str(path), DS, cfg, {"FMN": {"mAP": 2.0}}, 1.0)
+        write({"FMN": {"mAP": 2.0}})
     assert path.read_text() == before and json.loads(before)["results"]["FMN"]["mAP"] == 1.0
     assert os.listdir(tmp_path) == ["results.json"]
 

@@ -8,7 +8,6 @@ import pytest
 
 from fmn.cli import main
 from fmn.config import ConfigError, load_config, validate
-from fmn.seed_trainer import load_seed_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +24,7 @@ def config_error(overrides):
     ("train.weight_decay=5e-4", ("train", "weight_decay"), 5e-4),
     ("train.stage2.lr=2E-2", ("train", "stage2", "lr"), 2e-2),
     ("train.triplet_margin=1.0e0", ("train", "triplet_margin"), 1.0),
-    ("model.mask_max_logit=+1e1", ("model", "mask_max_logit"), 10.0),
+    ("fmn.mask_max_logit=+1e1", ("fmn", "mask_max_logit"), 10.0),
 ])
 def test_overrides_read_exponent_numbers_as_numbers(text, key, value):
     node = load_config(None, [text])
@@ -40,8 +39,9 @@ def test_files_read_exponent_numbers_as_numbers(tmp_path):
     t = load_config(path)["train"]
     assert (t["weight_decay"], t["stage1"]["lr"], t["stage1"]["gamma"]) == (5e-4, 1e-2, 1e-1)
     seed = tmp_path / "seed.yaml"
-    seed.write_text("model: {name: mmga}\nseed:\n  kp_sigma: 5e-2\n")
-    assert load_seed_config(seed)["seed"]["kp_sigma"] == 5e-2
+    seed.write_text("model: {name: mmga}\ndata:\n  kp_sigma: 5e-2\nmmga:\n  attention_weight: 1e-1\n")
+    cfg = load_config(seed)
+    assert (cfg["data"]["kp_sigma"], cfg["mmga"]["attention_weight"]) == (5e-2, 1e-1)
 
 
 def test_a_key_given_twice_in_a_file_is_an_error(tmp_path, capsys):
@@ -105,7 +105,7 @@ def test_path_overrides_are_taken_as_written(text, expected):
 
 def test_path_options_are_taken_as_written(tmp_path):
     name = f"{tmp_path}/parts #1"
-    assert load_seed_config(None, [f"seed.parts_root={name}"], model="mmga")["seed"]["parts_root"] == name
+    assert load_config(None, [f"data.parts_root={name}"], model="mmga")["data"]["parts_root"] == name
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -128,7 +128,7 @@ def test_device_must_be_auto_cpu_cuda_or_cuda_n(device):
 
 @pytest.mark.parametrize("text", ["train.stage1.lr=.inf", "train.stage2.lr=.inf", "train.weight_decay=.inf",
                                   "train.triplet_margin=.inf", "train.rank_weight=.inf", "train.grad_clip=.inf",
-                                  "model.mask_max_logit=.inf"])
+                                  "fmn.mask_max_logit=.inf"])
 def test_numbers_must_be_finite(text):
     key = text.split("=")[0]
     assert f"{key}=inf is invalid: expected a number" in config_error([text])
@@ -153,7 +153,7 @@ def test_the_triplet_loss_needs_positives_and_negatives_in_a_batch():
 
 def test_the_triplet_check_applies_to_the_related_methods():
     with pytest.raises(ConfigError, match="data.num_instances=1 is invalid"):
-        load_seed_config(os.path.join(ROOT, "configs", "mgran.yaml"), ["data.num_instances=1"])
+        load_config("mgran", ["data.num_instances=1", "train.triplet_weight=1"])
 
 
 def test_unknown_dataset_and_model_names_fail_at_load_time(capsys):
@@ -177,9 +177,20 @@ def test_a_config_without_a_key_is_one_config_error(path):
         validate(cfg)
 
 
-def test_an_unknown_seed_key_in_a_file_names_the_file(tmp_path):
+def test_an_unknown_model_section_key_in_a_file_names_the_file(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("model:\n  name: mmga\nseed:\n  kp_sigmaa: 0.1\n")
+    path.write_text("model:\n  name: mmga\nmmga:\n  part_dimm: 128\n")
     with pytest.raises(ConfigError) as err:
-        load_seed_config(path)
-    assert str(err.value).startswith(f"{path}: ") and "kp_sigmaa" in str(err.value)
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: ") and "mmga.part_dimm" in str(err.value)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("model:\n  name: mmga\nseed:\n  part_dim: 128\n", "the options of mmga are now the section 'mmga'"),
+    ("model:\n  name: fmn\npmm:\n  mix_prob: 0.5\n", "section 'pmm' holds the options of model pmm"),
+])
+def test_a_section_of_another_model_or_the_old_seed_section_is_one_error(tmp_path, text, message):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fmn.data import ReIDDataset, make_test_loader
-from fmn.evaluator import evaluate_features, evaluate_model, extract_features, format_results, fuse
+from fmn.engine.evaluation import evaluate_features, evaluate_model, extract_features, format_results, fuse
 from fmn.metrics import euclidean_distance, evaluate
-from fmn.visualize import ranked_list
+from fmn.engine.visualize import ranked_list
 
 
 class TwoBranch(torch.nn.Module):
@@ -219,7 +219,7 @@ def test_evaluate_features_device_argument_on_cpu():
 @pytest.mark.cuda
 def test_evaluate_features_runs_on_the_gpu(monkeypatch):
     """DESIGN §4: distances, metrics and re-ranking on the GPU when the features go there."""
-    import fmn.evaluator as ev
+    import fmn.engine.evaluation as ev
 
     seen = []
     real = ev.euclidean_distance
@@ -234,7 +234,7 @@ def test_evaluate_features_runs_on_the_gpu(monkeypatch):
 
 
 def test_write_json_strict_and_lenient(tmp_path):
-    from fmn.evaluator import write_json
+    from fmn.engine.evaluation import write_json
 
     path = str(tmp_path / "r.json")
     with pytest.raises(ValueError):

@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import fmn.evaluator as evaluator
+import fmn.engine.evaluation as evaluator
 from fmn.data import ReIDDataset, make_test_loader
-from fmn.evaluator import evaluate_model, extract_features
-from fmn.heatmap import activation_panels, colormap, fig4, normalize_map, overlay, pick_fig4_cases
-from fmn.visualize import GREEN, QUERY, RED, ranked_list, save_image
+from fmn.engine.evaluation import evaluate_model, extract_features
+from fmn.engine.heatmap import activation_panels, colormap, fig4, normalize_map, overlay, pick_fig4_cases
+from fmn.engine.visualize import GREEN, QUERY, RED, ranked_list, save_image
 
 TILE_H, TILE_W, BORDER = 32, 16, 4
 

@@ -292,33 +292,35 @@ def test_pmm_progressive_schedule(batch):
 # ------------------------------------------------------------------------------ configs and trainer
 @pytest.mark.parametrize("name", MODELS)
 def test_configs_load(name):
-    from fmn.seed_trainer import load_seed_config, seed_model_kwargs
+    from fmn.config import load_config
+    from fmn.models.seed_base import kwargs_from_config
 
-    cfg = load_seed_config(os.path.join(REPO, "configs", f"{name}.yaml"), ["seed.kp_sigma=0.2"])
-    assert cfg["model"]["name"] == name and cfg["seed"]["kp_sigma"] == 0.2
-    assert "kp_sigma" not in seed_model_kwargs(cfg)
-    with pytest.raises(ConfigError, match="seed.nope"):
-        load_seed_config(os.path.join(REPO, "configs", f"{name}.yaml"), ["seed.nope=1"])
+    cfg = load_config(name, ["data.kp_sigma=0.2"])
+    assert cfg["model"]["name"] == name and cfg["data"]["kp_sigma"] == 0.2 and name in cfg
+    assert "kp_sigma" not in kwargs_from_config(name)(cfg)
+    with pytest.raises(ConfigError, match=f"{name}.nope"):
+        load_config(name, [f"{name}.nope=1"])
     with pytest.raises(ConfigError, match="stage2"):
-        load_seed_config(os.path.join(REPO, "configs", f"{name}.yaml"), ["train.stage2.epochs=3"])
+        load_config(name, ["train.stage2.epochs=3"])
 
 
 def test_train_resume_and_reload(synth, tmp_path):
     # PMM trains without mask files (parts_root points nowhere)
-    from fmn.seed_trainer import load_seed_config, load_seed_model, train_seed_model
+    from fmn.config import load_config
+    from fmn.engine import load_model, train
 
     over = [f"data.root={synth.root}", f"output.dir={tmp_path}", f"data.height={H}", f"data.width={W}",
             "data.batch_size=8", "data.num_instances=2", "data.cache=false", "data.workers=0", "train.progress=false",
             "train.stage1.epochs=1", "train.max_steps_per_epoch=1", "train.device=cpu", "model.base_width=8",
-            "seed.stage_start_epochs=[0,0,1]", f"seed.parts_root={tmp_path / 'no_masks_here'}"]
-    cfg = load_seed_config(None, over, model="pmm")
-    summary = train_seed_model(cfg, log=None)
+            "pmm.stage_start_epochs=[0,0,1]", f"data.parts_root={tmp_path / 'no_masks_here'}"]
+    cfg = load_config(None, over, model="pmm")
+    summary = train(cfg, log=None)
     assert os.path.isfile(summary["checkpoint"]) and len(summary["history"]) == 1
-    cfg2 = load_seed_config(None, over + ["train.stage1.epochs=2"], model="pmm")
-    summary2 = train_seed_model(cfg2, log=None)
+    cfg2 = load_config(None, over + ["train.stage1.epochs=2"], model="pmm")
+    summary2 = train(cfg2, log=None)
     assert [h["epoch"] for h in summary2["history"]] == [1, 2]
     assert summary2["history"][1]["active_stages"] == 3.0
-    model, _ = load_seed_model(summary2["checkpoint"])
+    model = load_model(summary2["checkpoint"])
     x = torch.randn(2, 3, H, W)
     with torch.no_grad():
         torch.testing.assert_close(model(x)["descriptor"], summary2["model"].eval()(x)["descriptor"])

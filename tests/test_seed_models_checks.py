@@ -102,13 +102,13 @@ def synth(tmp_path_factory):
 
 
 def _cfg(synth, out, *extra):
-    from fmn.seed_trainer import load_seed_config
+    from fmn.config import load_config
 
     over = [f"data.root={synth.root}", f"output.dir={out}", f"data.height={H}", f"data.width={W}",
             "data.batch_size=8", "data.num_instances=2", "data.cache=false", "data.workers=0",
             "train.progress=false", "train.stage1.epochs=1", "train.max_steps_per_epoch=1", "train.device=cpu",
             "model.backbone=resnet18", "model.base_width=8", *extra]
-    return load_seed_config(None, over, model="pmm")
+    return load_config(None, over, model="pmm")
 
 
 def _log_lines(out):
@@ -117,7 +117,7 @@ def _log_lines(out):
 
 
 def test_train_log_is_rewritten_from_the_checkpoint_history(synth, tmp_path):
-    from fmn.seed_trainer import train_seed_model
+    from fmn.engine import train as train_seed_model
 
     train_seed_model(_cfg(synth, tmp_path), resume=False, log=None)
     train_seed_model(_cfg(synth, tmp_path), resume=False, log=None)
@@ -130,19 +130,19 @@ def test_train_log_is_rewritten_from_the_checkpoint_history(synth, tmp_path):
 
 
 def test_checkpoint_of_another_configuration_is_a_checkpoint_error(synth, tmp_path):
-    from fmn.seed_trainer import load_seed_model, train_seed_model
+    from fmn.engine import load_model, train as train_seed_model
 
     train_seed_model(_cfg(synth, tmp_path), log=None)
-    with pytest.raises(CheckpointError, match=r"last\.pt was written for a different model.*seed\.batch_drop: "
+    with pytest.raises(CheckpointError, match=r"last\.pt was written for a different model.*pmm\.batch_drop: "
                                               r"False -> True"):
-        train_seed_model(_cfg(synth, tmp_path, "train.stage1.epochs=2", "seed.batch_drop=true"), log=None)
+        train_seed_model(_cfg(synth, tmp_path, "train.stage1.epochs=2", "pmm.batch_drop=true"), log=None)
     with pytest.raises(CheckpointError, match=r"model\.pt was written for a different model.*heads\.bdb"):
-        load_seed_model(str(tmp_path / "model.pt"), ["seed.batch_drop=true"])
+        load_model(str(tmp_path / "model.pt"), overrides=["pmm.batch_drop=true"])
 
 
 def test_non_finite_weights_are_never_checkpointed(synth, tmp_path, monkeypatch):
-    from fmn.seed_trainer import train_seed_model
-    from fmn.trainer import NonFiniteLossError
+    from fmn.engine import train as train_seed_model
+    from fmn.engine.runtime import NonFiniteLossError
 
     step = torch.optim.SGD.step
     calls = []

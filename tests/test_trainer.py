@@ -1,6 +1,7 @@
 """The two-stage trainer: loss goes down in each stage, stage 2 leaves GRN untouched, DDP keeps
 ranks equal, kill-and-resume reproduces an uninterrupted run, NaN stops with the last good
 checkpoint kept."""
+import dataclasses
 import os
 import socket
 import subprocess
@@ -13,7 +14,9 @@ import torch.multiprocessing as mp
 
 from fmn.checkpoint import load_checkpoint
 from fmn.config import load_config
-from fmn.trainer import NonFiniteLossError, Trainer, build_model_from_config, lr_at
+from fmn.engine.runtime import NonFiniteLossError, lr_at
+from fmn.engine.trainer import Trainer
+from fmn.models import build_model_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H, W, C = 64, 32, 4
@@ -72,7 +75,7 @@ def split_state(model):
 def batch_loss(trainer, stage, batch):
     with torch.no_grad():
         out = trainer.model(batch["img"])
-        return float(trainer.compute_loss(stage, out, batch["pid"])[0])
+        return float(trainer.stages[stage - 1].loss(out, batch)[0])
 
 
 def test_lr_schedule_is_the_paper_step():
@@ -123,16 +126,16 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path):
     model = build_model_from_config(cfg, C)
     trainer = Trainer(cfg, model, loader, torch.device("cpu"), str(tmp_path), log=None)
     calls = {"n": 0}
-    original = trainer.compute_loss
+    original = trainer.stages[0].loss
 
-    def poisoned(stage, out, pid):
-        loss, stats, logits = original(stage, out, pid)
+    def poisoned(out, batch):
+        loss, stats = original(out, batch)
         calls["n"] += 1
         if calls["n"] == 4:  # epoch 2 of stage 1, first step
             loss = loss * float("nan")
-        return loss, stats, logits
+        return loss, stats
 
-    trainer.compute_loss = poisoned
+    trainer.stages[0] = dataclasses.replace(trainer.stages[0], loss=poisoned)
     with pytest.raises(NonFiniteLossError, match="not finite.*last good checkpoint"):
         trainer.fit()
     state = load_checkpoint(tmp_path / "last.pt")
@@ -147,7 +150,8 @@ WORKER = textwrap.dedent(
     sys.path.insert(0, {root!r})
     torch.set_num_threads(1)
     from tests.test_trainer import TensorLoader, make_data, tiny_cfg, C
-    from fmn.trainer import Trainer, build_model_from_config
+    from fmn.engine.trainer import Trainer
+    from fmn.models import build_model_from_config
     out = sys.argv[1]
     cfg = tiny_cfg(out, "train.stage1.epochs=3", "train.stage1.milestones=[2]", "train.stage2.epochs=2")
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ import torch
 
 import fmn.checkpoint as ckpt
 from fmn.checkpoint import CheckpointError, load_checkpoint, model_state, save_checkpoint
-from fmn.trainer import Trainer, build_model_from_config
+from fmn.engine.trainer import Trainer
+from fmn.models import build_model_from_config
 from test_trainer import C, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,7 +115,7 @@ def test_checkpoint_holds_only_weights_only_types(tmp_path):
     assert state["config"]["model"]["base_width"] == 8
 
 
-@pytest.mark.parametrize("change", [("model.base_width=16", None), ("model.local_layer=res3", None),
+@pytest.mark.parametrize("change", [("model.base_width=16", None), ("fmn.local_layer=res3", None),
                                     (None, C + 1), ("model.bnneck=true", None)])
 def test_resume_from_another_model_config_names_file_and_settings(tmp_path, change):
     setting, num_classes = change
@@ -139,7 +140,7 @@ def test_resume_from_another_model_config_names_file_and_settings(tmp_path, chan
 
 @pytest.mark.parametrize("setting, shown", [("model.last_stride=1", "last_stride: 2 -> 1"),
                                              ("model.dropout=0.5", "dropout: 0.0 -> 0.5"),
-                                             ("model.mask_max_logit=10.0", "mask_max_logit: None -> 10.0"),
+                                             ("fmn.mask_max_logit=10.0", "mask_max_logit: None -> 10.0"),
                                              ("data.height=63", "input_size: (64, 32) -> (63, 32)")])
 def test_resume_refuses_another_architecture_whose_weights_fit(tmp_path, setting, shown):
     # these settings change the network but no tensor shape: load_state_dict alone accepts the weights
@@ -157,7 +158,7 @@ def test_resume_refuses_another_architecture_whose_weights_fit(tmp_path, setting
     assert msg.startswith(f"{tmp_path / 'last.pt'} was written for a different model: ") and shown in msg
 
 
-@pytest.mark.parametrize("setting", ["model.backend=torch", "model.lan_init=grn", "model.pretrained=/elsewhere.pth"])
+@pytest.mark.parametrize("setting", ["model.backend=torch", "fmn.lan_init=grn", "model.pretrained=/elsewhere.pth"])
 def test_resume_accepts_settings_that_leave_the_network_as_it_is(tmp_path, setting):
     cfg = tiny_cfg(tmp_path, "train.stage1={epochs: 1, lr: 0.05, milestones: [1], gamma: 0.1}",
                    "train.stage2={epochs: 0, lr: 0.05, milestones: [1], gamma: 0.1}")
@@ -165,7 +166,8 @@ def test_resume_accepts_settings_that_leave_the_network_as_it_is(tmp_path, setti
     trainer._start_stage(1, fresh=True)
     trainer.save(1, 1)
     saved = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
-    other = dict(cfg, model=dict(cfg["model"], **{setting.split("=")[0].split(".")[1]: setting.split("=")[1]}))
+    section, key = setting.split("=")[0].split(".")
+    other = dict(cfg, **{section: dict(cfg[section], **{key: setting.split("=")[1]})})
     torch.manual_seed(5)
     model = build_model_from_config(dict(other, model=dict(other["model"], pretrained=None)), C)
     Trainer(other, model, [], torch.device("cpu"), str(tmp_path), log=None).fit(resume=True)

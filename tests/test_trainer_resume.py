@@ -2,21 +2,24 @@
 checkpoint and then resumed ends with the same weights, optimizer state, history and
 train_log.jsonl as an uninterrupted run; non-finite weights or loss never replace the last good
 checkpoint; stage 2 keeps GRN frozen through ``fit``."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
-import fmn.trainer as trainer_mod
+import fmn.engine.trainer as trainer_mod
 from fmn.checkpoint import load_checkpoint
-from fmn.trainer import NonFiniteLossError, Trainer, build_model_from_config
+from fmn.engine.runtime import NonFiniteLossError
+from fmn.engine.trainer import Trainer
+from fmn.models import build_model_from_config
 from test_trainer import C, TensorLoader, make_data, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TIMING = ("seconds", "images_per_s")
 # 16 images, batch 8: 2 steps per epoch; 2 epochs per stage -> train_step calls 1-4 stage 1, 5-8 stage 2
-EXTRA = ("model.lan_init=grn", "train.label_smoothing=0.1", "train.triplet_weight=0.5")
+EXTRA = ("fmn.lan_init=grn", "train.label_smoothing=0.1", "train.triplet_weight=0.5")
 
 
 class Interrupt(BaseException):
@@ -151,17 +154,17 @@ def test_non_finite_weights_after_a_finite_loss_are_not_checkpointed(tmp_path):
 
 def test_inf_loss_in_stage2_leaves_the_last_checkpoint_byte_for_byte(tmp_path):
     trainer = make_trainer(tmp_path, 0)
-    original = trainer.compute_loss
+    original = trainer.stages[1].loss
     seen = {}
 
-    def poisoned(stage, out, pid):
-        loss, stats, logits = original(stage, out, pid)
-        if stage == 2 and len(trainer.history) == 3:   # stage 2, epoch 2: last.pt is (2, 1)
+    def poisoned(out, batch):
+        loss, stats = original(out, batch)
+        if len(trainer.history) == 3:   # stage 2, epoch 2: last.pt is (2, 1)
             seen["bytes"] = (tmp_path / "last.pt").read_bytes()
             loss = loss + float("inf")
-        return loss, stats, logits
+        return loss, stats
 
-    trainer.compute_loss = poisoned
+    trainer.stages[1] = dataclasses.replace(trainer.stages[1], loss=poisoned)
     with pytest.raises(NonFiniteLossError, match=r"stage 2: the loss is inf .*last good checkpoint is .*last\.pt"):
         trainer.fit()
     assert (tmp_path / "last.pt").read_bytes() == seen["bytes"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fmn.heatmap import colormap, overlay, pick_fig4_cases
-from fmn.visualize import GREEN, QUERY, RED, ranked_list
+from fmn.engine.heatmap import colormap, overlay, pick_fig4_cases
+from fmn.engine.visualize import GREEN, QUERY, RED, ranked_list
 
 TILE_H, TILE_W, BORDER = 32, 16, 4
 

@@ -33,6 +33,7 @@ def output_lock(folder: str, enabled: bool = True):
     if not enabled:
         yield
         return
+    created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     lock = FileLock(os.path.join(folder, LOCK_NAME))
     try:
@@ -49,3 +50,7 @@ def output_lock(folder: str, enabled: bool = True):
         with contextlib.suppress(OSError):
             os.remove(owner)
         lock.release()
+        if created and set(os.listdir(folder)) <= {LOCK_NAME}:   # a run that wrote nothing leaves nothing
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, LOCK_NAME))
+                os.rmdir(folder)

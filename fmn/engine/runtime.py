@@ -17,13 +17,17 @@ class NonFiniteLossError(RuntimeError):
     """The training loss, or the weights after an epoch, became NaN or Inf."""
 
 
+class DeviceError(ValueError):
+    """A device that this machine does not have."""
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` (CUDA when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available on this machine; use cpu or auto")
+        raise DeviceError(f"device {name!r} asked for, but CUDA is not available on this machine; use cpu or auto")
     return dev
 
 

@@ -186,8 +186,16 @@ class Trainer:
         self.log(f"resuming from {self.last_checkpoint}: stage {stage}, {epoch} epoch(s) done")
         return stage, epoch, state
 
+    def stage(self, index: int) -> Stage:
+        """The stage numbered ``index``."""
+        for stage in self.stages:
+            if stage.index == index:
+                return stage
+        raise ValueError(f"the model has no stage {index}; its stages: {[s.index for s in self.stages]}")
+
     # ------------------------------------------------------------------ steps
-    def train_step(self, stage: Stage, batch: dict[str, Any]) -> dict[str, float]:
+    def train_step(self, stage: Stage | int, batch: dict[str, Any]) -> dict[str, float]:
+        stage = self.stage(stage) if isinstance(stage, int) else stage
         batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         batch["pid"] = batch["pid"].long()
         img = batch["img"]
@@ -259,7 +267,8 @@ class Trainer:
         return (before + epoch) * steps
 
     # -------------------------------------------------------------------- fit
-    def _start_stage(self, stage: Stage, fresh: bool) -> None:
+    def _start_stage(self, stage: Stage | int, fresh: bool) -> None:
+        stage = self.stage(stage) if isinstance(stage, int) else stage
         stage.begin(fresh)
         self.ddp_model = self.model
         if self.dist.enabled:
@@ -295,7 +304,7 @@ class Trainer:
             first = epoch_done if stage.index == stage_done else 0
             if first >= self._epochs(stage) and stage.index == stage_done and state is not None:
                 continue
-            self._start_stage(stage, fresh=(first == 0))
+            self._start_stage(stage.index, fresh=(first == 0))
             if state is not None and stage.index == stage_done and first > 0:
                 if state.get("optimizer"):
                     self.optimizer.load_state_dict(state["optimizer"])
@@ -324,6 +333,7 @@ class Trainer:
         if hasattr(unwrap(self.model), "set_epoch"):
             unwrap(self.model).set_epoch(e)
         stats = {k: round(v, 6) for k, v in self._train_epoch(stage, e, kill).items()}
+        self._check_finite_weights(stage, e)
         record = {"stage": stage.index, "epoch": e + 1, "lr": lr, **stats}
         self.history.append(record)
         self.log(f"{stage.title} epoch {e + 1}/{self._epochs(stage)}  lr {lr:.4g}  "
@@ -333,5 +343,4 @@ class Trainer:
         if self.dist.is_main:
             with open(self.log_file, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-        self._check_finite_weights(stage, e)
         self.save(stage.index, e + 1)

@@ -44,20 +44,19 @@ def train(cfg: dict, resume: bool = True, log: Callable[[str], None] | None = pr
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     out_dir = cfg["output"]["dir"]
+    seed_everything(cfg["train"]["seed"])
+    if dataset is None:
+        d = cfg["data"]
+        dataset = build_dataset(d["name"], d["root"], **d["options"])
+    if hasattr(dataset, "require_train"):
+        dataset.require_train()
+    if info.is_main and log is not None:
+        log(dataset.summary())
     with output_lock(out_dir, enabled=info.is_main and lock):
-        seed_everything(cfg["train"]["seed"])
-        if dataset is None:
-            d = cfg["data"]
-            dataset = build_dataset(d["name"], d["root"], **d["options"])
-        if hasattr(dataset, "require_train"):
-            dataset.require_train()
-        if info.is_main and log is not None:
-            log(dataset.summary())
-        model_name = cfg["model"]["name"]
         loader = build_train_loader(cfg, dataset, info, parts=needs_parts(cfg))
         model = build_model_from_config(cfg, dataset.num_train_pids)
         trainer = Trainer(cfg, model, loader, device, out_dir, info, log=log)
         summary = trainer.fit(resume=resume)
-    summary.update(model=model.eval(), dataset=dataset, model_name=model_name)
+    summary.update(model=model.eval(), dataset=dataset)
     return summary
 

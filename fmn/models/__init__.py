@@ -31,18 +31,18 @@ _NEEDS_PARTS: dict[str, Callable[[dict], bool]] = {}
 
 def register_model(name: str, section: dict | None = None, check: Callable[[dict], None] | None = None,
                    training_only: tuple = (), kwargs_from_config: Callable[[dict], dict] | None = None,
-                   needs_parts: Callable[[dict], bool] | None = None):
+                   needs_parts: Callable[[dict], bool] | None = None, schedules: tuple = ("stage1", "stage2")):
     """Register a builder ``builder(num_classes=..., **kwargs) -> nn.Module`` under ``name``, with
     the model's own config section (``section``: its defaults; ``check(cfg)``: raises on a bad
     value; ``training_only``: keys that shape no weight) and ``kwargs_from_config(cfg)``, the
     builder's keyword arguments for a whole config (default: the shared model settings and the
     section's values); ``needs_parts(cfg)``: whether its training batches must carry part masks
-    (``fmn.data.parts``)."""
+    (``fmn.data.parts``); ``schedules``: the ``train.stageN`` sections its stages follow."""
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model '{name}' is already registered")
         _REGISTRY[name] = fn
-        register_section(name, section or {}, check, training_only)
+        register_section(name, section or {}, check, training_only, schedules)
         _FROM_CONFIG[name] = kwargs_from_config or (lambda cfg: {**model_kwargs(cfg), **cfg[name]})
         _NEEDS_PARTS[name] = needs_parts or (lambda cfg: False)
         return fn

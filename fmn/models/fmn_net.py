@@ -238,9 +238,9 @@ class FeatureMaskNetwork(nn.Module):
             return begin
 
         return [
-            Stage(1, "stage1", "stage 1 (GRN)", tuple(self.grn_modules()), _branch_loss(t, "grn"),
+            Stage(1, "stage1", "stage 1", tuple(self.grn_modules()), _branch_loss(t, "grn"),
                   frozen=tuple(self.local_modules()), start=start(1)),
-            Stage(2, "stage2", "stage 2 (MN + LAN)", tuple(self.local_modules()), _branch_loss(t, "lan"),
+            Stage(2, "stage2", "stage 2", tuple(self.local_modules()), _branch_loss(t, "lan"),
                   frozen=tuple(self.grn_modules()), start=start(2)),
         ]
 

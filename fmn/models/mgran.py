@@ -168,7 +168,7 @@ SECTION = {"regions": ["body", "kp_upper", "kp_lower"], "alignment": "region", "
 
 
 @register_model("mgran", section=SECTION, check=check_single_stage("mgran"),
-                training_only=("mask_weight", "train_masks"), kwargs_from_config=kwargs_from_config("mgran"),
+                training_only=("mask_weight", "train_masks"), kwargs_from_config=kwargs_from_config("mgran"), schedules=("stage1",),
                 needs_parts=lambda cfg: cfg["mgran"]["alignment"] == "region")
 def build_mgran(num_classes: int, **cfg) -> MGRAN:
     return MGRAN(num_classes=num_classes, **cfg)

@@ -117,7 +117,7 @@ SECTION = {"scales": ["layer2", "layer3", "layer4"], "part_dim": 256, "attention
 
 
 @register_model("mmga", section=SECTION, check=check_single_stage("mmga"),
-                training_only=("attention_weight",), kwargs_from_config=kwargs_from_config("mmga"),
+                training_only=("attention_weight",), kwargs_from_config=kwargs_from_config("mmga"), schedules=("stage1",),
                 needs_parts=lambda cfg: True)
 def build_mmga(num_classes: int, **cfg) -> MMGA:
     return MMGA(num_classes=num_classes, **cfg)

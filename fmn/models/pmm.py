@@ -198,6 +198,6 @@ SECTION = {"stages": ["layer2", "layer3", "layer4"], "stage_start_epochs": [0, 0
 
 
 @register_model("pmm", section=SECTION, check=check_single_stage("pmm"),
-                training_only=("stage_start_epochs", "mix_stages", "mix_block", "mix_prob", "drop_block"), kwargs_from_config=kwargs_from_config("pmm"))
+                training_only=("stage_start_epochs", "mix_stages", "mix_block", "mix_prob", "drop_block"), kwargs_from_config=kwargs_from_config("pmm"), schedules=("stage1",))
 def build_pmm(num_classes: int, **cfg) -> PMM:
     return PMM(num_classes=num_classes, **cfg)
