@@ -12,7 +12,7 @@ from torch import nn
 
 from fmn.atomic import atomic_write
 from fmn.data import build_dataset
-from fmn.data.synthetic import generate
+from fmn.data.synthetic import generate, is_complete
 from fmn.engine.api import evaluate_dataset, load_model
 from fmn.engine.evaluation import format_results, retrieval_descriptor, retrieval_row, write_json
 from fmn.engine.lock import output_lock
@@ -47,11 +47,8 @@ def synthesize(out_dir: str, synth: dict, progress: bool | str = "auto") -> str:
 def prepare_dataset(cfg: dict, log: Log) -> bool:
     """Write the synthetic dataset at ``data.root`` when the config names it and it is not there
     (or was left half-written); True when it was written."""
-    from fmn.data import synthetic
-
     root = cfg["data"]["root"]
-    complete = getattr(synthetic, "is_complete", lambda r: os.path.isfile(os.path.join(r, "synthetic.json")))
-    if cfg["data"]["name"] != "synthetic" or complete(root):
+    if cfg["data"]["name"] != "synthetic" or is_complete(root):
         return False
     log(f"writing the synthetic dataset to {root}")
     synthesize(root, cfg["synth"], cfg["train"]["progress"])
@@ -109,9 +106,10 @@ def run_demo(cfg: dict, fresh: bool, log: Log) -> dict:
 def run_eval(checkpoint: str, overrides: Sequence[str], config: str | None, json_path: str,
              features_dir: str | None, rerank: bool, log: Log) -> dict:
     """``fmn eval``: the results table of a checkpoint on its (or another) dataset."""
-    refuse_overwrite(json_path, [checkpoint], "--json")
+    inputs = [checkpoint] + ([config] if config and os.path.isfile(config) else [])
+    refuse_overwrite(json_path, inputs, "--json")
     if features_dir:
-        refuse_overwrite(features_dir, [checkpoint], "--save-features")
+        refuse_overwrite(features_dir, inputs, "--save-features")
     model = load_model(checkpoint, overrides=overrides, config=config)
     cfg = model.fmn_config
     cfg["eval"]["rerank"] = cfg["eval"]["rerank"] and rerank

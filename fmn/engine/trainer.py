@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from fmn import distributed as fdist
+from fmn.atomic import remove_stale_temporaries
 from fmn.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from fmn.config import architecture
 from fmn.engine.runtime import (NonFiniteLossError, epoch_seed, loss_is_finite, lr_at, non_finite_weights,
@@ -294,6 +295,10 @@ class Trainer:
 
     def _fit(self, resume: bool) -> dict[str, Any]:
         self.history = []
+        if self.dist.is_main:   # the temporary checkpoints a killed run left behind
+            for name in ("last.pt", "model.pt"):
+                for path in remove_stale_temporaries(self.out_dir, name):
+                    self.log(f"removed {path}, a temporary file of a run that was stopped while it wrote {name}")
         stage_done, epoch_done, state = self._resume() if resume else (self.stages[0].index, 0, None)
         self._write_log()
         self._open_tensorboard()
