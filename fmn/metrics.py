@@ -228,7 +228,7 @@ def evaluate_from_features(query_feats, gallery_feats, q_pids, g_pids, q_camids,
                else max(1, _RANK_CHUNK_ELEMS[_kind(a)] // g_pids.numel()))
     # Whole blocks, aligned with euclidean_distance's; all queries at once when the chunk covers them.
     step = nq if rows == nq else block * max(1, rows // block)
-    b2 = (b * b).sum(1)
+    b2 = _sq_norms(b)
     buf = torch.empty((min(step, nq), ng), dtype=a.dtype, device=a.device)
     with _rank_pool(a.device) as pool:
         for s in range(0, nq, step):
@@ -569,6 +569,14 @@ def _exact_matmul():
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
 
 
+def _sq_norms(b: torch.Tensor) -> torch.Tensor:
+    """Squared norms of the rows of ``b``, in blocks of rows (no temporary the size of ``b``)."""
+    rows = max(1, (1 << 20) // max(b.shape[1], 1))
+    if b.shape[0] <= rows:
+        return (b * b).sum(1)
+    return torch.cat([(c * c).sum(1) for c in b.split(rows)])
+
+
 def _sq_distance_rows(x, b, b2, o) -> None:
     """Squared distances of the rows of ``x`` to those of ``b`` (``b2`` their squared norms) into ``o``."""
     x2 = (x * x).sum(1)
@@ -601,7 +609,7 @@ def euclidean_distance(a, b, squared: bool = False, chunk_rows: int | None = Non
         return out
     if chunk_rows is None:
         chunk_rows = _block_rows(n, _kind(a))
-    b2 = (b * b).sum(1)
+    b2 = _sq_norms(b)
     with _exact_matmul():
         for s in range(0, m, chunk_rows):
             _sq_distance_rows(a[s:s + chunk_rows], b, b2, out[s:s + chunk_rows])

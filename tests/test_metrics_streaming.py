@@ -191,6 +191,21 @@ def test_peak_allocation_is_order_chunk_times_gallery(numpy_sort, monkeypatch):
     assert chunked <= 8 * block_rows * ng * 8 + 64 * (nq + ng) * 8 < qg / 2, (chunked, qg)
 
 
+def test_no_temporary_the_size_of_the_gallery_features():
+    # Squared norms of a (g, d) gallery were computed through a (g, d) product: as large as the
+    # gallery features themselves (8 GB at 10^6 x 2048 fp32).
+    g = torch.Generator().manual_seed(32)
+    qf, gf = torch.randn(50, 4096, generator=g), torch.randn(3000, 4096, generator=g)
+    ids = _ids(g, 50, 3000, 40, 3)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        peak = _peak_cpu_bytes(lambda: evaluate_from_features(qf, gf, *ids))
+    finally:
+        torch.set_num_threads(prev)
+    assert peak < gf.numel() * 4 / 4, peak
+
+
 def test_inputs_of_other_types_and_layouts():
     g = torch.Generator().manual_seed(25)
     qf, gf = _features(g, 40, 120, 12, torch.float32, "randn")
