@@ -6,9 +6,16 @@ Public functions:
   rerank_ref(...), rerank_from_distances_ref(...)   dense float64 oracles (small N only)
 
 Semantics (DESIGN.md section 3), N = q + g, queries first:
-  d2      squared Euclidean distance over the full N x N problem (query-query pairs included)
-  dn      d2[i, j] / max_k d2[i, k], the max over all N columns (0 where a row's max is 0)
-  order   each row ranked ascending, ties broken by column index
+  d2      squared Euclidean distance over the full N x N problem (query-query pairs included):
+          from features the fp32 sum of squared differences; from Euclidean blocks D, D**2
+          computed in the blocks' precision (float64 stays float64), then rounded to float32
+  w       the working distance: d2 (d2**2 with squared_input)
+  dn      w[i, j] / max_k w[i, k], the max over all N columns (0 where a row's max is 0)
+  order   each row ranked ascending by w, ties (equal values) broken by column index: a stable
+          sort. It is the order of dn (w divided by a positive constant per row) without the
+          float32 division, which can round two distinct values to one. Features are ranked by
+          their fp32 d2, blocks by their entries in their own precision: the order of w before
+          any rounding of w (squaring keeps the order).
   T(i)    the first k1 + 1 of row i (self included);  Th(i) the first h = round_half_even(k1/2) + 1
   R(i)    {j in T(i) : i in T(j)};  Rh(c) the same with Th
   R*(i)   R(i) united with every Rh(c), c in R(i), for which 3 |Rh(c) & R(i)| > 2 |Rh(c)|
@@ -328,8 +335,11 @@ def rerank_from_distances(
     Code that feeds *squared* Euclidean blocks to the original re_ranking() gets the same result
     from this function with those blocks and ``squared_input=False``.
 
-    The blocks are used as given (the g x q block is ``q_g.T``). The work runs in the sparse
-    torch pipeline on the blocks' device (the C++ backend takes features only).
+    The blocks are used as given (the g x q block is ``q_g.T``), in their own precision up to the
+    float32 working distance: float64 blocks are squared in float64 and rounded to float32 once,
+    as the original does, and each row is ranked by the blocks' values themselves (the order of w;
+    see the module docstring). The work runs in the sparse torch pipeline on the blocks' device
+    (the C++ backend takes features only).
     """
     d_max = _check_distances(q_g, q_q, g_g)
     q, g = q_g.shape
@@ -358,8 +368,8 @@ def _ref_core(w: torch.Tensor, q: int, k1: int, k2: int, lam: float, faiss_compa
     # point 3: row-normalise by the max over all N columns
     rowmax = w.max(dim=1, keepdim=True).values
     dn = torch.where(rowmax > 0, w / torch.where(rowmax > 0, rowmax, torch.ones_like(rowmax)), torch.zeros_like(w))
-    # point 4: ascending, ties by index
-    order = torch.sort(dn, dim=1, stable=True).indices.tolist()
+    # point 4: ascending, ties by index; ranked by w, the order of dn without the division's rounding
+    order = torch.sort(w, dim=1, stable=True).indices.tolist()
 
     # points 5 and 6: k-reciprocal sets
     top = [set(order[i][:k_fwd]) for i in range(n)]

@@ -1,10 +1,12 @@
 """The sparse k-reciprocal re-ranking pipeline in torch ops (any device, no loop per query).
 
 Stages (N = q + g items, K = forward list length, H = half list length, Q = min(k2, N)):
-  1. kNN with row maxima: row chunks of the working distance w (a GEMM per chunk), per row the
-     max over all N columns and the L = max(K, Q) smallest (value, index)-ordered columns; from
-     features the GEMM only proposes candidates, rescored with the exact d2 and certified by an
-     error bound (else the row is scanned exactly): see _knn_candidates.
+  1. kNN with row maxima: per row the max of w over all N columns and the L = max(K, Q) smallest
+     columns in (distance, index) order. From features the order is the exact fp32 d2's: a GEMM
+     per row chunk proposes candidates, rescored with d2 and certified by an error bound (else
+     the row is scanned exactly), see _knn_candidates. From blocks it is D's, in the blocks'
+     precision, see _knn_blocks. Both are the order of w (squaring keeps it) and of dn = w / max
+     in exact arithmetic; dn's float32 division could tie distinct values, so it is not ranked.
   2. reciprocal masks: recip[i, s] = i in nbr[nbr[i, s], :K]   (and the same for the first H)
   3. expansion: R*(i) as a padded, sorted, duplicate-free list of columns (sentinel N)
   4. weights: exact distances of every (i, j in R*(i)) pair, V = normalised exp(-dn)
@@ -178,22 +180,34 @@ class FeatureDistances:
 
 class BlockDistances:
     """Working distance from Euclidean blocks: w = D^2 (D^4 with square_twice), D the matrix
-    [[q_q, q_g], [q_g^T, g_g]] used as given."""
+    [[q_q, q_g], [q_g^T, g_g]] used as given.
+
+    D stays in the blocks' precision (float64 if any block is float64, else float32) until w is
+    rounded to float32: float64 blocks are squared in float64 (rounding D to float32 first can
+    merge distances that the square keeps apart), and the kNN ranks D itself (``distances``),
+    the order of w without its float32 rounding.
+    """
 
     def __init__(self, q_g: torch.Tensor, q_q: torch.Tensor, g_g: torch.Tensor, *, square_twice: bool):
-        self.qg = q_g.detach().float().contiguous()
-        self.qq = q_q.detach().float().contiguous()
-        self.gg = g_g.detach().float().contiguous()
+        dtype = torch.float64 if torch.float64 in (q_g.dtype, q_q.dtype, g_g.dtype) else torch.float32
+        self.qg = q_g.detach().to(dtype).contiguous()
+        self.qq = q_q.detach().to(dtype).contiguous()
+        self.gg = g_g.detach().to(dtype).contiguous()
         self.q, self.g = self.qg.shape
         self.n = self.q + self.g
         self.device = self.qg.device
         self.square_twice = square_twice
 
-    def _power(self, d: torch.Tensor) -> torch.Tensor:
+    def working(self, d: torch.Tensor) -> torch.Tensor:
+        """float32 w of distances d in the blocks' precision: d^2 (squared again with square_twice)
+        computed in that precision, then rounded once."""
         d = d * d
-        return d * d if self.square_twice else d
+        if self.square_twice:
+            d = d * d
+        return d.float()
 
-    def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+    def distances(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        """D[r0:r1, c0:c1] in the blocks' precision."""
         q = self.q
         parts = []
         if r0 < q:
@@ -202,7 +216,10 @@ class BlockDistances:
             a, b = max(r0, q) - q, r1 - q
             parts.append(torch.cat([self.qg[:, a:b].t(), self.gg[a:b]], dim=1))
         rows = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return self._power(rows[:, c0:c1])
+        return rows[:, c0:c1]
+
+    def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        return self.working(self.distances(r0, r1, c0, c1))
 
     def pairs(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         q = self.q
@@ -214,23 +231,24 @@ class BlockDistances:
             torch.where(cq, self.qq[rqi, cqi], self.qg[rqi, cg]),
             torch.where(cq, self.qg[cqi, rg], self.gg[rg, cg]),
         )
-        return self._power(val)
+        return self.working(val)
 
 
 # --------------------------------------------------------------------------------------------
 # pipeline stages
 # --------------------------------------------------------------------------------------------
 
-def _knn(src, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row maxima over all N columns and the n_keep smallest columns of every row."""
+def _knn_blocks(src: BlockDistances, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row maxima of w over all N columns and the n_keep smallest columns of every row, ranked by
+    D in the blocks' precision, ties by index: the order of w (squaring keeps it) without the ties that rounding w to float32 can make."""
     n, dev = src.n, src.device
     nbr = torch.empty(n, n_keep, dtype=torch.long, device=dev)
     rowmax = torch.empty(n, dtype=torch.float32, device=dev)
     step = _rows_per_chunk(n, dev)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        d = src.block(r0, r1, 0, n)
-        rowmax[r0:r1] = d.amax(dim=1)
+        d = src.distances(r0, r1, 0, n)
+        rowmax[r0:r1] = src.working(d.amax(dim=1))  # rounding is monotone: the max of the rounded w
         nbr[r0:r1] = smallest_stable(d, n_keep)[1]
     return nbr, rowmax
 
@@ -259,7 +277,8 @@ def _lowp_dots(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor
 
 
 def _knn_candidates(src, n_keep: int, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """_knn with GEMM candidate proposal, exact rescoring and a per-row exact fallback.
+    """Row maxima and the n_keep smallest columns of every row in (exact d2, index) order, from
+    GEMM candidates with exact rescoring and a per-row exact fallback.
 
     With x centred, d2~(i, j) = s_i + s_j - 2 <x_i, x_j>~ (inputs rounded to the GEMM precision,
     u = 0 for fp32; fp32 accumulation) and the exact d2 (pairs_d2: fp32 sum of squared
@@ -484,7 +503,7 @@ def rerank_sparse(src, cfg: Config, *, topk: int | None = None, use_triton: bool
     if isinstance(src, FeatureDistances):
         nbr, rowmax = _knn_candidates(src, max(k_fwd, k_qe), cfg.knn_precision)
     else:
-        nbr, rowmax = _knn(src, max(k_fwd, k_qe))
+        nbr, rowmax = _knn_blocks(src, max(k_fwd, k_qe))
     fwd, half = nbr[:, :k_fwd].contiguous(), nbr[:, :k_half].contiguous()
     recip = _reciprocal(fwd)
     recip_h = _reciprocal(half)

@@ -369,3 +369,58 @@ def test_same_result_any_thread_count(backend):
         torch.set_num_threads(prev)
     for dense, (v, i) in outs[1:]:
         assert torch.equal(dense, outs[0][0]) and torch.equal(v, outs[0][1][0]) and torch.equal(i, outs[0][1][1])
+
+
+def _near_tie_blocks(q, g, d, seed):
+    """float64 Euclidean blocks of grid points moved by ~1e-9: many distances distinct in float64
+    but equal once rounded to float32 (a relative step of 6e-8), so a float32 ranking would break
+    them by index where the float64 one does not."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 3, (q + g, d), generator=gen).double()
+    x = x + 1e-9 * torch.randn(q + g, d, generator=gen, dtype=torch.float64)
+    dist = ((x[:, None] - x[None]) ** 2).sum(-1).sqrt()
+    return dist[:q, q:], dist[:q, :q], dist[q:, q:]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not HAS_TRITON, reason="triton not installed"))])
+@pytest.mark.parametrize("variant", [{}, dict(squared_input=True), dict(faiss_compat=True)])
+def test_float64_blocks_ranked_in_float64(backend, variant):
+    """float64 blocks keep their precision through the ranking: the neighbour lists are those of
+    the float64 oracle, not of the float32-rounded blocks (which differ on these inputs)."""
+    shapes = [(7, 16, 6)] if backend == "triton" else [(5, 13, 4), (7, 16, 6), (9, 30, 5)]
+    for si, (q, g, d) in enumerate(shapes):
+        blocks = _near_tie_blocks(q, g, d, seed=70 + si)
+        for p in (dict(k1=4, k2=3, lambda_value=0.3), dict(k1=2, k2=2, lambda_value=0.1)):
+            ref = oracle_blocks(*blocks, **p, **variant)
+            rounded = oracle_blocks(*(b.float() for b in blocks), **p, **variant)
+            assert (ref - rounded).abs().max().item() > 1e-3      # the float32 rounding matters here
+            out = rerank_from_distances(*blocks, backend=backend, **p, **variant)
+            assert_close_and_same_ranking(out, ref)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not HAS_TRITON, reason="triton not installed"))])
+def test_rows_ranked_by_w_ties_by_index(backend):
+    """Rule 4 as documented: each row is ranked by the working distance, ties (equal values) by
+    index. Query 0's nearest gallery items are D = b (item 1) and D = a (item 2), a < b adjacent
+    float32 values whose dn = D^2 / max rounds to one float32: item 2 is the neighbour (a float32
+    dn ranking would take item 1, the lower index). With a == b, item 1 (the lower index)."""
+    gen = torch.Generator().manual_seed(0)
+    while True:   # adjacent a < b in [0.5, 1) whose float32 dn coincide for a row max m^2
+        a = torch.rand((), generator=gen) * 0.5 + 0.5
+        b = torch.nextafter(a, torch.tensor(2.0))
+        m = torch.rand((), generator=gen) * 2.0 + 2.0
+        if torch.equal((a * a) / (m * m), (b * b) / (m * m)):
+            break
+    p = dict(k1=1, k2=1, lambda_value=0.3)
+    for d01, d02, nearest in ((b, a, 2), (a, a, 1)):
+        qg = torch.stack([d01, d02, m]).view(1, 3)
+        qq = torch.zeros(1, 1)
+        gg = torch.tensor([[0.0, 5.0, 6.0], [5.0, 0.0, 7.0], [6.0, 7.0, 0.0]])
+        gg = gg * m   # the gallery items lie farther from each other than from the query
+        ref = oracle_blocks(qg, qq, gg, **p)
+        out = rerank_from_distances(qg, qq, gg, backend=backend, **p)
+        assert_close_and_same_ranking(out, ref)
+        # R(0) = {0, nearest}: the nearest item shares the query's weights, the other none
+        assert out[0, nearest - 1] < 0.5 < out[0, 2 - nearest]
