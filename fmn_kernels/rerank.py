@@ -185,8 +185,41 @@ def _check_block_range(d_max: float, squared_input: bool) -> None:
                        f"the distance blocks reach {d_max:.3g}", "the distances")
 
 
-def _check_distances(q_g, q_q, g_g) -> float:
-    """Shapes, device, finite and non-negative entries; returns the largest entry."""
+# Negative entries accepted in distance blocks, relative to the rows' scale: squared distances
+# computed as |x|^2 + |y|^2 - 2 x.y in float32 (torchreid's euclidean_squared_distance) are
+# negative where the distance is ~0 (the diagonal, duplicates), by a few float32 eps times
+# |x|^2 + |y|^2; 256 eps also covers features whose common offset makes |x|^2 up to ~30 times
+# the largest distance of their row (measured: 2-8 eps for unnormalised ReLU features, up to
+# ~120 eps of the row maxima with an offset of 5, d = 128 to 2048).
+_NEGATIVE_TOLERANCE = 256 * torch.finfo(torch.float32).eps
+
+
+def _check_rounding_negatives(q_g, q_q, g_g, lows: dict[str, float]) -> None:
+    """Every negative entry (i, j) must be >= -_NEGATIVE_TOLERANCE (m_i + m_j), m_i the largest
+    entry of row i of [[q_q, q_g], [q_g^T, g_g]]. Runs only when a block holds a negative entry."""
+    qg, qq, gg = (t.detach() for t in (q_g, q_q, g_g))
+    m_q = torch.maximum(qq.amax(dim=1).double(), qg.amax(dim=1).double())
+    m_g = torch.maximum(qg.amax(dim=0).double(), gg.amax(dim=1).double())
+    for name, t, m_row, m_col in (("q_g", qg, m_q, m_g), ("q_q", qq, m_q, m_q), ("g_g", gg, m_g, m_g)):
+        if lows[name] >= 0:
+            continue
+        i, j = (t < 0).nonzero(as_tuple=True)
+        v = t[i, j].double()
+        bound = _NEGATIVE_TOLERANCE * (m_row[i] + m_col[j])
+        bad = -v > bound
+        if bool(bad.any()):
+            p = int(torch.argmin(torch.where(bad, v, torch.zeros_like(v))))
+            raise ValueError(
+                f"fmn.rerank: {name} holds negative distances: {name}[{int(i[p])}, {int(j[p])}] = {float(v[p]):.6g}, "
+                f"below the rounding error accepted there (-{float(bound[p]):.3g} = -256 eps (m_i + m_j), "
+                "m the largest entry of each row)"
+            )
+
+
+def _check_distances(q_g, q_q, g_g) -> tuple[float, bool]:
+    """Shapes, device, finite entries, negative ones only within rounding (see
+    ``_check_rounding_negatives``). Returns the largest entry and whether negative entries are
+    to be read as 0."""
     _check_matrix("q_g", q_g, "(q, g)")
     _check_matrix("q_q", q_q, "(q, q)")
     _check_matrix("g_g", g_g, "(g, g)")
@@ -201,13 +234,14 @@ def _check_distances(q_g, q_q, g_g) -> float:
         raise ValueError(f"fmn.rerank: g_g must be ({g}, {g}) to match q_g {tuple(q_g.shape)}, got {tuple(g_g.shape)}")
     if not (q_g.device == q_q.device == g_g.device):
         raise ValueError("fmn.rerank: q_g, q_q and g_g must be on the same device")
-    d_max = 0.0
+    d_max, lows = 0.0, {}
     for name, t in (("q_g", q_g), ("q_q", q_q), ("g_g", g_g)):
-        lo, hi = _check_finite(name, t)
-        if lo < 0:
-            raise ValueError(f"fmn.rerank: {name} holds negative distances")
+        lows[name], hi = _check_finite(name, t)
         d_max = max(d_max, hi)
-    return d_max
+    if min(lows.values()) >= 0:
+        return d_max, False
+    _check_rounding_negatives(q_g, q_q, g_g, lows)
+    return d_max, True
 
 
 _fake_registered = {"done": False}
@@ -340,8 +374,14 @@ def rerank_from_distances(
     as the original does, and each row is ranked by the blocks' values themselves (the order of w;
     see the module docstring). The work runs in the sparse torch pipeline on the blocks' device
     (the C++ backend takes features only).
+
+    Negative entries: squared blocks computed as |x|^2 + |y|^2 - 2 x.y (torchreid's
+    euclidean_squared_distance) are slightly negative where the distance is ~0. An entry (i, j)
+    down to -256 eps (m_i + m_j), eps float32's machine epsilon (2^-23) and m_i the largest entry
+    of row i of [[q_q, q_g], [q_g^T, g_g]], is a rounding error of that formula and read as 0;
+    anything more negative raises ValueError.
     """
-    d_max = _check_distances(q_g, q_q, g_g)
+    d_max, clamp_negatives = _check_distances(q_g, q_q, g_g)
     q, g = q_g.shape
     k1, k2, lam, topk = _check_params(k1, k2, lambda_value, topk, g)
     _check_block_range(d_max, bool(squared_input))
@@ -351,7 +391,7 @@ def rerank_from_distances(
         k_forward=k_fwd, k_half=k_half, k_qe=k2, lambda_value=lam, square_twice=bool(squared_input),
         raw_weights=raw, clamp_jaccard=clamp,
     )
-    source = _sparse.BlockDistances(q_g, q_q, g_g, square_twice=cfg.square_twice)
+    source = _sparse.BlockDistances(q_g, q_q, g_g, square_twice=cfg.square_twice, clamp=clamp_negatives)
     return _sparse.rerank_sparse(source, cfg, topk=topk)
 
 
@@ -445,11 +485,12 @@ def rerank_from_distances_ref(
     squared_input: bool = False,
     faiss_compat: bool = False,
 ) -> torch.Tensor:
-    """Dense float64 reference of :func:`rerank_from_distances` (Euclidean blocks)."""
+    """Dense float64 reference of :func:`rerank_from_distances` (Euclidean blocks; accepted
+    negative entries read as 0)."""
     _check_distances(q_g, q_q, g_g)
     k1, k2, lam, _ = _check_params(k1, k2, lambda_value, None, q_g.shape[1])
     qg, qq, gg = (t.detach().to("cpu", torch.float64) for t in (q_g, q_q, g_g))
-    dist = torch.cat([torch.cat([qq, qg], 1), torch.cat([qg.t(), gg], 1)], 0)
+    dist = torch.cat([torch.cat([qq, qg], 1), torch.cat([qg.t(), gg], 1)], 0).clamp_min(0.0)
     d2 = dist * dist
     w = d2 * d2 if squared_input else d2
     return _ref_core(w, q_g.shape[0], k1, k2, lam, faiss_compat)

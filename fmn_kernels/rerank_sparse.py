@@ -185,10 +185,12 @@ class BlockDistances:
     D stays in the blocks' precision (float64 if any block is float64, else float32) until w is
     rounded to float32: float64 blocks are squared in float64 (rounding D to float32 first can
     merge distances that the square keeps apart), and the kNN ranks D itself (``distances``),
-    the order of w without its float32 rounding.
+    the order of w without its float32 rounding. ``clamp``: negative entries (rounding errors the
+    caller accepted) are read as 0.
     """
 
-    def __init__(self, q_g: torch.Tensor, q_q: torch.Tensor, g_g: torch.Tensor, *, square_twice: bool):
+    def __init__(self, q_g: torch.Tensor, q_q: torch.Tensor, g_g: torch.Tensor, *, square_twice: bool,
+                 clamp: bool = False):
         dtype = torch.float64 if torch.float64 in (q_g.dtype, q_q.dtype, g_g.dtype) else torch.float32
         self.qg = q_g.detach().to(dtype).contiguous()
         self.qq = q_q.detach().to(dtype).contiguous()
@@ -197,6 +199,7 @@ class BlockDistances:
         self.n = self.q + self.g
         self.device = self.qg.device
         self.square_twice = square_twice
+        self.clamp = clamp
 
     def working(self, d: torch.Tensor) -> torch.Tensor:
         """float32 w of distances d in the blocks' precision: d^2 (squared again with square_twice)
@@ -207,7 +210,7 @@ class BlockDistances:
         return d.float()
 
     def distances(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
-        """D[r0:r1, c0:c1] in the blocks' precision."""
+        """D[r0:r1, c0:c1] in the blocks' precision (negatives read as 0 with clamp)."""
         q = self.q
         parts = []
         if r0 < q:
@@ -216,7 +219,8 @@ class BlockDistances:
             a, b = max(r0, q) - q, r1 - q
             parts.append(torch.cat([self.qg[:, a:b].t(), self.gg[a:b]], dim=1))
         rows = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return rows[:, c0:c1]
+        rows = rows[:, c0:c1]
+        return rows.clamp_min(0.0) if self.clamp else rows
 
     def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
         return self.working(self.distances(r0, r1, c0, c1))
@@ -231,7 +235,7 @@ class BlockDistances:
             torch.where(cq, self.qq[rqi, cqi], self.qg[rqi, cg]),
             torch.where(cq, self.qg[cqi, rg], self.gg[rg, cg]),
         )
-        return self.working(val)
+        return self.working(val.clamp_min(0.0) if self.clamp else val)
 
 
 # --------------------------------------------------------------------------------------------

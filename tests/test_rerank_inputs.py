@@ -1,5 +1,6 @@
 """k-reciprocal re-ranking from distance blocks as users have them: float64 blocks (kept in float64
-until the float32 working distance)."""
+until the float32 working distance) and squared blocks from |x|^2 + |y|^2 - 2 x.y with their
+rounding negatives."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from fmn_kernels import backend as fmn_backend
-from fmn_kernels.rerank import rerank_from_distances, rerank_from_distances_ref
+from fmn_kernels.rerank import _NEGATIVE_TOLERANCE, rerank_from_distances, rerank_from_distances_ref
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,3 +91,107 @@ def test_issue_float64_cdist_blocks():
     assert all(b.dtype == torch.float64 for b in blocks)
     ref = rerank_from_distances_ref(*blocks)
     assert_close_and_same_ranking(rerank_from_distances(*blocks, backend="torch"), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# squared blocks with the rounding negatives of |x|^2 + |y|^2 - 2 x.y
+# ---------------------------------------------------------------------------------------------
+
+def torchreid_squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torchreid.metrics.distance.euclidean_squared_distance, as written there (float32)."""
+    m, n = a.size(0), b.size(0)
+    mat1 = torch.pow(a, 2).sum(dim=1, keepdim=True).expand(m, n)
+    mat2 = torch.pow(b, 2).sum(dim=1, keepdim=True).expand(n, m).t()
+    distmat = mat1 + mat2
+    distmat.addmm_(a, b.t(), beta=1, alpha=-2)
+    return distmat
+
+
+def raw_features(q, g, d, seed):
+    """Unnormalised ReLU features around a few identities, like a backbone's pooled output."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.relu(torch.randn(max(2, (q + g) // 6), d, generator=gen)) * 3.0
+    label = torch.randint(0, centres.shape[0], (q + g,), generator=gen)
+    x = torch.relu(centres[label] + 0.5 * torch.randn(q + g, d, generator=gen))
+    return x[:q].contiguous(), x[q:].contiguous()
+
+
+def torchreid_blocks(q, g, d, seed):
+    qf, gf = raw_features(q, g, d, seed)
+    return (torchreid_squared_distance(qf, gf), torchreid_squared_distance(qf, qf),
+            torchreid_squared_distance(gf, gf))
+
+
+def row_scales(blocks):
+    """m_i, the largest entry of each row of [[q_q, q_g], [q_g^T, g_g]] (queries, gallery)."""
+    qg, qq, gg = blocks
+    return (torch.maximum(qq.amax(1), qg.amax(1)).double(), torch.maximum(qg.amax(0), gg.amax(1)).double())
+
+
+@pytest.mark.parametrize("backend", BLOCK_BACKENDS)
+@pytest.mark.parametrize("squared_input", [False, True])
+def test_torchreid_squared_blocks_are_accepted(backend, squared_input):
+    """torchreid's float32 squared distances of raw features: negative diagonal entries (and
+    duplicates') are rounding errors, read as 0: the result is that of the blocks clamped at 0,
+    and matches the float64 reference of those."""
+    shapes = [(6, 30, 64)] if backend == "triton" else [(6, 30, 64), (20, 90, 512), (12, 60, 2048)]
+    for si, (q, g, d) in enumerate(shapes):
+        blocks = torchreid_blocks(q, g, d, seed=10 + si)
+        assert blocks[0].dtype == torch.float32
+        assert min(b.min().item() for b in blocks) < 0          # the case this test is about
+        clamped = tuple(b.clamp_min(0.0) for b in blocks)
+        p = dict(k1=6, k2=3, lambda_value=0.3, squared_input=squared_input)
+        out = rerank_from_distances(*blocks, backend=backend, **p)
+        assert torch.equal(out, rerank_from_distances(*clamped, backend=backend, **p))
+        assert_close_and_same_ranking(out, rerank_from_distances_ref(*(b.double() for b in clamped), **p))
+        v, i = rerank_from_distances(*blocks, backend=backend, topk=5, **p)
+        sv, si_ = torch.sort(out, dim=1, stable=True)
+        assert torch.equal(v, sv[:, :5]) and torch.equal(i, si_[:, :5])
+    # the same blocks stored as float64 (e.g. numpy's default dtype): same tolerance
+    out64 = rerank_from_distances(*(b.double() for b in blocks), backend=backend, k1=6, k2=3)
+    assert_close_and_same_ranking(out64, rerank_from_distances_ref(*(b.double() for b in clamped), k1=6, k2=3))
+
+
+@pytest.mark.parametrize("name,index", [("q_g", 0), ("q_q", 1), ("g_g", 2)])
+def test_negatives_beyond_rounding_are_refused(name, index):
+    """The bound is -256 eps (m_i + m_j): an entry at 1.5 times it is refused (naming the entry),
+    at 0.5 times it accepted; negated distances are refused."""
+    blocks = [b.clone() for b in torchreid_blocks(7, 25, 128, seed=3)]
+    m_q, m_g = row_scales(blocks)
+    m_row, m_col = {"q_g": (m_q, m_g), "q_q": (m_q, m_q), "g_g": (m_g, m_g)}[name]
+    i, j = 2, 4
+    bound = _NEGATIVE_TOLERANCE * (m_row[i] + m_col[j]).item()
+    assert bound > 1e-4
+    blocks[index][i, j] = -1.5 * bound
+    with pytest.raises(ValueError, match=rf"{name} holds negative distances: {name}\[{i}, {j}\]"):
+        rerank_from_distances(*blocks)
+    with pytest.raises(ValueError, match=rf"{name} holds negative distances"):
+        rerank_from_distances_ref(*blocks)
+    blocks[index][i, j] = -0.5 * bound
+    out = rerank_from_distances(*blocks, k1=6, k2=3)
+    assert torch.isfinite(out).all()
+    flipped = list(blocks)
+    flipped[index] = -blocks[index].abs()
+    with pytest.raises(ValueError, match=rf"{name} holds negative distances"):
+        rerank_from_distances(*flipped)
+
+
+def test_negatives_refused_relative_to_their_rows():
+    """The tolerance follows the rows' scale: blocks scaled by 1e-3 keep their negatives within
+    it; a negative entry within the rounding of rows at scale 1 is refused between two items
+    whose rows are 1e6 times smaller."""
+    blocks = torchreid_blocks(6, 20, 64, seed=5)
+    small = tuple(b * 1e-3 for b in blocks)
+    assert_close_and_same_ranking(rerank_from_distances(*small, k1=4, k2=2),
+                                  rerank_from_distances_ref(*(b.double().clamp_min(0) for b in small), k1=4, k2=2))
+    m_q, _ = row_scales(blocks)
+    qg, qq, gg = blocks
+    full = torch.cat([torch.cat([qq, qg], 1), torch.cat([qg.t(), gg], 1)])
+    for item in (1, 3):                     # two query items near everything else
+        full[item] *= 1e-6
+        full[:, item] *= 1e-6
+    full[1, 3] = full[3, 1] = -0.5 * _NEGATIVE_TOLERANCE * (m_q[1] + m_q[3]).item()
+    with pytest.raises(ValueError, match=r"q_q holds negative distances: q_q\[1, 3\]"):
+        rerank_from_distances(*split(full, 6))
+    full[1, 3] = full[3, 1] = 0.0
+    assert torch.isfinite(rerank_from_distances(*split(full, 6), k1=4, k2=2)).all()
