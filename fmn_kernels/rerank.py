@@ -35,6 +35,10 @@ Variants (off by default; each changes the result, use them only to reproduce ot
                        on the raw working distance w (not divided by the row max), and J clamped
                        at 0. The final mix (1 - lambda) J + lambda dn keeps the row-normalised dn.
 
+Inputs: NaN or Inf raise ValueError. Inputs whose float32 working distances would overflow or
+underflow are multiplied by a power of two first (exact; the result is scale-invariant), so
+tiny and huge features or distances give the result of the same inputs at a moderate scale.
+
 Output: float32 on the input's device. Dense: a (q, g) tensor. topk=m: (values, indices), each
 (q, m), the m smallest of each query row in (value, gallery index) order, computed one chunk of
 query rows at a time; it equals the first m of the dense result (same chunked arithmetic).
@@ -133,8 +137,15 @@ def _check_features(query_feats, gallery_feats) -> tuple[float, float]:
     return max(-lo_q, hi_q), max(-lo_g, hi_g)
 
 
-# Largest working distance accepted: float32's max with a factor 2 for the rounding of the sums.
+# The float32 working distance w (d2, or d2**2 with squared_input) must stay in float32's normal
+# range: the largest w at most _W_LIMIT (float32's max with a factor 2 for the rounding of the
+# sums), and the inputs' scale (a^2 for features of magnitude a, D^2 for distances) at least
+# _W_TINY, 2^48 above float32's smallest normal number, so that the squares and products d2 is
+# made of stay normal down to 2^-48 of it. Inputs outside are multiplied by a power of two 2^k
+# first (exact): every float32 operation then scales exactly, and the result is scale-invariant
+# (dn = w / max w; J is built on dn), so it equals the result of the inputs at a moderate scale.
 _W_LIMIT = torch.finfo(torch.float32).max / 2
+_W_TINY = 2.0 ** -78
 
 
 def _working(d2: float, squared_input: bool) -> float:
@@ -142,47 +153,45 @@ def _working(d2: float, squared_input: bool) -> float:
     return d2 * d2 if squared_input else d2
 
 
-def _check_working_max(w_max: float, squared_input: bool, source: str, remedy: str) -> None:
-    if w_max > _W_LIMIT:
-        what = "d2**2 (squared_input)" if squared_input else "d2"
-        raise ValueError(f"fmn.rerank: {source}, so the working distance {what} can reach {w_max:.3g}, "
-                         f"beyond float32 (limit {_W_LIMIT:.3g}): scale {remedy} down")
+def _pow2_exponent(m: float) -> int:
+    """k with m * 2^k in [1, 2), for a finite m > 0."""
+    return 1 - math.frexp(m)[1]
 
 
-def _check_feature_range(query_feats, gallery_feats, abs_max: tuple[float, float], squared_input: bool) -> None:
-    """The float32 working distances of finite features must stay finite; ``abs_max`` is
-    (max |query_feats|, max |gallery_feats|) from ``_check_features``.
+def _feature_exponent(abs_max: tuple[float, float], d: int, squared_input: bool) -> int:
+    """The power of two k that the features are multiplied by: 0 when their float32 working
+    distances stay in range, else the k that brings a = max |x| into [1, 2).
 
-    With x the float32 features less their mean and M = max_i |x_i|, every d2(i, j) is at most
-    (|x_i| + |x_j|)^2 <= 4 M^2 and the GEMM form's s_i + s_j at most 2 M^2. A quick bound settles
-    almost every input: with a = max |x| each centred row has norm <= 2 a sqrt(d), so
-    d2 <= 16 d a^2. Only inputs that fail it get the exact M, computed in float64 a bounded chunk
-    of rows at a time.
+    ``abs_max`` is (max |query_feats|, max |gallery_feats|) from ``_check_features``. Each centred
+    row has norm <= 2 a sqrt(d), so d2 <= 16 d a^2 (overflow); a^2 is the scale of the squared
+    differences (underflow).
     """
-    for name, a_t in zip(("query_feats", "gallery_feats"), abs_max):
-        if a_t > torch.finfo(torch.float32).max:
-            raise ValueError(f"fmn.rerank: {name} holds values beyond the float32 range (the arithmetic is float32)")
     a = max(abs_max)
-    if _working(16.0 * query_feats.shape[1] * a * a, squared_input) <= _W_LIMIT:
-        return
-    feats = [t.detach().float() for t in (query_feats, gallery_feats)]
-    n = sum(t.shape[0] for t in feats)
-    mean = sum(t.sum(dim=0, dtype=torch.float64) for t in feats) / n
-    m2 = torch.zeros((), dtype=torch.float64, device=mean.device)
-    for t in feats:
-        step = max(1, (1 << 20) // t.shape[1])
-        for r0 in range(0, t.shape[0], step):
-            m2 = torch.maximum(m2, ((t[r0:r0 + step].double() - mean) ** 2).sum(dim=1).max())
-    m2 = float(m2)
-    _check_working_max(_working(4.0 * m2, squared_input), squared_input,
-                       f"the features lie up to {m2 ** 0.5:.3g} from their mean", "the features")
+    if a == 0.0:
+        return 0
+    if _W_TINY <= _working(a * a, squared_input) and _working(16.0 * d * a * a, squared_input) <= _W_LIMIT:
+        return 0
+    return _pow2_exponent(a)
 
 
-def _check_block_range(d_max: float, squared_input: bool) -> None:
-    """The float32 working distances of the blocks, whose largest entry is ``d_max`` (from
-    ``_check_distances``), must stay finite: D^2, or D^4 with squared_input."""
-    _check_working_max(_working(d_max * d_max, squared_input), squared_input,
-                       f"the distance blocks reach {d_max:.3g}", "the distances")
+def _block_exponent(d_max: float, squared_input: bool) -> int:
+    """The power of two k that the distance blocks are multiplied by before squaring: 0 when the
+    working distance of their largest entry d_max (D^2, or D^4 with squared_input) is in range,
+    else the k that brings d_max into [1, 2)."""
+    if d_max == 0.0:
+        return 0
+    if _W_TINY <= _working(d_max * d_max, squared_input) <= _W_LIMIT:
+        return 0
+    return _pow2_exponent(d_max)
+
+
+def _float32_features(t: torch.Tensor, k: int) -> torch.Tensor:
+    """t (detached) as float32 times 2^k: float64 features are scaled before they are rounded to
+    float32 (the rounding is then that of the unscaled features), narrower ones after widening."""
+    t = t.detach()
+    if k == 0:
+        return t.float()
+    return _sparse.mul_pow2(t if t.dtype == torch.float64 else t.float(), k).float()
 
 
 # Negative entries accepted in distance blocks, relative to the rows' scale: squared distances
@@ -309,8 +318,10 @@ def rerank(
     ``(values, indices)`` of shape (q, m): the m smallest re-ranked distances of each query in
     ascending (value, gallery index) order. Exact DESIGN section 3 semantics (see the module
     docstring); memory O(N (k1 + k2) ) besides the output and one chunk of rows. The arithmetic
-    is float32 also inside an autocast region; features whose float32 working distances could
-    overflow (or float64 features beyond float32's range) raise ValueError.
+    is float32 also inside an autocast region. Features whose float32 working distances would
+    overflow or underflow (max |x| too large or too small; float64 features beyond float32's range
+    included) are first multiplied by a power of two that brings max |x| into [1, 2): exact, and
+    the result is scale-invariant, so it is that of the same features at a moderate scale.
 
     knn_precision (torch / triton backends): the precision of the kNN GEMM that proposes
     candidates: "fp32" IEEE fp32 (TF32 off whatever the global setting), "tf32" / "bf16" tensor
@@ -322,7 +333,7 @@ def rerank(
     abs_max = _check_features(query_feats, gallery_feats)
     q, g = query_feats.shape[0], gallery_feats.shape[0]
     k1, k2, lam, topk = _check_params(k1, k2, lambda_value, topk, g)
-    _check_feature_range(query_feats, gallery_feats, abs_max, bool(squared_input))
+    exponent = _feature_exponent(abs_max, query_feats.shape[1], bool(squared_input))
     if knn_precision not in ("auto", "fp32", "tf32", "bf16"):
         raise ValueError(f"fmn.rerank: knn_precision must be auto, fp32, tf32 or bf16, got {knn_precision!r}")
     if knn_precision == "auto":
@@ -334,16 +345,16 @@ def rerank(
         raw_weights=raw, clamp_jaccard=clamp, knn_precision=knn_precision,
     )
     with _no_autocast(query_feats.device):
+        qf, gf = _float32_features(query_feats, exponent), _float32_features(gallery_feats, exponent)
         if name == "cpu":
             n = q + g  # lists are cut at N anyway; the op takes int64 lengths
             values, indices = _compiled_op()(
-                query_feats.detach().float().contiguous(), gallery_feats.detach().float().contiguous(),
+                qf.contiguous(), gf.contiguous(),
                 min(cfg.k_forward, n), min(cfg.k_half, n), min(cfg.k_qe, n), cfg.lambda_value,
                 cfg.square_twice, cfg.raw_weights, cfg.clamp_jaccard, 0 if topk is None else topk,
             )
             return values if topk is None else (values, indices)
-        source = _sparse.FeatureDistances(query_feats, gallery_feats, square_twice=cfg.square_twice,
-                                          use_triton=(name == "triton"))
+        source = _sparse.FeatureDistances(qf, gf, square_twice=cfg.square_twice, use_triton=(name == "triton"))
         return _sparse.rerank_sparse(source, cfg, topk=topk, use_triton=(name == "triton"))
 
 
@@ -372,7 +383,9 @@ def rerank_from_distances(
     The blocks are used as given (the g x q block is ``q_g.T``), in their own precision up to the
     float32 working distance: float64 blocks are squared in float64 and rounded to float32 once,
     as the original does, and each row is ranked by the blocks' values themselves (the order of w;
-    see the module docstring). The work runs in the sparse torch pipeline on the blocks' device
+    see the module docstring). Blocks whose working distance would overflow or underflow float32
+    are first multiplied by a power of two that brings their largest entry into [1, 2) (exact; the
+    result is scale-invariant). The work runs in the sparse torch pipeline on the blocks' device
     (the C++ backend takes features only).
 
     Negative entries: squared blocks computed as |x|^2 + |y|^2 - 2 x.y (torchreid's
@@ -384,14 +397,15 @@ def rerank_from_distances(
     d_max, clamp_negatives = _check_distances(q_g, q_q, g_g)
     q, g = q_g.shape
     k1, k2, lam, topk = _check_params(k1, k2, lambda_value, topk, g)
-    _check_block_range(d_max, bool(squared_input))
+    exponent = _block_exponent(d_max, bool(squared_input))
     _backend.requested(backend)
     k_fwd, k_half, raw, clamp = _variant(k1, faiss_compat)
     cfg = _sparse.Config(
         k_forward=k_fwd, k_half=k_half, k_qe=k2, lambda_value=lam, square_twice=bool(squared_input),
         raw_weights=raw, clamp_jaccard=clamp,
     )
-    source = _sparse.BlockDistances(q_g, q_q, g_g, square_twice=cfg.square_twice, clamp=clamp_negatives)
+    source = _sparse.BlockDistances(q_g, q_q, g_g, square_twice=cfg.square_twice, exponent=exponent,
+                                    clamp=clamp_negatives)
     return _sparse.rerank_sparse(source, cfg, topk=topk)
 
 
@@ -462,10 +476,12 @@ def rerank_ref(
     squared_input: bool = False,
     faiss_compat: bool = False,
 ) -> torch.Tensor:
-    """Dense float64 reference of :func:`rerank` (CPU, small N). Returns a float64 (q, g) tensor."""
-    _check_features(query_feats, gallery_feats)
+    """Dense float64 reference of :func:`rerank` (CPU, small N). Returns a float64 (q, g) tensor.
+    The features are scaled by the same power of two as in :func:`rerank` (exact in float64)."""
+    abs_max = _check_features(query_feats, gallery_feats)
     k1, k2, lam, _ = _check_params(k1, k2, lambda_value, None, gallery_feats.shape[0])
     x = torch.cat([query_feats, gallery_feats]).detach().to("cpu", torch.float64)
+    x = _sparse.mul_pow2(x, _feature_exponent(abs_max, x.shape[1], bool(squared_input)))
     d2 = torch.empty(x.shape[0], x.shape[0], dtype=torch.float64)
     step = max(1, (1 << 22) // max(1, x.shape[0] * x.shape[1]))
     for r0 in range(0, x.shape[0], step):  # point 2, directly: sum_k (x_ik - x_jk)^2
@@ -486,11 +502,12 @@ def rerank_from_distances_ref(
     faiss_compat: bool = False,
 ) -> torch.Tensor:
     """Dense float64 reference of :func:`rerank_from_distances` (Euclidean blocks; accepted
-    negative entries read as 0)."""
-    _check_distances(q_g, q_q, g_g)
+    negative entries read as 0, the same power-of-two scale)."""
+    d_max, _ = _check_distances(q_g, q_q, g_g)
     k1, k2, lam, _ = _check_params(k1, k2, lambda_value, None, q_g.shape[1])
     qg, qq, gg = (t.detach().to("cpu", torch.float64) for t in (q_g, q_q, g_g))
     dist = torch.cat([torch.cat([qq, qg], 1), torch.cat([qg.t(), gg], 1)], 0).clamp_min(0.0)
+    dist = _sparse.mul_pow2(dist, _block_exponent(d_max, bool(squared_input)))
     d2 = dist * dist
     w = d2 * d2 if squared_input else d2
     return _ref_core(w, q_g.shape[0], k1, k2, lam, faiss_compat)

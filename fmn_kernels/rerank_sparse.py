@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Config", "FeatureDistances", "BlockDistances", "rerank_sparse", "smallest_stable"]
+__all__ = ["Config", "FeatureDistances", "BlockDistances", "rerank_sparse", "smallest_stable", "mul_pow2"]
 
 
 @dataclass(frozen=True)
@@ -178,6 +178,16 @@ class FeatureDistances:
         return out
 
 
+def mul_pow2(t: torch.Tensor, k: int) -> torch.Tensor:
+    """t * 2^k in t's dtype, in steps of at most 2^100 (a float32 scalar): exact wherever the
+    result is a normal number of that dtype (scaling up always is, below the dtype's maximum)."""
+    while k:
+        step = max(-100, min(100, k))
+        t = t * (2.0 ** step)
+        k -= step
+    return t
+
+
 class BlockDistances:
     """Working distance from Euclidean blocks: w = D^2 (D^4 with square_twice), D the matrix
     [[q_q, q_g], [q_g^T, g_g]] used as given.
@@ -185,12 +195,13 @@ class BlockDistances:
     D stays in the blocks' precision (float64 if any block is float64, else float32) until w is
     rounded to float32: float64 blocks are squared in float64 (rounding D to float32 first can
     merge distances that the square keeps apart), and the kNN ranks D itself (``distances``),
-    the order of w without its float32 rounding. ``clamp``: negative entries (rounding errors the
-    caller accepted) are read as 0.
+    the order of w without its float32 rounding. ``exponent`` k: D is multiplied by 2^k before
+    squaring (exact), which keeps w inside float32's range; ``clamp``: negative entries (rounding
+    errors the caller accepted) are read as 0.
     """
 
     def __init__(self, q_g: torch.Tensor, q_q: torch.Tensor, g_g: torch.Tensor, *, square_twice: bool,
-                 clamp: bool = False):
+                 exponent: int = 0, clamp: bool = False):
         dtype = torch.float64 if torch.float64 in (q_g.dtype, q_q.dtype, g_g.dtype) else torch.float32
         self.qg = q_g.detach().to(dtype).contiguous()
         self.qq = q_q.detach().to(dtype).contiguous()
@@ -199,11 +210,13 @@ class BlockDistances:
         self.n = self.q + self.g
         self.device = self.qg.device
         self.square_twice = square_twice
+        self.exponent = exponent
         self.clamp = clamp
 
     def working(self, d: torch.Tensor) -> torch.Tensor:
-        """float32 w of distances d in the blocks' precision: d^2 (squared again with square_twice)
-        computed in that precision, then rounded once."""
+        """float32 w of distances d in the blocks' precision: (2^k d)^2 (squared again with
+        square_twice) computed in that precision, then rounded once."""
+        d = mul_pow2(d, self.exponent) if self.exponent else d
         d = d * d
         if self.square_twice:
             d = d * d
@@ -244,7 +257,8 @@ class BlockDistances:
 
 def _knn_blocks(src: BlockDistances, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row maxima of w over all N columns and the n_keep smallest columns of every row, ranked by
-    D in the blocks' precision, ties by index: the order of w (squaring keeps it) without the ties that rounding w to float32 can make."""
+    D in the blocks' precision, ties by index: the order of w (a power of two and squaring keep
+    it) without the ties that rounding w to float32 can make."""
     n, dev = src.n, src.device
     nbr = torch.empty(n, n_keep, dtype=torch.long, device=dev)
     rowmax = torch.empty(n, dtype=torch.float32, device=dev)
