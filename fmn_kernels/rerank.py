@@ -46,8 +46,9 @@ query rows at a time; it equals the first m of the dense result (same chunked ar
 Backends: "cpu" (C++ in csrc/cpu/rerank.cpp), "torch" (the sparse pipeline of
 fmn_kernels/rerank_sparse.py in torch ops, any device), "triton" (the same pipeline with the
 Triton kernels of fmn_kernels/triton/rerank.py), "auto" (cpu on CPU when built; triton on CUDA
-when Triton is installed; else torch). No path builds a dense N x N matrix; the dense output is
-the only q x g allocation.
+when Triton is installed; else torch). rerank_from_distances runs torch or triton: the C++ kernel
+takes features only. No path builds a dense N x N matrix; the dense output is the only q x g
+allocation.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ from fmn_kernels import rerank_sparse as _sparse
 __all__ = ["rerank", "rerank_from_distances", "rerank_ref", "rerank_from_distances_ref"]
 
 _OP = "rerank"
+_OP_BLOCKS = "rerank_from_distances"  # no compiled kernel: resolves to torch or triton
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,20 +387,24 @@ def rerank_from_distances(
     as the original does, and each row is ranked by the blocks' values themselves (the order of w;
     see the module docstring). Blocks whose working distance would overflow or underflow float32
     are first multiplied by a power of two that brings their largest entry into [1, 2) (exact; the
-    result is scale-invariant). The work runs in the sparse torch pipeline on the blocks' device
-    (the C++ backend takes features only).
+    result is scale-invariant).
 
     Negative entries: squared blocks computed as |x|^2 + |y|^2 - 2 x.y (torchreid's
     euclidean_squared_distance) are slightly negative where the distance is ~0. An entry (i, j)
     down to -256 eps (m_i + m_j), eps float32's machine epsilon (2^-23) and m_i the largest entry
     of row i of [[q_q, q_g], [q_g^T, g_g]], is a rounding error of that formula and read as 0;
     anything more negative raises ValueError.
+
+    backend: "torch" runs the sparse torch pipeline on the blocks' device, "triton" the same with
+    the Triton Jaccard kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "auto"
+    picks triton on CUDA when Triton is installed, else torch. The C++ kernel takes features
+    only: "cpu" falls back to torch with one warning, like any backend not available here.
     """
     d_max, clamp_negatives = _check_distances(q_g, q_q, g_g)
     q, g = q_g.shape
     k1, k2, lam, topk = _check_params(k1, k2, lambda_value, topk, g)
     exponent = _block_exponent(d_max, bool(squared_input))
-    _backend.requested(backend)
+    name = _backend.resolve(_OP_BLOCKS, backend, q_g.device, triton_ok=True)
     k_fwd, k_half, raw, clamp = _variant(k1, faiss_compat)
     cfg = _sparse.Config(
         k_forward=k_fwd, k_half=k_half, k_qe=k2, lambda_value=lam, square_twice=bool(squared_input),
@@ -406,7 +412,7 @@ def rerank_from_distances(
     )
     source = _sparse.BlockDistances(q_g, q_q, g_g, square_twice=cfg.square_twice, exponent=exponent,
                                     clamp=clamp_negatives)
-    return _sparse.rerank_sparse(source, cfg, topk=topk)
+    return _sparse.rerank_sparse(source, cfg, topk=topk, use_triton=(name == "triton"))
 
 
 # --------------------------------------------------------------------------------------------

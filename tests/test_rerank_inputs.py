@@ -1,14 +1,16 @@
 """k-reciprocal re-ranking from distance blocks as users have them: float64 blocks (kept in float64
-until the float32 working distance) and squared blocks from |x|^2 + |y|^2 - 2 x.y with their
-rounding negatives."""
+until the float32 working distance), squared blocks from |x|^2 + |y|^2 - 2 x.y with their
+rounding negatives, and the backend the caller asks for."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
 
 from fmn_kernels import backend as fmn_backend
+from fmn_kernels import rerank_sparse
 from fmn_kernels.rerank import _NEGATIVE_TOLERANCE, rerank_from_distances, rerank_from_distances_ref
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -195,3 +197,61 @@ def test_negatives_refused_relative_to_their_rows():
         rerank_from_distances(*split(full, 6))
     full[1, 3] = full[3, 1] = 0.0
     assert torch.isfinite(rerank_from_distances(*split(full, 6), k1=4, k2=2)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# backend routing
+# ---------------------------------------------------------------------------------------------
+
+def test_from_distances_runs_the_chosen_backend(monkeypatch):
+    """backend picks the pipeline's S stage: torch's expand-and-sum, or the Triton kernel;
+    "cpu" (no C++ kernel for blocks) falls back to torch with a warning; FMN_BACKEND is read
+    when backend is None; an unknown name is an error."""
+    calls = []
+    overlap = rerank_sparse._overlap_chunk
+
+    def torch_spy(*args, **kwargs):
+        calls.append("torch")
+        return overlap(*args, **kwargs)
+
+    monkeypatch.setattr(rerank_sparse, "_overlap_chunk", torch_spy)
+    if HAS_TRITON:
+        import fmn_kernels.triton.rerank as triton_rerank
+
+        kernel = triton_rerank.jaccard_overlap
+
+        def triton_spy(*args, **kwargs):
+            calls.append("triton")
+            return kernel(*args, **kwargs)
+
+        monkeypatch.setattr(triton_rerank, "jaccard_overlap", triton_spy)
+    monkeypatch.setattr(fmn_backend, "_warned", set())
+    monkeypatch.delenv("FMN_BACKEND", raising=False)
+
+    blocks = euclidean_blocks(unit_features(20, 8, seed=7), 5)
+    ref = rerank_from_distances_ref(*blocks, k1=4, k2=2)
+
+    def run(backend):
+        calls.clear()
+        out = rerank_from_distances(*blocks, k1=4, k2=2, backend=backend)
+        assert_close_and_same_ranking(out, ref)
+        return out, set(calls)
+
+    base, used = run("torch")
+    assert used == {"torch"}
+    out, used = run("auto")
+    assert used == {"torch"} and torch.equal(out, base)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, used = run("cpu")
+    assert used == {"torch"} and torch.equal(out, base)
+    assert any("backend 'cpu' for rerank_from_distances" in str(w.message) for w in caught)
+    if HAS_TRITON:
+        out, used = run("triton")
+        assert used == {"triton"}
+        assert (out - base).abs().max().item() <= 1e-6
+        monkeypatch.setenv("FMN_BACKEND", "triton")
+        _, used = run(None)
+        assert used == {"triton"}
+    with pytest.raises(ValueError, match="unknown backend 'gpu-fast'"):
+        rerank_from_distances(*blocks, backend="gpu-fast")
