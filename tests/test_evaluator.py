@@ -197,7 +197,7 @@ def test_evaluate_model_json_is_strict_and_complete(colour_dataset, tmp_path, ca
     assert {"dataset", "root", "num_query", "num_gallery", "height", "width", "flip", "alpha", "rerank",
             "seconds", "results"} <= set(data)
     assert data["num_gallery"] == 12 and data["flip"] is True and data["rerank"] is False
-    assert list(data["results"]) == ["GRN", "LAN", "FMN"]
+    assert list(data["results"]) == ["GRN", "LAN", "FMN"] and data["results"] == res
     for row in data["results"].values():
         assert row["valid_queries"] == 4 and all(0 <= row[k] <= 100 for k in ("rank1", "rank5", "mAP"))
 

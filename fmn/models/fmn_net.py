@@ -10,14 +10,17 @@
 Local layers (paper Table 5): ``pool1`` (the max-pool output, default), ``res2`` (layer1 output),
 ``res3`` (layer2 output), ``res4`` (layer3 output).
 
-Training follows Algorithm 1 in two stages, selected with ``set_stage``: stage 1 trains GRN only;
-stage 2 freezes GRN (kept in eval mode by ``train()``, run under ``torch.no_grad``, so its BN
-statistics do not move) and trains MN + LAN.
+Training follows Algorithm 1 in two stages, declared by ``training_stages`` for the engine's
+trainer and selected with ``set_stage``: stage 1 trains GRN only; stage 2 freezes GRN (kept in
+eval mode by ``train()``, run under ``torch.no_grad``, so its BN statistics do not move) and trains
+MN + LAN. The model's config section ``fmn`` holds ``local_layer``, ``mask_max_logit`` and
+``lan_init``.
 
 Outputs of ``forward(x)``:
   training, stage 1: {"grn_logits", "grn_feat"}
   training, stage 2: {"grn_logits", "grn_feat", "lan_logits", "lan_feat"}
-  eval:              {"grn": g, "lan": l}   (the evaluator builds D = [a g/|g|, (1-a) l/|l|])
+  eval:              {"grn": g, "lan": l}   (the evaluator builds D = [a g/|g|, (1-a) l/|l|]);
+                     {"grn": g} when only stage 1 was trained (``set_trained_stage(1)``)
 ``return_mask=True`` adds "mask" (B, H, W) whenever the MN runs.
 """
 from __future__ import annotations
