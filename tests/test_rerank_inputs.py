@@ -20,7 +20,8 @@ SLOW = os.environ.get("FMN_SLOW", "0") == "1"
 TOL = 1e-5        # max |backend - reference|
 RANK_TOL = 2e-6   # walking the backend's order, the reference never steps down by more
 
-BLOCK_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed"))]
+BLOCK_BACKENDS = ["torch",
+                  pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed"))]
 
 
 def assert_close_and_same_ranking(out, ref):
