@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     from fmn.checkpoint import CheckpointError
     from fmn.config import ConfigError
     from fmn.data.base import DatasetError
+    from fmn.engine.health import TrainingHealthError
     from fmn.engine.runtime import NonFiniteLossError
 
     parser = build_parser()
@@ -322,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("FMN_DEBUG", "0").lower() not in ("", "0", "false", "no")
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, ConfigError, DatasetError, CheckpointError, NonFiniteLossError, ValueError, OSError) as exc:
+    except (UsageError, ConfigError, DatasetError, CheckpointError, NonFiniteLossError, TrainingHealthError, ValueError,
+            OSError) as exc:
         # bad input named by the library (ValueError), a file or folder problem (OSError): one line
         if debug:
             raise
@@ -330,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             message = f"configuration error: {exc}"
         else:
             message = " ".join(str(exc).split()) or type(exc).__name__
-            if not isinstance(exc, (UsageError, DatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError)):
+            if not isinstance(exc, (UsageError, DatasetError, CheckpointError, NonFiniteLossError, TrainingHealthError,
+                                    FileNotFoundError)):
                 message += " (FMN_DEBUG=1 shows the traceback)"
         print(f"fmn {args.command}: {message}", file=sys.stderr)
         return 2

@@ -70,6 +70,8 @@ DEFAULTS: dict[str, Any] = {
         "triplet_weight": 0.0,           # 0 = off (the paper uses none)
         "triplet_margin": 0.3,
         "grad_clip": None,
+        "health": "stop",                # stop | warn | off: a collapsed or non-learning run (fmn.engine.health)
+        "health_patience": 3,            # epochs at chance before a run counts as not learning
         "stage1": {"epochs": 30, "lr": 0.1, "milestones": [20], "gamma": 0.1},
         "stage2": {"epochs": 45, "lr": 0.1, "milestones": [35], "gamma": 0.1},
         "warmup_epochs": 0,
@@ -527,6 +529,8 @@ def _check_train(cfg: dict) -> None:
     _num(cfg, "train.triplet_weight", lo=0.0)
     _num(cfg, "train.triplet_margin", lo=0.0)
     _num(cfg, "train.grad_clip", lo=0.0, lo_open=True, allow_none=True)
+    _choice(cfg, "train.health", ("stop", "warn", "off"))
+    _int(cfg, "train.health_patience", lo=1)
     for stage in ("stage1", "stage2"):
         _check_schedule(cfg, stage)
     _check(cfg["train"]["stage1"]["epochs"] + cfg["train"]["stage2"]["epochs"] > 0,

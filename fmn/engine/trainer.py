@@ -34,6 +34,7 @@ from fmn import distributed as fdist
 from fmn.atomic import remove_stale_temporaries
 from fmn.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from fmn.config import architecture
+from fmn.engine.health import HealthCheck, TrainingHealthError, relative_spread
 from fmn.engine.runtime import (NonFiniteLossError, epoch_seed, loss_is_finite, lr_at, non_finite_weights,
                                 resolve_amp, seed_everything, show_progress, stop_advice, unwrap)
 from fmn.models.stages import Stage
@@ -96,6 +97,7 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.stages: list[Stage] = model.training_stages(cfg)
+        self.health = HealthCheck(self.tcfg, getattr(model, "num_classes", 2))
         self.ddp_model: nn.Module = self.model
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = None
@@ -211,6 +213,8 @@ class Trainer:
             raise NonFiniteLossError(
                 f"{stage.title}: the loss is {loss.item()} (not finite); training stopped before this step was "
                 f"applied. {stop_advice(self.last_checkpoint, TIPS)}")
+        if stage.embedding is not None and self.health.mode != "off":
+            stats["spread"] = relative_spread(stage.embedding(out))
         self.optimizer.zero_grad(set_to_none=True)
         clip = self.tcfg["grad_clip"]
         if self.scaler is not None:
@@ -282,6 +286,7 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.params, lr=t[stage.schedule]["lr"], momentum=t["momentum"],
                                          weight_decay=t["weight_decay"], nesterov=t["nesterov"] and t["momentum"] > 0)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.health.start_stage()
 
     def fit(self, resume: bool = True) -> dict[str, Any]:
         """Train every stage (resuming from ``<out>/last.pt`` if present); returns a summary.
@@ -349,3 +354,18 @@ class Trainer:
             with open(self.log_file, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         self.save(stage.index, e + 1)
+        self._check_health(stage, e, stats)
+
+    def _check_health(self, stage: Stage, e: int, stats: dict[str, float]) -> None:
+        """Stop (or warn once per stage) when the epoch shows a collapsed or non-learning run."""
+        problem = self.health.verdict(e, stats)
+        if self.dist.enabled and fdist.any_true(problem is not None, self.device) and problem is None:
+            problem = "the health checks failed on another rank"   # every rank stops together
+        if problem is None:
+            return
+        message = self.health.message(stage.title, e, problem, self.last_checkpoint)
+        if self.health.mode == "stop":
+            raise TrainingHealthError(message)
+        if stage.index not in self.health.warned:
+            self.health.warned.add(stage.index)
+            self.log(f"warning: {message}")

@@ -242,9 +242,9 @@ class FeatureMaskNetwork(nn.Module):
 
         return [
             Stage(1, "stage1", "stage 1", tuple(self.grn_modules()), _branch_loss(t, "grn"),
-                  frozen=tuple(self.local_modules()), start=start(1)),
+                  frozen=tuple(self.local_modules()), start=start(1), embedding=lambda out: out["grn_feat"]),
             Stage(2, "stage2", "stage 2", tuple(self.local_modules()), _branch_loss(t, "lan"),
-                  frozen=tuple(self.grn_modules()), start=start(2)),
+                  frozen=tuple(self.grn_modules()), start=start(2), embedding=lambda out: out["lan_feat"]),
         ]
 
     @torch.no_grad()

@@ -164,7 +164,8 @@ class SeedModel(nn.Module):
         """One stage on ``train.stage1``: every parameter trains on the model's own ``loss``. DDP
         looks for unused parameters (a head can sit out a step, e.g. PMM's later classifiers)."""
         return [Stage(1, "stage1", self.model_name, (self,), self.loss, forward=forward_with_batch,
-                      find_unused_parameters=True)]
+                      find_unused_parameters=True,
+                      embedding=lambda out: self.descriptor(list(out["feats"].values())))]
 
 
 def kwargs_from_config(name: str):

@@ -38,7 +38,8 @@ class Stage:
     for the whole stage; ``loss(outputs, batch) -> (loss, stats)`` (stats: detached scalars,
     ``loss`` and ``acc`` among them); ``forward(model, img, batch)``; ``start(fresh)``: called when
     the stage begins (``fresh``: at its first epoch, not on resume); ``find_unused_parameters``:
-    for DDP, when some trainable parameters get no gradient in a step."""
+    for DDP, when some trainable parameters get no gradient in a step; ``embedding(outputs)``: the
+    (B, d) feature the stage learns, watched by the trainer's health checks."""
 
     index: int
     schedule: str
@@ -49,6 +50,7 @@ class Stage:
     forward: Callable[[nn.Module, torch.Tensor, dict], Outputs] = forward_images
     start: Callable[[bool], None] | None = None
     find_unused_parameters: bool = False
+    embedding: Callable[[Outputs], torch.Tensor] | None = None
 
     def parameters(self) -> list[nn.Parameter]:
         """The trainable modules' parameters, each once, in module order."""
