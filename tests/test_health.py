@@ -78,3 +78,21 @@ def test_verdicts_from_stats():
     assert check.verdict(2, chance) is None and "not learning" in check.verdict(3, chance)
     assert check.verdict(4, dict(chance, acc=0.5)) is None                # learning again resets the count
     assert HealthCheck(dict(t, health="off"), 100).verdict(5, {"spread": 0.0}) is None
+
+
+def test_matches_per_query_and_the_rerank_note():
+    from fmn.engine.evaluation import matches_per_query, rerank_note
+
+    q_pids, q_cams = torch.tensor([1, 2]), torch.tensor([0, 0])
+    g_pids, g_cams = torch.tensor([1, 1, 1, 2, 3, -1]), torch.tensor([0, 1, 1, 1, 1, 1])
+    assert matches_per_query(q_pids, g_pids, q_cams, g_cams) == 1.5      # (2 + 1) / 2: same camera excluded
+    assert "not expected to help" in rerank_note(1.5) and rerank_note(6.0) is None
+
+
+def test_a_resnet50_without_imagenet_weights_is_warned_about(tmp_path):
+    from fmn.config import load_config
+    from fmn.engine.training import from_scratch_warning
+
+    assert "fine-tunes ImageNet weights" in from_scratch_warning(load_config("market1501"))
+    assert from_scratch_warning(load_config("market1501", ["model.pretrained=/w.pth"])) is None
+    assert from_scratch_warning(load_config("demo")) is None

@@ -14,7 +14,8 @@ from fmn.atomic import atomic_write
 from fmn.data import build_dataset
 from fmn.data.synthetic import generate, is_complete
 from fmn.engine.api import evaluate_dataset, load_model
-from fmn.engine.evaluation import format_results, retrieval_descriptor, retrieval_row, write_json
+from fmn.engine.evaluation import (format_results, matches_per_query, rerank_note, retrieval_descriptor,
+                                   retrieval_row, write_json)
 from fmn.engine.lock import output_lock
 from fmn.engine.runtime import resolve_device, show_progress
 from fmn.engine.training import train
@@ -145,8 +146,12 @@ def report(model: nn.Module, dataset, cfg: dict, out_dir: str, log: Log, json_pa
     ev = evaluate_dataset(model, dataset, cfg, device, progress=show_progress(cfg["train"]["progress"]),
                           keep_distances=keep)
     results, probe = ev["results"], ev["query"][0]
+    matches = matches_per_query(ev["query"][1], ev["gallery"][1], ev["query"][2], ev["gallery"][2])
     log(format_results(results, title=f"{dataset.name}: {len(dataset.query)} queries, "
-                                       f"{len(dataset.gallery)} gallery images"))
+                                       f"{len(dataset.gallery)} gallery images, {matches:.1f} true matches per query"))
+    note = rerank_note(matches) if cfg["eval"]["rerank"] else None
+    if note:
+        log(f"note: {note}")
     if "grn" in probe and "lan" not in probe and "descriptor" not in probe:
         log("GRN only: this model was trained in stage 1 only (its MN and LAN are untrained)")
     outputs = {}
@@ -154,7 +159,7 @@ def report(model: nn.Module, dataset, cfg: dict, out_dir: str, log: Log, json_pa
         outputs["features"] = save_features(features_dir, ev, cfg["eval"]["alpha"])
         log("wrote " + ", ".join(outputs["features"]))
     if json_path:
-        payload = _payload(dataset, cfg, results, time.time() - t0, extra)
+        payload = _payload(dataset, cfg, results, time.time() - t0, dict(extra or {}, matches_per_query=round(matches, 2)))
         if started is not None:
             payload.setdefault("timing_seconds", {})["total"] = round(time.time() - started, 1)
         outputs["results"] = write_json(json_path, payload, strict=False)

@@ -175,6 +175,25 @@ def evaluate_features(q_feats: Dict[str, torch.Tensor], g_feats: Dict[str, torch
     return results
 
 
+def matches_per_query(q_pids, g_pids, q_camids, g_camids) -> float:
+    """The mean number of gallery images each query can match under the protocol (same identity,
+    another camera; junk excluded): k-reciprocal re-ranking relies on several of them among a
+    query's k1 neighbours."""
+    q_pids, g_pids = torch.as_tensor(q_pids).view(-1, 1), torch.as_tensor(g_pids).view(1, -1)
+    q_camids, g_camids = torch.as_tensor(q_camids).view(-1, 1), torch.as_tensor(g_camids).view(1, -1)
+    valid = (q_pids == g_pids) & (q_camids != g_camids)
+    return float(valid.sum(1).float().mean()) if valid.shape[0] else 0.0
+
+
+def rerank_note(matches: float, k1: int = 20) -> str | None:
+    """A note for the table when queries have too few true matches for k-reciprocal re-ranking: fewer
+    than k1 / 5 (4 for k1 = 20; two-camera datasets have one or two)."""
+    if matches >= k1 / 5:
+        return None
+    return (f"about {matches:.1f} gallery images per query identity (k1 = {k1}): with so few true matches "
+            "among a query's neighbours k-reciprocal re-ranking is not expected to help (two-camera datasets)")
+
+
 def format_results(results: Dict[str, Dict[str, float]], title: Optional[str] = None) -> str:
     """The results as a text table (percentages with one decimal)."""
     head = ("method", "rank-1", "rank-5", "rank-10", "rank-20", "mAP", "queries")

@@ -52,6 +52,9 @@ def train(cfg: dict, resume: bool = True, log: Callable[[str], None] | None = pr
         dataset.require_train()
     if info.is_main and log is not None:
         log(dataset.summary())
+        warning = from_scratch_warning(cfg)
+        if warning:
+            log(f"warning: {warning}")
     with output_lock(out_dir, enabled=info.is_main and lock):
         loader = build_train_loader(cfg, dataset, info, parts=needs_parts(cfg))
         model = build_model_from_config(cfg, dataset.num_train_pids)
@@ -60,3 +63,15 @@ def train(cfg: dict, resume: bool = True, log: Callable[[str], None] | None = pr
     summary.update(model=model.eval(), dataset=dataset)
     return summary
 
+
+def from_scratch_warning(cfg: dict) -> str | None:
+    """The words a user needs when a paper-sized model (ResNet-50 or deeper) starts without ImageNet
+    weights: the papers fine-tune them, and from scratch the paper recipe memorises small datasets."""
+    m = cfg["model"]
+    if m["pretrained"] or m["backbone"] not in ("resnet50", "resnet101"):
+        return None
+    return (f"{m['name']} with {m['backbone']} starts from random weights: the paper fine-tunes ImageNet weights "
+            "(--pretrained PATH, a local torchvision state dict); trained from scratch on a few thousand images "
+            "the paper recipe learns the training identities but generalises poorly. For training without "
+            "ImageNet weights use a small backbone and standard re-ID practice (BN neck, label smoothing, "
+            "warm-up, triplet; --config demo is one such recipe)")
