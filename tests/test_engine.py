@@ -16,6 +16,7 @@ from PIL import Image
 import fmn
 from fmn.cli import main
 from fmn.data.synthetic import generate
+from tests.test_cli_errors import one_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,12 +25,6 @@ TINY = ["--set", "model.base_width=8", "--set", "data.height=64", "--set", "data
         "--set", "data.batch_size=8", "--set", "data.workers=0", "--set", "train.progress=false",
         "--set", "train.max_steps_per_epoch=2", "--set", "train.stage1.epochs=1", "--set", "eval.batch_size=16",
         "--set", "model.backbone=resnet18", "--set", "train.device=cpu", "--set", "data.name=synthetic"]
-
-
-def one_error(capsys, command):
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(f"fmn {command}: ") and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
