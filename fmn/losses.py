@@ -4,6 +4,8 @@
 - ``ranking_loss``: eq. (5), ``max(0, p_t^G - p_t^L + margin)`` on the softmax probability of the
   true class t; GRN's probability is a fixed reference (no gradient flows into GRN).
 - ``batch_hard_triplet``: optional metric loss (hardest positive / negative per anchor).
+- ``soft_margin_triplet``: the same mining with the soft margin log(1 + exp(d_ap - d_an)) in place
+  of the hinge (Hermans et al. 2017; PMM's per-head triplet).
 """
 from __future__ import annotations
 
@@ -57,6 +59,32 @@ def batch_hard_triplet(feats: torch.Tensor, targets: torch.Tensor, margin: float
     d_ap = dist.masked_fill(~pos, float("-inf")).amax(1)
     d_an = dist.masked_fill(~neg, float("inf")).amin(1)
     return F.relu(d_ap - d_an + margin)[valid].mean()
+
+
+def soft_margin_triplet(feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Batch-hard triplet loss with the soft margin (Hermans et al. 2017, Sec. 2).
+
+    The hardest positive and negative of each anchor as in :func:`batch_hard_triplet` (same
+    float32 distances), then mean(softplus(d_ap - d_an)) = mean(log(1 + exp(d_ap - d_an))): no
+    margin to choose, and the loss keeps pulling a triplet that a hinge would call satisfied.
+    It equals ``torch.nn.SoftMarginLoss()(d_an - d_ap, 1)``. Anchors without a positive or a
+    negative are skipped; 0 (with a zero gradient) when no anchor has both.
+    """
+    with torch.autocast(device_type=feats.device.type, enabled=False):
+        x = feats.float()
+        sq = (x * x).sum(1)
+        d2 = (sq[:, None] + sq[None, :] - 2.0 * x @ x.t()).clamp_min(1e-12)
+        dist = d2.sqrt()
+    same = targets[:, None] == targets[None, :]
+    eye = torch.eye(len(targets), dtype=torch.bool, device=feats.device)
+    pos = same & ~eye
+    neg = ~same
+    valid = pos.any(1) & neg.any(1)
+    if not bool(valid.any()):
+        return dist.sum() * 0.0
+    d_ap = dist.masked_fill(~pos, float("-inf")).amax(1)
+    d_an = dist.masked_fill(~neg, float("inf")).amin(1)
+    return F.softplus((d_ap - d_an)[valid]).mean()
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
