@@ -72,6 +72,9 @@ DEFAULTS: dict[str, Any] = {
         "grad_clip": None,
         "health": "stop",                # stop | warn | off: a collapsed or non-learning run (fmn.engine.health)
         "health_patience": 3,            # epochs at chance before a run counts as not learning
+        "val_ids": 0,                    # training identities held out for validation (0: none)
+        "val_every": 5,                  # validate every K epochs (and at each stage's last epoch)
+        "select_best": False,            # model.pt: the final stage's epoch with the best validation mAP
         "stage1": {"epochs": 30, "lr": 0.1, "milestones": [20], "gamma": 0.1},
         "stage2": {"epochs": 45, "lr": 0.1, "milestones": [35], "gamma": 0.1},
         "warmup_epochs": 0,
@@ -531,6 +534,11 @@ def _check_train(cfg: dict) -> None:
     _num(cfg, "train.grad_clip", lo=0.0, lo_open=True, allow_none=True)
     _choice(cfg, "train.health", ("stop", "warn", "off"))
     _int(cfg, "train.health_patience", lo=1)
+    _int(cfg, "train.val_ids", lo=0)
+    _int(cfg, "train.val_every", lo=1)
+    _bool(cfg, "train.select_best")
+    _check(not cfg["train"]["select_best"] or cfg["train"]["val_ids"] > 0, "train.select_best", True,
+           "false when train.val_ids is 0 (there is no validation split to select by)")
     for stage in ("stage1", "stage2"):
         _check_schedule(cfg, stage)
     _check(cfg["train"]["stage1"]["epochs"] + cfg["train"]["stage2"]["epochs"] > 0,

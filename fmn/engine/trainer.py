@@ -82,7 +82,8 @@ class Trainer:
     ``pid``, and whatever else the model's stages read, e.g. ``parts``)."""
 
     def __init__(self, cfg: dict, model: nn.Module, train_loader: Iterable, device: torch.device, out_dir: str,
-                 dist_info: fdist.DistInfo | None = None, log: Callable[[str], None] | None = print):
+                 dist_info: fdist.DistInfo | None = None, log: Callable[[str], None] | None = print,
+                 validator: Callable[[nn.Module], dict] | None = None):
         self.cfg = cfg
         self.tcfg = cfg["train"]
         self.loader = train_loader
@@ -98,6 +99,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.stages: list[Stage] = model.training_stages(cfg)
         self.health = HealthCheck(self.tcfg, getattr(model, "num_classes", 2))
+        self.validator = validator
+        self.best_checkpoint = os.path.join(out_dir, "best.pt")
         self.ddp_model: nn.Module = self.model
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = None
@@ -323,14 +326,47 @@ class Trainer:
             for e in range(first, self._epochs(stage)):
                 self._run_epoch(stage, e, kill)
             state = None
-        final = [s for s in self.stages if self._epochs(s) > 0][-1]
+        final = self._final_stage()
         final.begin(fresh=False)
         unwrap(self.model).eval()
         if hasattr(unwrap(self.model), "set_trained_stage"):
             unwrap(self.model).set_trained_stage(final.index)
+        if self.tcfg["select_best"]:
+            self._load_best(final)
         self.save(final.index, self._epochs(final), self.final_checkpoint)
         return {"checkpoint": self.final_checkpoint, "seconds": time.perf_counter() - t_start,
                 "history": self.history, "stage": final.index}
+
+    def _final_stage(self) -> Stage:
+        return [s for s in self.stages if self._epochs(s) > 0][-1]
+
+    def _validate(self, stage: Stage, e: int) -> dict[str, float]:
+        """Validation rank-1 / mAP every ``train.val_every`` epochs and at the stage's last (rank 0)."""
+        if self.validator is None or not self.dist.is_main:
+            return {}
+        if (e + 1) % self.tcfg["val_every"] and e + 1 != self._epochs(stage):
+            return {}
+        model = unwrap(self.model)
+        if hasattr(model, "set_trained_stage"):
+            model.set_trained_stage(stage.index)     # FMN in stage 1: the GRN descriptor
+        result = self.validator(model)
+        stage.train_mode(self.ddp_model)
+        self.log(f"{stage.title} epoch {e + 1}  validation rank-1 {result['val_rank1']:.1f}  mAP {result['val_mAP']:.1f}")
+        return result
+
+    def _best_so_far(self, stage: Stage) -> float:
+        seen = [h["val_mAP"] for h in self.history[:-1] if h["stage"] == stage.index and "val_mAP" in h]
+        return max(seen, default=float("-inf"))
+
+    def _load_best(self, final: Stage) -> None:
+        """``train.select_best``: the final stage's weights of its best validation mAP."""
+        records = [h for h in self.history if h["stage"] == final.index and "val_mAP" in h]
+        if not records or not os.path.exists(self.best_checkpoint):
+            return
+        best = max(records, key=lambda h: h["val_mAP"])
+        state = load_checkpoint(self.best_checkpoint, map_location="cpu")
+        unwrap(self.model).load_state_dict(state["model"])
+        self.log(f"model.pt: the weights of {final.title} epoch {best['epoch']} (validation mAP {best['val_mAP']:.1f})")
 
     def _run_epoch(self, stage: Stage, e: int, kill) -> None:
         sc = self.tcfg[stage.schedule]
@@ -344,6 +380,7 @@ class Trainer:
             unwrap(self.model).set_epoch(e)
         stats = {k: round(v, 6) for k, v in self._train_epoch(stage, e, kill).items()}
         self._check_finite_weights(stage, e)
+        stats.update(self._validate(stage, e))
         record = {"stage": stage.index, "epoch": e + 1, "lr": lr, **stats}
         self.history.append(record)
         self.log(f"{stage.title} epoch {e + 1}/{self._epochs(stage)}  lr {lr:.4g}  "
@@ -354,6 +391,8 @@ class Trainer:
             with open(self.log_file, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         self.save(stage.index, e + 1)
+        if stage is self._final_stage() and stats.get("val_mAP", float("-inf")) > self._best_so_far(stage):
+            self.save(stage.index, e + 1, self.best_checkpoint)
         self._check_health(stage, e, stats)
 
     def _check_health(self, stage: Stage, e: int, stats: dict[str, float]) -> None:

@@ -13,6 +13,7 @@ from fmn.data.parts import make_parts_train_loader
 from fmn.engine.lock import output_lock
 from fmn.engine.runtime import resolve_device, seed_everything, show_progress
 from fmn.engine.trainer import Trainer
+from fmn.engine.validation import Validator, split_validation
 from fmn.models import build_model_from_config, needs_parts
 
 
@@ -50,6 +51,13 @@ def train(cfg: dict, resume: bool = True, log: Callable[[str], None] | None = pr
         dataset = build_dataset(d["name"], d["root"], **d["options"])
     if hasattr(dataset, "require_train"):
         dataset.require_train()
+    validator = None
+    if cfg["train"]["val_ids"]:
+        dataset, val = split_validation(dataset, cfg["train"]["val_ids"], cfg["train"]["seed"])
+        validator = Validator(val, cfg, device)
+        if info.is_main and log is not None:
+            log(f"validation: {cfg['train']['val_ids']} training identities held out "
+                f"({len(val.query)} queries, {len(val.gallery)} gallery images)")
     if info.is_main and log is not None:
         log(dataset.summary())
         warning = from_scratch_warning(cfg)
@@ -58,7 +66,7 @@ def train(cfg: dict, resume: bool = True, log: Callable[[str], None] | None = pr
     with output_lock(out_dir, enabled=info.is_main and lock):
         loader = build_train_loader(cfg, dataset, info, parts=needs_parts(cfg))
         model = build_model_from_config(cfg, dataset.num_train_pids)
-        trainer = Trainer(cfg, model, loader, device, out_dir, info, log=log)
+        trainer = Trainer(cfg, model, loader, device, out_dir, info, log=log, validator=validator)
         summary = trainer.fit(resume=resume)
     summary.update(model=model.eval(), dataset=dataset)
     return summary
