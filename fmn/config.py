@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
         "num_threads": None,             # CPU threads of torch (None: torch's default)
         "amp": "auto",                   # auto (bf16 on a GPU that has it, else none) | none | bf16 | fp16
         "channels_last": "auto",         # auto (on GPU) | true | false
+        "optimizer": "sgd",              # sgd (the paper's, with momentum / nesterov) | adam
         "momentum": 0.9,
         "weight_decay": 5.0e-4,
         "nesterov": False,
@@ -521,6 +522,7 @@ def _check_train(cfg: dict) -> None:
     _int(cfg, "train.num_threads", lo=1, allow_none=True)
     _choice(cfg, "train.amp", AMP_CHOICES)
     _choice(cfg, "train.channels_last", ("auto", True, False))
+    _choice(cfg, "train.optimizer", ("sgd", "adam"))
     _num(cfg, "train.momentum", lo=0.0, hi=1.0, hi_open=True)
     _num(cfg, "train.weight_decay", lo=0.0)
     _bool(cfg, "train.nesterov")

@@ -269,3 +269,13 @@ def test_tensorboard_writer_is_closed_after_fit(tmp_path, monkeypatch, fails):
     else:
         trainer.fit(resume=False)
     assert writer.scalars > 0 and writer.closed and trainer.tb is None
+
+
+@pytest.mark.parametrize("name,cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam)])
+def test_the_optimizer_is_the_configured_one(tmp_path, name, cls):
+    cfg = tiny_cfg(tmp_path, f"train.optimizer={name}", "train.weight_decay=1.0e-3")
+    trainer = Trainer(cfg, build_model_from_config(cfg, C), [], torch.device("cpu"), str(tmp_path), log=None)
+    trainer._start_stage(1, fresh=True)
+    group = trainer.optimizer.param_groups[0]
+    assert type(trainer.optimizer) is cls and group["weight_decay"] == 1.0e-3 and group["lr"] == 0.05
+    assert {id(p) for p in group["params"]} == {id(p) for m in trainer.model.grn_modules() for p in m.parameters()}

@@ -77,6 +77,15 @@ def set_loader_epoch(loader, value: int) -> None:
         collate.set_epoch(value)
 
 
+def make_optimizer(t: dict, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """``train.optimizer``: SGD with ``momentum`` / ``nesterov`` (the paper's), or Adam; both with
+    ``weight_decay`` (L2, as the papers' code adds it)."""
+    if t["optimizer"] == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=t["weight_decay"])
+    return torch.optim.SGD(params, lr=lr, momentum=t["momentum"], weight_decay=t["weight_decay"],
+                           nesterov=t["nesterov"] and t["momentum"] > 0)
+
+
 class Trainer:
     """Runs ``model.training_stages(cfg)`` on batches of ``train_loader`` (dicts with ``img`` and
     ``pid``, and whatever else the model's stages read, e.g. ``parts``)."""
@@ -285,9 +294,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = DDP(self.model, device_ids=ids, find_unused_parameters=stage.find_unused_parameters)
         self.params = stage.parameters()
-        t = self.tcfg
-        self.optimizer = torch.optim.SGD(self.params, lr=t[stage.schedule]["lr"], momentum=t["momentum"],
-                                         weight_decay=t["weight_decay"], nesterov=t["nesterov"] and t["momentum"] > 0)
+        self.optimizer = make_optimizer(self.tcfg, self.params, self.tcfg[stage.schedule]["lr"])
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.health.start_stage()
 
