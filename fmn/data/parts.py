@@ -47,7 +47,8 @@ from fmn.data.sampler import PKSampler
 from fmn.data.transforms import augment_batch, batch_generator, load_resized, to_float_normalized
 
 __all__ = ["PART_CHANNELS", "LABEL_GROUPS", "KEYPOINT_REGIONS", "LAYOUT_HELP", "PartsImageDataset",
-           "check_parts", "keypoint_regions", "label_groups", "make_parts_train_loader", "part_index",
+           "check_parts", "has_parts", "keypoint_regions", "label_groups", "make_parts_test_loader",
+           "make_parts_train_loader", "part_index",
            "render_parts"]
 
 PART_CHANNELS = ("body", "upper", "lower", "kp_head", "kp_upper", "kp_lower")
@@ -235,6 +236,22 @@ class _PartsCollate:
                 "camid": torch.tensor([it[3] for it in items], dtype=torch.int64),
                 "path": [it[4] for it in items],
                 "index": torch.tensor([it[5] for it in items], dtype=torch.int64)}
+
+
+def has_parts(samples: Sequence[Sample], parts_root: Optional[str] = None) -> bool:
+    """Whether every sample has its mask and keypoints file."""
+    return all(os.path.isfile(p) for path, _, _ in samples for p in parts_paths(path, parts_root))
+
+
+def make_parts_test_loader(samples: Sequence[Sample], height: int, width: int, batch_size: int = 128,
+                           workers: int = 2, parts_root: Optional[str] = None, kp_sigma: float = 0.1) -> DataLoader:
+    """Loader over ``samples`` in their order with their part masks, no augmentation, last batch kept."""
+    samples = list(samples)
+    if not samples:
+        raise ValueError("make_parts_test_loader: no samples")
+    check_parts(samples, parts_root)
+    return DataLoader(PartsImageDataset(samples, height, width, parts_root, kp_sigma), batch_size=batch_size,
+                      shuffle=False, num_workers=workers, collate_fn=_PartsCollate(False, 0, 0.0, 0, 0.0))
 
 
 def make_parts_train_loader(dataset: Union[ReIDDataset, Sequence[Sample]], height: int, width: int,

@@ -30,7 +30,8 @@ from fmn.data.transforms import to_float_normalized
 from fmn.engine.evaluation import evaluate_features, extract_features as extract_branch_features
 from fmn.engine.evaluation import eval_mode, retrieval_descriptor
 from fmn.engine.runtime import resolve_device, show_progress
-from fmn.models import build_model_from_config
+from fmn.data.parts import has_parts, make_parts_test_loader
+from fmn.models import build_model_from_config, uses_test_parts
 
 Images = Union[str, os.PathLike, Sequence, torch.Tensor]
 
@@ -183,17 +184,26 @@ def evaluate(model: nn.Module, dataset=None, *, dataset_root: str | None = None,
 def evaluate_dataset(model: nn.Module, dataset, cfg: dict, device, progress: bool = False,
                      keep_distances=None) -> dict:
     """Branch features of the query and gallery images once, then every results row:
-    {"results", "query", "gallery" (each (features, pids, camids, paths)), "distances"}.
+    {"results", "query", "gallery" (each (features, pids, camids, paths)), "distances",
+    "test_masks"}. A model that uses the test images' part masks (MGRAN) gets them where every
+    query and gallery image has its files ("test_masks": "given"), else predicts them ("predicted").
     ``keep_distances(features) -> row names``: the plain rows whose (q, g) distances to keep."""
     d, e = cfg["data"], cfg["eval"]
+    given = uses_test_parts(cfg) and all(has_parts(s, d["parts_root"]) for s in (dataset.query, dataset.gallery))
     out = []
     with eval_mode(model):
         for samples in (dataset.query, dataset.gallery):
-            loader = make_test_loader(samples, d["height"], d["width"], batch_size=e["batch_size"],
-                                      workers=d["workers"], progress=progress)
+            if given:
+                loader = make_parts_test_loader(samples, d["height"], d["width"], batch_size=e["batch_size"],
+                                                workers=d["workers"], parts_root=d["parts_root"],
+                                                kp_sigma=d["kp_sigma"])
+            else:
+                loader = make_test_loader(samples, d["height"], d["width"], batch_size=e["batch_size"],
+                                          workers=d["workers"], progress=progress)
             out.append(extract_branch_features(model, loader, device, flip=e["flip"], progress=progress))
     (qf, qp, qc, _), (gf, gp, gc, _) = out
     results = evaluate_features(qf, gf, qp, gp, qc, gc, rerank=e["rerank"], alpha=e["alpha"], device=device,
                                 keep_distances=tuple(keep_distances(qf)) if keep_distances else ())
     distances = results.pop("distances", {})
-    return {"results": results, "query": out[0], "gallery": out[1], "distances": distances}
+    masks = ("given" if given else "predicted") if uses_test_parts(cfg) else None
+    return {"results": results, "query": out[0], "gallery": out[1], "distances": distances, "test_masks": masks}

@@ -149,6 +149,10 @@ def report(model: nn.Module, dataset, cfg: dict, out_dir: str, log: Log, json_pa
     matches = matches_per_query(ev["query"][1], ev["gallery"][1], ev["query"][2], ev["gallery"][2])
     log(format_results(results, title=f"{dataset.name}: {len(dataset.query)} queries, "
                                        f"{len(dataset.gallery)} gallery images, {matches:.1f} true matches per query"))
+    if ev["test_masks"]:
+        log(f"test-time region masks: {ev['test_masks']} ("
+            + ("the query and gallery images' own mask files)" if ev["test_masks"] == "given"
+               else "the mask predictor: not every query and gallery image has mask files)"))
     note = rerank_note(matches) if cfg["eval"]["rerank"] else None
     if note:
         log(f"note: {note}")
@@ -159,7 +163,8 @@ def report(model: nn.Module, dataset, cfg: dict, out_dir: str, log: Log, json_pa
         outputs["features"] = save_features(features_dir, ev, cfg["eval"]["alpha"])
         log("wrote " + ", ".join(outputs["features"]))
     if json_path:
-        payload = _payload(dataset, cfg, results, time.time() - t0, dict(extra or {}, matches_per_query=round(matches, 2)))
+        facts = {"matches_per_query": round(matches, 2), **({"test_masks": ev["test_masks"]} if ev["test_masks"] else {})}
+        payload = _payload(dataset, cfg, results, time.time() - t0, {**facts, **(extra or {})})
         if started is not None:
             payload.setdefault("timing_seconds", {})["total"] = round(time.time() - started, 1)
         outputs["results"] = write_json(json_path, payload, strict=False)

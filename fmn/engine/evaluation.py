@@ -68,7 +68,8 @@ def input_dtype(model: torch.nn.Module) -> torch.dtype:
 def extract_features(model: torch.nn.Module, loader, device, flip: bool = True, progress: bool = True,
                      ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor, List[str]]:
     """Run ``model.eval()`` over ``loader``; with ``flip`` the feature is the mean of the image's
-    and its mirror's. Returns (features: name -> float32 CPU (N, d), pids, camids, paths) in
+    and its mirror's. Batches with ``parts`` (a parts-aware test loader) pass them to the model as
+    ``model(img, batch={"parts": ...})``, mirrored with the mirrored image. Returns (features: name -> float32 CPU (N, d), pids, camids, paths) in
     loader order. A model returning a tensor gives ``{"descriptor": tensor}``. Images are cast to
     the model's dtype; the flip mean is taken in float32. Every submodule's train/eval flag is
     restored afterwards."""
@@ -81,9 +82,14 @@ def extract_features(model: torch.nn.Module, loader, device, flip: bool = True, 
     with eval_mode(model):
         for batch in tqdm(loader, desc="extract", disable=not progress, unit="batch"):
             x = batch["img"].to(device=device, dtype=dtype, non_blocking=True)
-            out = {k: v.float() for k, v in _as_feature_dict(model(x)).items()}
+            parts = batch.get("parts")
+            if parts is None:
+                run = model
+            else:   # part masks of these very images (MGRAN's test-time masks), flipped with them
+                run = lambda img, p=parts.to(device): model(img, batch={"parts": p if img is x else p.flip(3)})
+            out = {k: v.float() for k, v in _as_feature_dict(run(x)).items()}
             if flip:
-                out_f = _as_feature_dict(model(x.flip(3)))
+                out_f = _as_feature_dict(run(x.flip(3)))
                 out = {k: (v + out_f[k].float()) * 0.5 for k, v in out.items()}
             for k, v in out.items():
                 feats.setdefault(k, []).append(v.detach().reshape(v.shape[0], -1).cpu())

@@ -27,17 +27,21 @@ from fmn.models.resnet import (
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _FROM_CONFIG: dict[str, Callable[[dict], dict]] = {}
 _NEEDS_PARTS: dict[str, Callable[[dict], bool]] = {}
+_TEST_PARTS: dict[str, Callable[[dict], bool]] = {}
 
 
 def register_model(name: str, section: dict | None = None, check: Callable[[dict], None] | None = None,
                    training_only: tuple = (), kwargs_from_config: Callable[[dict], dict] | None = None,
-                   needs_parts: Callable[[dict], bool] | None = None, schedules: tuple = ("stage1", "stage2")):
+                   needs_parts: Callable[[dict], bool] | None = None, schedules: tuple = ("stage1", "stage2"),
+                   test_parts: Callable[[dict], bool] | None = None):
     """Register a builder ``builder(num_classes=..., **kwargs) -> nn.Module`` under ``name``, with
     the model's own config section (``section``: its defaults; ``check(cfg)``: raises on a bad
     value; ``training_only``: keys that shape no weight) and ``kwargs_from_config(cfg)``, the
     builder's keyword arguments for a whole config (default: the shared model settings and the
     section's values); ``needs_parts(cfg)``: whether its training batches must carry part masks
-    (``fmn.data.parts``); ``schedules``: the ``train.stageN`` sections its stages follow."""
+    (``fmn.data.parts``); ``schedules``: the ``train.stageN`` sections its stages follow;
+    ``test_parts(cfg)``: whether evaluation passes the query's and gallery's own part masks where
+    their files exist."""
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model '{name}' is already registered")
@@ -45,6 +49,7 @@ def register_model(name: str, section: dict | None = None, check: Callable[[dict
         register_section(name, section or {}, check, training_only, schedules)
         _FROM_CONFIG[name] = kwargs_from_config or (lambda cfg: {**model_kwargs(cfg), **cfg[name]})
         _NEEDS_PARTS[name] = needs_parts or (lambda cfg: False)
+        _TEST_PARTS[name] = test_parts or (lambda cfg: False)
         return fn
 
     return deco
@@ -63,6 +68,11 @@ def build_model(name: str, num_classes: int, **cfg) -> nn.Module:
 def needs_parts(cfg: dict) -> bool:
     """Whether the model of ``cfg`` trains on batches with part masks (MMGA, region-level MGRAN)."""
     return _NEEDS_PARTS[cfg["model"]["name"]](cfg)
+
+
+def uses_test_parts(cfg: dict) -> bool:
+    """Whether evaluation should pass the test images' part masks (MGRAN's region alignment)."""
+    return _TEST_PARTS[cfg["model"]["name"]](cfg)
 
 
 def build_model_from_config(cfg: dict, num_classes: int) -> nn.Module:

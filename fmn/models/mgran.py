@@ -9,7 +9,8 @@ MRA (mask-guided region attention) gives R region masks M_r (B, H, W) at the inp
   bilinearly first. In training they come from the loader's masks (the
   parser / pose outputs the paper took from Mask R-CNN); a small convolutional mask predictor
   learns them with a binary cross-entropy on the binarised targets, and supplies them at test
-  time (M_r = [sigmoid(v_r) >= 0.5]) where only images are available. ``train_masks="predicted"``
+  time (M_r = [sigmoid(v_r) >= 0.5]) where only images are available; where the query and gallery
+  images have mask files too, evaluation uses them, as the published pipeline does. ``train_masks="predicted"``
   uses the predictor's masks in training as well. No gradient flows from MA into MRA (the
   threshold is a step).
 
@@ -119,16 +120,16 @@ class MGRAN(SeedModel):
         B, _, H, W = img.shape
         if self.alignment == "part":
             return stripe_masks(B, len(self.regions), H, W, img.device)
-        if self.training and self.train_masks == "given":
+        if self.training and self.train_masks == "given" or mask_logits is None:
             return self.binarize(part_masks("mgran", batch, self._region_channels, B, (H, W)))
         # sigmoid(v) >= t  <=>  v >= log(t / (1 - t))
         return (mask_logits.float() >= math.log(self.threshold / (1.0 - self.threshold))).to(torch.float32)
 
     def forward(self, img: torch.Tensor, batch: dict | None = None) -> Dict[str, torch.Tensor]:
         self.check_images(img)
-        mask_logits = None
-        if self.mask_predictor is not None:
-            mask_logits = self.mask_predictor(img)
+        # at test time the images' own mask files, where the evaluation gives them, replace the predictor
+        given = not self.training and isinstance(batch, dict) and batch.get("parts") is not None
+        mask_logits = self.mask_predictor(img) if self.mask_predictor is not None and not given else None
         masks = self.region_masks(img, batch, mask_logits).to(img.dtype)
         # region attention at the input: x_r = x * M_r, the 0/1 mask broadcast over the colour channels
         inputs = [img] + [spatial_mask_mul(img, masks[:, r].contiguous(), "identity", backend=self.backend)
@@ -167,7 +168,13 @@ SECTION = {"regions": ["body", "kp_upper", "kp_lower"], "alignment": "region", "
            "mask_weight": 1.0, "mask_width": 32, "train_masks": "given"}
 
 
-@register_model("mgran", section=SECTION, check=check_single_stage("mgran"),
+def _test_parts(cfg: dict) -> bool:
+    """MGRAN's published pipeline gives every image, test images included, its pedestrian and keypoint
+    masks: region alignment uses the query's and gallery's own mask files when they exist."""
+    return cfg["mgran"]["alignment"] == "region"
+
+
+@register_model("mgran", section=SECTION, check=check_single_stage("mgran"), test_parts=_test_parts,
                 training_only=("mask_weight", "train_masks"), kwargs_from_config=kwargs_from_config("mgran"), schedules=("stage1",),
                 needs_parts=lambda cfg: cfg["mgran"]["alignment"] == "region")
 def build_mgran(num_classes: int, **cfg) -> MGRAN:
