@@ -41,6 +41,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny synthetic dataset (8 identities, 2 cameras, 64x32, with part masks): its root folder."""
+    from fmn.data.synthetic import generate
+
+    root = str(tmp_path_factory.mktemp("tiny_synth") / "synth")
+    generate(root, num_ids=8, num_cams=2, images_per_id_per_cam=2, height=64, width=32, progress=False)
+    return root
+
+
 def load_bench(name: str):
     """bench/<name>.py imported as a fresh module (its main() callable with an argv list)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

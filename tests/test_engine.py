@@ -15,7 +15,6 @@ from PIL import Image
 
 import fmn
 from fmn.cli import main
-from fmn.data.synthetic import generate
 from tests.test_cli_errors import one_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,13 +24,6 @@ TINY = ["--set", "model.base_width=8", "--set", "data.height=64", "--set", "data
         "--set", "data.batch_size=8", "--set", "data.workers=0", "--set", "train.progress=false",
         "--set", "train.max_steps_per_epoch=2", "--set", "train.stage1.epochs=1", "--set", "eval.batch_size=16",
         "--set", "model.backbone=resnet18", "--set", "train.device=cpu", "--set", "data.name=synthetic"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("engine") / "synth")
-    generate(root, num_ids=8, num_cams=2, images_per_id_per_cam=2, height=64, width=32, progress=False)
-    return root
 
 
 @pytest.fixture(scope="module")

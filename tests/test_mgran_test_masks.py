@@ -8,7 +8,7 @@ import torch
 from fmn.cli import main
 from fmn.engine.evaluation import extract_features
 from fmn.models import build_model
-from tests.test_engine import TINY, data  # noqa: F401  (the module-scoped synthetic dataset fixture)
+from tests.test_engine import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 H, W = 64, 32
@@ -51,7 +51,7 @@ def test_flip_averaging_mirrors_the_masks_with_the_image():
     torch.testing.assert_close(feats["descriptor"], (a + b) * 0.5)
 
 
-def test_evaluation_reports_which_masks_it_used(data, tmp_path, capsys):  # noqa: F811
+def test_evaluation_reports_which_masks_it_used(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--model", "mgran", *TINY, "--data-root", data, "--output", str(out)]) == 0
     capsys.readouterr()

@@ -1,7 +1,6 @@
 """fmn.models: ResNet key compatibility, FMN shapes per local layer and backbone, stage freezing,
 pretrained loading, and the reference vs kernel backends of the mixing network."""
 import copy
-import os
 
 import pytest
 import torch
