@@ -142,6 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <checkpoint folder>/vis)")
     p.add_argument("--queries", type=_positive_int, default=6, help="number of queries in the ranked list")
     p.add_argument("--cases", type=_positive_int, default=3, help="number of query cases in the heatmap figure")
+
+    p = sub.add_parser("extract", help="retrieval descriptors of images, for fmn rerank",
+                       description="Write the retrieval descriptor of every image (FMN's eq. 6 descriptor, a related "
+                       "method's fused descriptor, or the GRN feature of a stage-1-only FMN) as one (n, D) float32 "
+                       "tensor, and <out>.images.json with the image of each row. The features are the --query or "
+                       "--gallery input of fmn rerank.")
+    p.add_argument("--checkpoint", required=True, help="model.pt written by fmn train / fmn demo")
+    p.add_argument("--images", required=True, metavar="DIR|LIST|CSV",
+                   help="a folder (its image files, sorted), a text file with one image path per line, or a CSV "
+                   "(its 'path' column, else the first); relative paths are relative to the list's folder")
+    p.add_argument("--out", required=True, help="features file: .pt (a tensor) or .npy")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out images that cannot be read (listed in the log and in images.json) instead of "
+                   "stopping with an error that names them")
+    p.add_argument("--force", action="store_true", help="replace existing output files")
     return parser
 
 
@@ -304,8 +321,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_extract(args) -> int:
+    from fmn.engine.extract import run_extract
+
+    run_extract(args.checkpoint, args.images, args.out, batch_size=args.batch_size, device=args.device,
+                skip_bad=args.skip_bad, force=args.force, log=_log)
+    return 0
+
+
 COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "train": cmd_train, "eval": cmd_eval,
-            "rerank": cmd_rerank, "visualize": cmd_visualize}
+            "rerank": cmd_rerank, "visualize": cmd_visualize, "extract": cmd_extract}
 
 
 def main(argv: list[str] | None = None) -> int:
