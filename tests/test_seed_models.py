@@ -137,9 +137,12 @@ def test_shapes(name, batch):
     assert ev["descriptor"].shape[0] == 8
     branches = [k for k in ev if k != "descriptor"]
     assert ev["descriptor"].shape[1] == sum(ev[k].shape[1] for k in branches)
-    torch.testing.assert_close(ev["descriptor"].norm(dim=1), torch.ones(8))
+    if name == "pmm":       # the authors' descriptor: the head features concatenated, not normalised
+        assert torch.equal(ev["descriptor"], torch.cat([ev[k] for k in branches], 1))
+    else:
+        torch.testing.assert_close(ev["descriptor"].norm(dim=1), torch.ones(8))
     expected = {"mmga": ["global", "upper", "lower"], "mgran": ["global", "body", "kp_upper", "kp_lower"],
-                "pmm": ["layer2", "layer3", "layer4", "bdb"]}[name]
+                "pmm": ["stage1", "stage2", "stage3", "bdb"]}[name]
     assert branches == expected
 
 
@@ -240,7 +243,9 @@ def test_hard_mix_replaces_the_most_salient_block(backend):
 
 def test_hard_mix_needs_another_identity():
     f = torch.randn(4, 3, 6, 4)
-    out, mask, _ = attentive_hard_mix(f, torch.zeros(4, dtype=torch.long), (2, 2))
+    with pytest.raises(ValueError, match="one identity only"):
+        attentive_hard_mix(f, torch.zeros(4, dtype=torch.long), (2, 2))
+    out, mask, _ = attentive_hard_mix(f, torch.zeros(4, dtype=torch.long), (2, 2), mix_prob=0.0)
     assert mask.sum() == 0 and torch.equal(out, f)
     _, valid = negative_partners(torch.tensor([1, 1, 2]))
     assert valid.tolist() == [True, True, True]
@@ -276,17 +281,14 @@ def test_mgran_part_level_alignment(batch):
     assert [k for k in ev if k != "descriptor"] == ["global", "part1", "part2", "part3"]
 
 
-def test_pmm_progressive_schedule(batch):
-    model = _model("pmm", stage_start_epochs=[0, 2, 4], batch_drop=False)
+def test_pmm_every_head_trains_from_the_start(batch):
+    model = _model("pmm", batch_drop=False)
     model.train()
-    seen = []
-    for epoch in (0, 2, 4):
-        model.set_epoch(epoch)
-        _, stats = model.loss(model(batch["img"], batch=batch), batch)
-        seen.append(sorted(k for k in stats if k.startswith("ce_")))
-    assert seen == [["ce_layer2"], ["ce_layer2", "ce_layer3"], ["ce_layer2", "ce_layer3", "ce_layer4"]]
-    with pytest.raises(ValueError, match="layer4"):
-        _model("pmm", mix_stages=["layer3", "layer4"])
+    assert not hasattr(model, "set_epoch")
+    _, stats = model.loss(model(batch["img"], batch=batch), batch)
+    assert sorted(k for k in stats if k.startswith("ce_")) == ["ce_stage1", "ce_stage2", "ce_stage3"]
+    with pytest.raises(ValueError, match="stage_start_epochs no longer exist"):
+        _model("pmm", stage_start_epochs=[0, 2, 4])
 
 
 # ------------------------------------------------------------------------------ configs and trainer
@@ -312,14 +314,14 @@ def test_train_resume_and_reload(synth, tmp_path):
     over = [f"data.root={synth.root}", f"output.dir={tmp_path}", f"data.height={H}", f"data.width={W}",
             "data.batch_size=8", "data.num_instances=2", "data.cache=false", "data.workers=0", "train.progress=false",
             "train.stage1.epochs=1", "train.max_steps_per_epoch=1", "train.device=cpu", "model.base_width=8",
-            "pmm.stage_start_epochs=[0,0,1]", f"data.parts_root={tmp_path / 'no_masks_here'}"]
+            f"data.parts_root={tmp_path / 'no_masks_here'}"]
     cfg = load_config(None, over, model="pmm")
     summary = train(cfg, log=None)
     assert os.path.isfile(summary["checkpoint"]) and len(summary["history"]) == 1
     cfg2 = load_config(None, over + ["train.stage1.epochs=2"], model="pmm")
     summary2 = train(cfg2, log=None)
     assert [h["epoch"] for h in summary2["history"]] == [1, 2]
-    assert summary2["history"][1]["active_stages"] == 3.0
+    assert all(f"ce_stage{k}" in summary2["history"][1] for k in (1, 2, 3))
     model = load_model(summary2["checkpoint"])
     x = torch.randn(2, 3, H, W)
     with torch.no_grad():

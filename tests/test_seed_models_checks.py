@@ -73,7 +73,10 @@ def test_mgran_resizes_masks_of_another_resolution_before_binarising():
     ("pmm", dict(batch_drop="maybe"), "batch_drop must be true or false"),
     ("pmm", dict(mix_block=0.5), "mix_block must be two fractions"),
     ("pmm", dict(mix_prob="high"), "mix_prob must be a number"),
-    ("pmm", dict(stage_start_epochs=[0, 1.5, 2]), "stage_start_epochs needs one epoch"),
+    ("pmm", dict(attention="gradcam"), "attention must be one of cam, energy"),
+    ("pmm", dict(mix_grid=[0, 4]), r"mix_grid must be two integers >= 1 \(patch rows, patch columns\)"),
+    ("pmm", dict(mix_top_k=0), "mix_top_k must be an integer >= 1"),
+    ("pmm", dict(soft_margin="yes"), "soft_margin must be true or false"),
     ("mmga", dict(attention_weight=-1.0), "attention_weight must be a number >= 0"),
     ("mmga", dict(part_dim=1.5), "part_dim must be an integer >= 1"),
     ("mgran", dict(mask_weight=-1.0), "mask_weight must be a number >= 0"),
@@ -165,17 +168,16 @@ def test_non_finite_weights_are_never_checkpointed(synth, tmp_path, monkeypatch)
     assert [r["epoch"] for r in _log_lines(tmp_path)] == [1]
 
 
-def test_pmm_mix_after_the_last_classifier_stage_is_one_clear_error():
-    """A mix at or after the deepest stage with a classifier reaches no classifier: the forward
-    used to skip it without a word."""
-    with pytest.raises(ValueError, match=r"mix_stages \['layer3'\] come at or after the last stage with a classifier "
-                                         r"\(layer3\)"):
-        _model("pmm", stages=["layer2", "layer3"], mix_stages=["layer2", "layer3"])
-    with pytest.raises(ValueError, match=r"mix_stages \['layer4'\]"):
-        _model("pmm", mix_stages=["layer3", "layer4"], batch_drop=True)
-    # layer4's batch-drop classifier sees a mix after layer3 even when layer3 is the last stage
-    model = _model("pmm", stages=["layer2", "layer3"], mix_stages=["layer2", "layer3"], batch_drop=True).train()
+def test_pmm_backbone_stage_options_are_one_clear_error():
+    """PMM's stages are heads on layer4 mixed inside the heads: the options that placed classifiers
+    and mixes on backbone stages are refused by name, not ignored."""
+    for options in (dict(stages=["layer2", "layer3"]), dict(mix_stages=["layer2", "layer3"]),
+                    dict(stage_start_epochs=[0, 0, 0])):
+        with pytest.raises(ValueError, match=rf"pmm: option\(s\) {next(iter(options))} no longer exist"):
+            _model("pmm", **options)
+    # the mixes are those of heads 2 and 3, also with the batch-drop head
+    model = _model("pmm", batch_drop=True).train()
     batch = _batch()
     out = model(batch["img"], batch=batch)
-    assert sorted(out["mix"]) == ["layer2", "layer3"]
-    assert sorted(_model("pmm", stages=["layer2", "layer3"], mix_stages=["layer2"]).mix_stages) == ["layer2"]
+    assert sorted(out["mix"]) == ["stage2", "stage3"]
+    assert sorted(out["logits"]) == ["bdb", "stage1", "stage2", "stage3"]
