@@ -159,6 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out images that cannot be read (listed in the log and in images.json) instead of "
                    "stopping with an error that names them")
     p.add_argument("--force", action="store_true", help="replace existing output files")
+
+    p = sub.add_parser("export", help="ONNX and torch.export (.pt2) files of a model's retrieval descriptor",
+                       description="Export the retrieval descriptor of a checkpoint: input a float32 batch "
+                       "(batch, 3, H, W) of RGB images at the trained size, normalised with the ImageNet mean "
+                       "(0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225); output (batch, D) float32, the rows "
+                       "fmn.extract_features gives (flip-averaged when the config's eval.flip is true). ONNX uses "
+                       "standard operators only (onnxruntime runs it); loading the .pt2 needs torch and "
+                       "`import fmn_kernels`. Each file is checked against PyTorch before it is written.")
+    p.add_argument("--checkpoint", required=True, help="model.pt written by fmn train / fmn demo")
+    p.add_argument("--onnx", metavar="FILE", help="write the ONNX model here (needs pip install 'fmn[export]')")
+    p.add_argument("--pt2", metavar="FILE", help="write the torch.export archive here")
+    p.add_argument("--force", action="store_true", help="replace existing output files")
     return parser
 
 
@@ -329,8 +341,17 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from fmn.engine.export import run_export
+
+    if not (args.onnx or args.pt2):
+        raise UsageError("give --onnx FILE and/or --pt2 FILE")
+    run_export(args.checkpoint, onnx=args.onnx, pt2=args.pt2, force=args.force, log=_log)
+    return 0
+
+
 COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "train": cmd_train, "eval": cmd_eval,
-            "rerank": cmd_rerank, "visualize": cmd_visualize, "extract": cmd_extract}
+            "rerank": cmd_rerank, "visualize": cmd_visualize, "extract": cmd_extract, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
