@@ -24,6 +24,13 @@ What makes it a re-ID problem where local detail matters:
   clutter in each camera's palette, blur and noise. Per image: view (front or back), bag side,
   arm swing and stride, position jitter.
 
+``generate(out_dir, preset="hard", ...)`` writes the ``hard`` preset instead
+(:mod:`fmn.data.synthetic_hard`): the shape of a small real two-camera dataset (700 identities,
+2-4 images per identity and camera, 2-6 cameras), low native resolution, blur, noise and JPEG
+artefacts, front / back / side views, cluttered scenes and passers-by, and clothing colours
+shared by many identities. Its ``synthetic.json`` says ``"preset": "hard"``; the default
+preset's has no ``preset`` key (its files are unchanged from before the presets).
+
 Everything is drawn from ``numpy.random.default_rng`` streams keyed by (seed, purpose, ids),
 so the output is byte-for-byte identical for the same arguments and library versions.
 Images are rendered at twice the size and reduced (box filter); masks are reduced with the
@@ -43,10 +50,11 @@ from PIL import Image, ImageDraw, ImageFilter
 from fmn.atomic import atomic_write
 from fmn.data.masks import KEYPOINT_NAMES, PART_LABELS, save_parts
 
-__all__ = ["generate", "is_complete", "DEFAULTS", "render_person"]
+__all__ = ["generate", "is_complete", "DEFAULTS", "PRESETS", "render_person"]
 
 DEFAULTS = dict(num_ids=96, num_cams=4, images_per_id_per_cam=4, height=128, width=64, group_size=4,
                 num_distractors=32, num_junk=16)
+PRESETS = ("default", "hard")             # "hard": fmn.data.synthetic_hard
 
 # Palettes (RGB). Clothing colours are spread out so groups differ globally.
 _CLOTHES = [(200, 30, 30), (30, 60, 170), (40, 140, 60), (230, 200, 40), (240, 240, 235), (35, 35, 40),
@@ -446,23 +454,47 @@ def _prepare_out_dir(out_dir: str) -> None:
     _clear_partial(out_dir)
 
 
-def generate(out_dir: str, num_ids: int = DEFAULTS["num_ids"], num_cams: int = DEFAULTS["num_cams"],
-             seed: int = 0, images_per_id_per_cam: int = DEFAULTS["images_per_id_per_cam"],
-             height: int = DEFAULTS["height"], width: int = DEFAULTS["width"],
-             progress: bool = True, group_size: int = DEFAULTS["group_size"],
+def generate(out_dir: str, num_ids: Optional[int] = None, num_cams: Optional[int] = None,
+             seed: int = 0, images_per_id_per_cam=None,
+             height: Optional[int] = None, width: Optional[int] = None,
+             progress: bool = True, group_size: Optional[int] = None,
              num_distractors: Optional[int] = None, num_junk: Optional[int] = None,
-             with_parts: bool = True) -> str:
+             with_parts: bool = True, preset: str = "default") -> str:
     """Write the synthetic dataset to ``out_dir`` (created; must be empty or absent, or hold what
     an interrupted ``generate`` left there, which is cleared and written again).
 
-    Defaults: 96 identities in groups of 4 (48 train / 48 test), 4 cameras, each identity in 2-4
-    of them with 4 images per camera, 128x64 images: for seed 0, 576 training images, 148
+    ``preset``: ``"default"`` (this module) or ``"hard"`` (:mod:`fmn.data.synthetic_hard`: the
+    shape and difficulty of a small real two-camera dataset). An argument left at None takes the
+    preset's default.
+
+    Default preset: 96 identities in groups of 4 (48 train / 48 test), 4 cameras, each identity
+    in 2-4 of them with 4 images per camera, 128x64 images: for seed 0, 576 training images, 148
     queries and 492 gallery images (including 32 distractors and 16 junk); about 8 s of CPU.
     ``num_distractors`` / ``num_junk`` default to a third / a sixth of ``num_ids``.
     Returns ``out_dir``.
     """
     from tqdm.auto import tqdm
 
+    if preset == "hard":
+        from fmn.data.synthetic_hard import generate_hard
+
+        given = dict(num_ids=num_ids, num_cams=num_cams, images_per_id_per_cam=images_per_id_per_cam,
+                     height=height, width=width, group_size=group_size)
+        return generate_hard(out_dir, seed=seed, progress=progress, num_distractors=num_distractors,
+                             num_junk=num_junk, with_parts=with_parts,
+                             **{k: v for k, v in given.items() if v is not None})
+    if preset != "default":
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    num_ids = DEFAULTS["num_ids"] if num_ids is None else num_ids
+    num_cams = DEFAULTS["num_cams"] if num_cams is None else num_cams
+    if images_per_id_per_cam is None:
+        images_per_id_per_cam = DEFAULTS["images_per_id_per_cam"]
+    if isinstance(images_per_id_per_cam, (tuple, list)):
+        raise ValueError("images_per_id_per_cam: the default preset takes one number of images per identity and "
+                         f"camera, got {images_per_id_per_cam!r} (a (min, max) range is for preset='hard')")
+    height = DEFAULTS["height"] if height is None else height
+    width = DEFAULTS["width"] if width is None else width
+    group_size = DEFAULTS["group_size"] if group_size is None else group_size
     if num_ids < 2:
         raise ValueError(f"num_ids must be >= 2, got {num_ids}")
     if num_cams < 2:
