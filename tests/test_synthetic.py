@@ -204,3 +204,32 @@ def test_global_appearance_is_not_enough(tmp_path):
         scores[name] = (float(cmc[0]), mAP)
     assert scores["global"][0] < 0.3
     assert scores["local"][0] > scores["global"][0] + 0.2 and scores["local"][1] > scores["global"][1] + 0.15
+
+
+# The default preset's exact bytes: sha256 (``_digest``: file names and contents) of two tiny
+# datasets, one at the default 128x64. Computed with the generator as it was before the hard
+# preset was added (commit 85988e4) and hard-coded here; Pillow 13.0.0, numpy 2.4.6. Another
+# Pillow (its drawing or JPEG / PNG encoders) may write other bytes and fail this test without
+# any change to the generator.
+DEFAULT_PRESET_DIGESTS = [
+    (dict(SMALL, seed=3), "9b0593e629088cb9b67a19aea3598b198711f1951a9ec42d4c784254ae1999d9"),
+    (dict(num_ids=6, images_per_id_per_cam=1, seed=0, progress=False),
+     "07d9c02eb5219d7aae11d1ab98e51a440ec7be4cd9bdbc7028b408c72ac94cf3"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(DEFAULT_PRESET_DIGESTS)))
+def test_default_preset_bytes_are_unchanged(tmp_path, case):
+    kwargs, digest = DEFAULT_PRESET_DIGESTS[case]
+    assert _digest(generate(str(tmp_path / "a"), **kwargs)) == digest
+    assert _digest(generate(str(tmp_path / "b"), preset="default", **kwargs)) == digest
+    with open(tmp_path / "a" / "synthetic.json") as fh:
+        assert "preset" not in json.load(fh)
+
+
+def test_preset_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="preset must be one of default, hard, got 'easy'"):
+        generate(str(tmp_path / "x"), preset="easy", progress=False)
+    with pytest.raises(ValueError, match=r"default preset takes one number .* got \(2, 4\)"):
+        generate(str(tmp_path / "x"), num_ids=4, images_per_id_per_cam=(2, 4), progress=False)
+    assert not os.path.exists(tmp_path / "x")
