@@ -52,8 +52,8 @@ def test_warn_mode_logs_once_per_stage_and_finishes(tmp_path):
 
 def test_a_run_at_chance_is_not_learning(tmp_path):
     # lr 1e-9: the weights do not move, cross-entropy stays at ln(C), accuracy at chance
-    with pytest.raises(TrainingHealthError, match=r"stage 1 epoch 3: training is not learning: cross-entropy "
-                                                  r"[0-9.]+ at ln\(4\) = 1\.386 .* for 2 epochs"):
+    with pytest.raises(TrainingHealthError, match=r"stage 1 epoch 4: training is not learning: cross-entropy "
+                                                  r"[0-9.]+ at ln\(4\) = 1\.386 .* for 3 epochs"):
         run(tmp_path, "train.stage1={epochs: 6, lr: 1.0e-9, milestones: [5], gamma: 0.1}",
             "train.health_patience=2", "train.weight_decay=0", "train.momentum=0")
 
@@ -70,13 +70,18 @@ def test_a_learning_run_is_never_stopped(tmp_path):
 def test_verdicts_from_stats():
     t = {"health": "stop", "health_patience": 2, "warmup_epochs": 1, "triplet_margin": 0.3, "triplet_weight": 1.0}
     check = HealthCheck(t, num_classes=100)
-    chance = {"ce": 4.61, "acc": 0.01, "spread": 0.5, "triplet": 0.1}
+    chance = {"ce": 4.61, "acc": 0.01, "spread": 0.5, "triplet": 0.1, "loss": 4.71}
     assert check.verdict(0, {"spread": 0.0}) is None and check.verdict(1, {"spread": 0.0}) is None   # warm-up
     assert "collapsed" in check.verdict(2, {"spread": 1e-4})
     assert "margin" in check.verdict(2, {"spread": 5e-3, "triplet": 0.301})
-    assert check.verdict(2, {"spread": 5e-3, "triplet": 0.2, "ce": 1.0, "acc": 0.5}) is None
-    assert check.verdict(2, chance) is None and "not learning" in check.verdict(3, chance)
-    assert check.verdict(4, dict(chance, acc=0.5)) is None                # learning again resets the count
+    check.start_stage()
+    assert check.verdict(2, {"spread": 5e-3, "triplet": 0.2, "ce": 1.0, "acc": 0.5, "loss": 1.2}) is None
+    assert check.verdict(3, chance) is None                               # one epoch at chance
+    assert "not learning" in check.verdict(4, chance)                     # two, and the loss did not fall
+    assert check.verdict(5, dict(chance, acc=0.5)) is None                # learning again resets the count
+    check.start_stage()   # at chance, but the loss still falls (the triplet learns): given time
+    for epoch, loss in enumerate((6.0, 5.5, 4.6, 4.3, 4.0, 3.8), start=2):
+        assert check.verdict(epoch, dict(chance, loss=loss)) is None
     assert HealthCheck(dict(t, health="off"), 100).verdict(5, {"spread": 0.0}) is None
 
 

@@ -9,7 +9,10 @@ Signals (epoch means of the trainer's per-step stats):
   acc       the training accuracy at chance, below 2 / C
 Verdicts, after the stage's first ``train.warmup_epochs + 1`` epochs:
   collapsed     spread < 1e-3 (or the triplet pinned while spread < 1e-2), in any one epoch
-  not learning  ce at ln(C) and acc at chance for ``train.health_patience`` epochs in a row
+  not learning  ce at ln(C) and acc at chance for ``train.health_patience`` epochs in a row, while
+                the stage's loss fell by less than 1 % over those epochs (a run whose other
+                terms still learn, e.g. its triplet loss in the first epochs of a from-scratch
+                run, is given time)
 ``train.health``: ``stop`` (default: the run ends with one message, its last checkpoint kept),
 ``warn`` (the message is logged once per stage) or ``off``.
 """
@@ -42,10 +45,11 @@ class HealthCheck:
         self.margin = train_cfg["triplet_margin"] if train_cfg["triplet_weight"] > 0 else None
         self.num_classes = max(2, int(num_classes))
         self.streak = 0
+        self.losses: list[float] = []
         self.warned: set[int] = set()
 
     def start_stage(self) -> None:
-        self.streak = 0
+        self.streak, self.losses = 0, []
 
     def verdict(self, epoch: int, stats: dict[str, float]) -> str | None:
         """What is wrong after epoch ``epoch`` (0-based within the stage), or None."""
@@ -59,11 +63,13 @@ class HealthCheck:
             if pinned:
                 seen.append(f"the triplet loss sits at its margin ({stats['triplet']:.3f})")
             return "training collapsed: " + "; ".join(seen)
+        self.losses.append(stats.get("loss", float("nan")))
         ces = [v for k, v in stats.items() if k == "ce" or k.startswith("ce_")]
         chance_ce = math.log(self.num_classes)
         at_chance = bool(ces) and min(ces) >= 0.98 * chance_ce and stats.get("acc", 0.0) <= 2.0 / self.num_classes
         self.streak = self.streak + 1 if at_chance else 0
-        if self.streak >= self.patience:
+        stalled = len(self.losses) > self.patience and self.losses[-1] >= 0.99 * self.losses[-1 - self.patience]
+        if self.streak >= self.patience and stalled:
             return (f"training is not learning: cross-entropy {min(ces):.3f} at ln({self.num_classes}) = "
                     f"{chance_ce:.3f} and training accuracy {stats.get('acc', 0.0):.3f} at chance for "
                     f"{self.streak} epochs")
