@@ -392,6 +392,7 @@ def test_shipped_configs():
     assert (paper["data"]["height"], paper["data"]["width"]) == (384, 128)
     assert (paper["data"]["batch_size"], paper["data"]["num_instances"]) == (128, 4)
     assert paper["train"]["stage1"]["epochs"] == 400 and paper["train"]["stage1"]["milestones"] == [199, 299]
+    assert paper["train"]["optimizer"] == "adam" and paper["train"]["stage1"]["lr"] == 1e-3
     assert paper["eval"]["flip"] is False and paper["eval"]["rerank"] is False
     for name in ("mmga_market1501", "mgran_market1501"):
         cfg = load_config(name)
