@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fmn.models.pmm as pmm_module
 from fmn.checkpoint import CheckpointError
 from fmn.data.parts import PART_CHANNELS
 from fmn.losses import cross_entropy, ranking_loss
 from fmn.models import LOCAL_LAYERS, build_model, build_resnet, load_pretrained
-from fmn.models.pmm import _block_size, attentive_hard_mix, negative_partners
+from fmn.models.pmm import attentive_hard_mix, negative_partners
 from fmn_kernels import backend as kbackend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -597,78 +596,3 @@ def test_hard_mix_partner_is_always_another_identity_and_uniform():
     f = torch.randn(6, 4, 6, 4)
     out, mask, _ = attentive_hard_mix(f, pid, (2, 2), mix_prob=0.0)
     assert mask.sum() == 0 and torch.equal(out, f)
-
-
-def _brute_block(f, bh, bw):
-    e = f.pow(2).sum(0)
-    best, where = None, None
-    for y in range(e.shape[0] - bh + 1):
-        for x in range(e.shape[1] - bw + 1):
-            s = float(e[y:y + bh, x:x + bw].sum())
-            if best is None or s > best:
-                best, where = s, (y, x)
-    return where
-
-
-def test_pmm_forward_mixes_the_salient_block_with_another_identity():
-    torch.manual_seed(0)
-    model = tiny_seed("pmm", input_size=(128, 64), mix_stages=["layer2"]).train()
-    x = torch.randn(6, 3, 128, 64)
-    pid = torch.tensor([0, 0, 1, 1, 2, 2])
-    seen = {}
-    model.backbone.layer2.register_forward_hook(lambda m, i, o: seen.update(l2=o.detach().clone()))
-    model.backbone.layer3.register_forward_hook(lambda m, i, o: seen.update(l3_in=i[0].detach().clone()))
-    for trial in range(3):
-        out = model(x, batch={"pid": pid})
-        l2, l3_in, mask = seen["l2"], seen["l3_in"], out["mix"]["layer2"]
-        torch.testing.assert_close(out["feats"]["layer2"], l2.mean((2, 3)))   # its classifier: unmixed
-        bh, bw = _block_size(l2.shape[-2:], model.mix_block)
-        for b in range(6):
-            y, x0 = _brute_block(l2[b], bh, bw)
-            expect = torch.zeros(l2.shape[-2:])
-            expect[y:y + bh, x0:x0 + bw] = 1
-            assert torch.equal(mask[b], expect), (trial, b)
-            inside = expect.bool()
-            torch.testing.assert_close(l3_in[b][:, ~inside], l2[b][:, ~inside])
-            donors = [p for p in range(6) if torch.allclose(l3_in[b][:, inside], l2[p][:, inside], atol=1e-5)]
-            assert donors and all(pid[p] != pid[b] for p in donors), (trial, b, donors)
-    model.eval()
-    with torch.no_grad():
-        model(x, batch={"pid": pid})
-    assert torch.equal(seen["l3_in"], seen["l2"])                   # no mixing at eval
-
-
-def test_pmm_batch_dropblock_same_block_for_the_batch_in_training_only(monkeypatch):
-    model = tiny_seed("pmm", input_size=(128, 64), last_stride=1, batch_drop=True).train()
-    x = torch.randn(4, 3, 128, 64)
-    calls, seen = [], {}
-    real = pmm_module.spatial_mask_mul
-
-    def spy(f, logits, activation="exp_relu", *a, **kw):
-        calls.append((activation, logits.detach().clone()))
-        return real(f, logits, activation, *a, **kw)
-
-    monkeypatch.setattr(pmm_module, "spatial_mask_mul", spy)
-    model.backbone.layer4.register_forward_hook(lambda m, i, o: seen.update(l4=o.detach().clone()))
-    corners = set()
-    for _ in range(8):
-        calls.clear()
-        out = model(x, batch={"pid": torch.tensor([0, 0, 1, 1])})
-        assert len(calls) == 1 and calls[0][0] == "identity"
-        keep = calls[0][1]
-        l4 = seen["l4"]
-        assert keep.shape == (4, *l4.shape[-2:]) and set(keep.unique().tolist()) == {0.0, 1.0}
-        assert all(torch.equal(keep[b], keep[0]) for b in range(4))   # the same region for the batch
-        dropped = (keep[0] == 0).nonzero()
-        bh, bw = _block_size(l4.shape[-2:], model.drop_block)
-        (y0, x0), (y1, x1) = dropped.min(0).values.tolist(), dropped.max(0).values.tolist()
-        assert (y1 - y0 + 1, x1 - x0 + 1) == (bh, bw) and len(dropped) == bh * bw   # one bh x bw block
-        corners.add((y0, x0))
-        torch.testing.assert_close(out["feats"]["bdb"], (l4 * keep[:, None]).amax((2, 3)))
-    assert len(corners) > 1                                           # a random block per step
-    model.eval()
-    calls.clear()
-    with torch.no_grad():
-        out = model(x)
-    assert calls == []                                                # identity at eval
-    torch.testing.assert_close(out["bdb"], seen["l4"].amax((2, 3)))

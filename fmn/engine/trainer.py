@@ -11,7 +11,7 @@ finiteness checks.
 Each epoch ends with an atomic checkpoint ``<out>/last.pt``; ``fit(resume=True)`` continues from
 it, so a killed run loses at most the epoch that was running. Every epoch reseeds the RNGs from
 (seed, stage, epoch) and calls the sampler's and collate function's ``set_epoch`` (and the
-model's, for PMM's progressive heads), so a resumed run follows the same data order and
+model's, where it has one), so a resumed run follows the same data order and
 augmentation as an uninterrupted one, bit for bit; ``train_log.jsonl`` is rewritten from the
 checkpoint's history, so it too matches. A NaN or Inf loss raises ``NonFiniteLossError`` before
 the step is applied, and non-finite weights are never checkpointed: the last good checkpoint

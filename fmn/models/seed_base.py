@@ -162,7 +162,7 @@ class SeedModel(nn.Module):
 
     def training_stages(self, cfg: dict) -> list[Stage]:
         """One stage on ``train.stage1``: every parameter trains on the model's own ``loss``. DDP
-        looks for unused parameters (a head can sit out a step, e.g. PMM's later classifiers)."""
+        looks for unused parameters, so that a branch an option leaves out of a step is no error."""
         return [Stage(1, "stage1", self.model_name, (self,), self.loss, forward=forward_with_batch,
                       find_unused_parameters=True,
                       embedding=lambda out: self.descriptor(list(out["feats"].values())))]
