@@ -332,7 +332,8 @@ def _check_sections(data: dict, name: str) -> None:
 def upgrade_config(cfg: dict) -> dict:
     """A config stored in a checkpoint by an earlier fmn, in today's schema: the FMN options of the
     model section move to the ``fmn`` section, a related method's ``seed`` section to the section
-    named after the model (its mask-file options to ``data``). Other configs are returned as they are."""
+    named after the model (its mask-file options to ``data``), and settings added since take their
+    defaults."""
     cfg = copy.deepcopy(cfg)
     model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
     name = model.get("name")
@@ -346,10 +347,19 @@ def upgrade_config(cfg: dict) -> dict:
             if key in seed:
                 data[key] = seed.pop(key)
         cfg.setdefault(name, seed)
-    if isinstance(cfg.get("data"), dict):
-        for key, value in (("parts_root", None), ("kp_sigma", 0.1)):
-            cfg["data"].setdefault(key, value)
+    _fill(cfg, DEFAULTS)
+    if name in SECTIONS and isinstance(cfg.get(name), dict):
+        _fill(cfg[name], SECTIONS[name].defaults)
     return cfg
+
+
+def _fill(cfg: dict, defaults: dict) -> None:
+    """Add the keys of ``defaults`` that ``cfg`` lacks (settings newer than the config), recursively."""
+    for key, value in defaults.items():
+        if key not in cfg:
+            cfg[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(cfg[key], dict) and key != "options":
+            _fill(cfg[key], value)
 
 
 def with_sections_of(trained: dict, other: dict) -> dict:

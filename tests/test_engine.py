@@ -231,3 +231,23 @@ def test_evaluate_returns_the_rows_of_results_json(trained, data, tmp_path):
     rows = fmn.evaluate(fmn.load_model(trained[2]), progress=False)
     assert rows == json.loads(json_path.read_text())["results"]
     assert set(rows) == {"GRN", "LAN", "FMN", "GRN+RR", "LAN+RR", "FMN+RR"}
+
+
+def test_checkpoints_of_earlier_versions_load(trained, tmp_path):
+    """A config stored before the model sections (FMN's options in model, no health / optimizer /
+    validation keys) is upgraded on load, and the weights are the same."""
+    from fmn.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(trained[2])
+    old = json.loads(json.dumps(state["config"]))
+    old["model"].update(old.pop("fmn"))
+    for key in ("optimizer", "health", "health_patience", "val_ids", "val_every", "select_best"):
+        del old["train"][key]
+    for key in ("parts_root", "kp_sigma"):
+        del old["data"][key]
+    path = tmp_path / "old.pt"
+    save_checkpoint(dict(state, config=old), path)
+    model = fmn.load_model(path)
+    assert model.fmn_config["fmn"]["lan_init"] == old["model"]["lan_init"]
+    assert model.fmn_config["train"]["optimizer"] == "sgd"
+    assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
