@@ -574,7 +574,7 @@ def render_hard(ident: HardIdentity, cam: HardCamera, scene: Image.Image, rng: n
 
     # Mask and keypoints at the output size.
     mask = np.asarray(msk.resize((width, height), Image.NEAREST), dtype=np.uint8)
-    kp[:, :2] /= S
+    kp[:, :2] = np.round(kp[:, :2] / S, 2)                       # as save_parts writes them
     for i in range(len(kp)):
         x, y = kp[i, 0], kp[i, 1]
         if not (0 <= x < width and 0 <= y < height):
