@@ -36,14 +36,11 @@ def ranking_loss(
     return torch.clamp(p_g - p_l + margin, min=0.0).mean()
 
 
-def batch_hard_triplet(feats: torch.Tensor, targets: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
-    """Batch-hard triplet loss on Euclidean distances (Hermans et al. 2017).
-
-    For each anchor: the farthest same-identity sample and the nearest other-identity sample;
-    loss = mean(relu(d_ap - d_an + margin)). Anchors without a positive or a negative are skipped.
-    Distances are computed in float32 also under autocast (in bf16/fp16, the cancellation in
-    |a|^2 + |b|^2 - 2 a.b is as large as the distances themselves).
-    """
+def _hardest_pairs(feats: torch.Tensor, targets: torch.Tensor):
+    """(d_ap, d_an, valid, dist): each anchor's farthest same-identity and nearest other-identity
+    Euclidean distance, which anchors have both, and the distance matrix. Distances are computed in
+    float32 also under autocast (in bf16/fp16, the cancellation in |a|^2 + |b|^2 - 2 a.b is as
+    large as the distances themselves)."""
     with torch.autocast(device_type=feats.device.type, enabled=False):
         x = feats.float()
         sq = (x * x).sum(1)
@@ -53,11 +50,21 @@ def batch_hard_triplet(feats: torch.Tensor, targets: torch.Tensor, margin: float
     eye = torch.eye(len(targets), dtype=torch.bool, device=feats.device)
     pos = same & ~eye
     neg = ~same
-    valid = pos.any(1) & neg.any(1)
-    if not bool(valid.any()):
-        return dist.sum() * 0.0
     d_ap = dist.masked_fill(~pos, float("-inf")).amax(1)
     d_an = dist.masked_fill(~neg, float("inf")).amin(1)
+    return d_ap, d_an, pos.any(1) & neg.any(1), dist
+
+
+def batch_hard_triplet(feats: torch.Tensor, targets: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
+    """Batch-hard triplet loss on Euclidean distances (Hermans et al. 2017).
+
+    For each anchor: the farthest same-identity sample and the nearest other-identity sample;
+    loss = mean(relu(d_ap - d_an + margin)). Anchors without a positive or a negative are skipped
+    (0, with a zero gradient, when no anchor has both). Distances in float32 (``_hardest_pairs``).
+    """
+    d_ap, d_an, valid, dist = _hardest_pairs(feats, targets)
+    if not bool(valid.any()):
+        return dist.sum() * 0.0
     return F.relu(d_ap - d_an + margin)[valid].mean()
 
 
@@ -70,20 +77,9 @@ def soft_margin_triplet(feats: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     It equals ``torch.nn.SoftMarginLoss()(d_an - d_ap, 1)``. Anchors without a positive or a
     negative are skipped; 0 (with a zero gradient) when no anchor has both.
     """
-    with torch.autocast(device_type=feats.device.type, enabled=False):
-        x = feats.float()
-        sq = (x * x).sum(1)
-        d2 = (sq[:, None] + sq[None, :] - 2.0 * x @ x.t()).clamp_min(1e-12)
-        dist = d2.sqrt()
-    same = targets[:, None] == targets[None, :]
-    eye = torch.eye(len(targets), dtype=torch.bool, device=feats.device)
-    pos = same & ~eye
-    neg = ~same
-    valid = pos.any(1) & neg.any(1)
+    d_ap, d_an, valid, dist = _hardest_pairs(feats, targets)
     if not bool(valid.any()):
         return dist.sum() * 0.0
-    d_ap = dist.masked_fill(~pos, float("-inf")).amax(1)
-    d_an = dist.masked_fill(~neg, float("inf")).amin(1)
     return F.softplus((d_ap - d_an)[valid]).mean()
 
 
