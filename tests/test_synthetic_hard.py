@@ -205,3 +205,34 @@ def test_trivial_descriptors_do_much_worse_than_on_the_default_preset(tmp_path):
     assert scores["default"]["mAP"] > 0.25 and scores["hard"]["mAP"] < 0.15
     assert scores["default"]["mAP"] > 2.5 * scores["hard"]["mAP"]
     assert scores["default"]["rank1"] > scores["hard"]["rank1"] + 0.15
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", ["mmga", "mgran"])
+def test_part_models_train_on_it(hard, name):
+    """The parts-aware loader reads the hard preset's masks and keypoints, and MMGA / MGRAN
+    (tiny width) lower their loss on a batch of it."""
+    import torch
+
+    from fmn.data.parts import PART_CHANNELS, check_parts, make_parts_train_loader
+    from fmn.models import build_model
+
+    ds = build_dataset("synthetic", hard)
+    check_parts(ds.train + ds.query + ds.gallery)
+    batch = next(iter(make_parts_train_loader(ds, 64, 32, batch_size=8, num_instances=2, workers=0, augment=False)))
+    assert batch["img"].shape == (8, 3, 64, 32) and batch["parts"].shape == (8, len(PART_CHANNELS), 64, 32)
+    assert torch.all(batch["parts"].flatten(2).amax(2) > 0.5)      # every region present in every image
+    torch.manual_seed(0)
+    model = build_model(name, ds.num_train_pids, backbone="resnet18", base_width=8, input_size=(64, 32),
+                        bnneck=True, triplet_weight=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    model.train()
+    losses = []
+    for _ in range(6):
+        torch.manual_seed(0)
+        loss, _ = model.loss(model(batch["img"], batch=batch), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert np.isfinite(losses).all() and losses[-1] < 0.9 * losses[0], losses
