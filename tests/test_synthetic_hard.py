@@ -110,7 +110,7 @@ def test_deterministic_for_a_seed_and_seeds_differ(hard, tmp_path):
 
 def test_masks_and_keypoints_present_and_sized_like_their_images(hard):
     ds = build_dataset("synthetic", hard)
-    labels, visible, views = set(), [], 0
+    labels, visible, eyes = set(), [], collections.Counter()
     for path, pid, _ in ds.train + ds.query + ds.gallery:
         mask_path, kp_path = parts_paths(path)
         assert os.path.isfile(mask_path) and os.path.isfile(kp_path)
@@ -124,9 +124,12 @@ def test_masks_and_keypoints_present_and_sized_like_their_images(hard):
             assert mask[max(0, int(y) - 1):int(y) + 2, max(0, int(x) - 1):int(x) + 2].max() > 0, path
         if pid > 0:
             assert {2, 3} <= set(np.unique(mask).tolist()), path    # the person's torso and legs are there
+            eyes[int(kp[1:3, 2].sum())] += 1
     assert labels == {0, 1, 2, 3, 4, 5}
     # some keypoints hidden (back and side views, occluders), most visible
     assert min(visible) < 17 and np.median(visible) >= 10
+    # viewpoints: both eyes seen (front), one (side), none (back)
+    assert min(eyes[0], eyes[1], eyes[2]) >= 0.1 * sum(eyes.values()), eyes
 
 
 def test_views_and_details_make_look_alikes(hard):
