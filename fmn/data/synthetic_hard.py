@@ -640,8 +640,8 @@ def generate_hard(out_dir: str, num_ids: int = HARD_DEFAULTS["num_ids"], num_cam
 
     ``images_per_id_per_cam``: an integer, or a (min, max) range drawn per identity and camera
     (both >= 2). ``num_cams``: 2-6. ``num_distractors`` / ``num_junk`` default to a quarter /
-    an eighth of ``num_ids``. Defaults: see the module docstring; about 4,400 images, around
-    40 s on one core.
+    an eighth of ``num_ids``. Defaults: see the module docstring; 4,465 images for seed 0, about
+    15 s on one core (13 s measured; the default preset's 1,216 images: 3.3 s).
     """
     from tqdm.auto import tqdm
 
