@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cams", type=int, help="number of cameras (synth.num_cams)")
     p.add_argument("--images-per-cam", type=int, help="images per identity per camera")
     p.add_argument("--seed", type=int, help="random seed (synth.seed)")
+    p.add_argument("--preset", choices=("default", "hard"),
+                   help="default: the demo's dataset; hard: the shape and difficulty of a small real two-camera "
+                        "set (700 identities, 2-4 images per identity and camera, low resolution, blur, noise, "
+                        "JPEG, viewpoints, clutter, occluders, shared clothing colours) (synth.preset)")
 
     p = sub.add_parser("train", help="train both FMN stages (Algorithm 1), resuming from the output folder",
                        description="Train GRN (stage 1), then MN + LAN with GRN frozen (stage 2). A checkpoint "
@@ -251,7 +255,8 @@ def cmd_synth(args) -> int:
 
     overrides = list(args.overrides)
     for key, val in (("num_ids", args.ids), ("num_cams", args.cams),
-                     ("images_per_id_per_cam", args.images_per_cam), ("seed", args.seed)):
+                     ("images_per_id_per_cam", args.images_per_cam), ("seed", args.seed),
+                     ("preset", args.preset)):
         if val is not None:   # validated with the config: one clear error for --ids 1 or --seed -1
             overrides.append(f"synth.{key}={val}")
     cfg = load_config(args.config, overrides)

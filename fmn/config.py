@@ -93,13 +93,15 @@ DEFAULTS: dict[str, Any] = {
     "output": {
         "dir": "runs/market1501",
     },
-    "synth": {                           # the synthetic dataset written by `fmn synth` / `fmn demo`
-        "num_ids": 96,
-        "num_cams": 4,
-        "images_per_id_per_cam": 4,
-        "height": 128,
-        "width": 64,
-        "seed": 0,
+    "synth": {                           # the synthetic dataset written by `fmn synth` / `fmn demo`;
+                                         # a value set here must match a dataset already at data.root
+        "preset": "default",             # default | hard (fmn.data.synthetic_hard: a small real two-camera set)
+        "num_ids": None,                 # null: the preset's (default 96, hard 700)
+        "num_cams": None,                # null: the preset's (default 4, hard 2)
+        "images_per_id_per_cam": None,   # null: the preset's (default 4, hard 2-4 drawn per identity and camera)
+        "height": None,                  # null: 128
+        "width": None,                   # null: 64
+        "seed": None,                    # null: 0
     },
 }
 
@@ -455,12 +457,14 @@ def validate(cfg: dict) -> dict:
     _bool(cfg, "eval.rerank")
     _int(cfg, "eval.batch_size", lo=1)
     _str(cfg, "output.dir")
-    _int(cfg, "synth.num_ids", lo=2)
-    _int(cfg, "synth.num_cams", lo=2)
-    _int(cfg, "synth.images_per_id_per_cam", lo=1)
-    _int(cfg, "synth.height", lo=16)
-    _int(cfg, "synth.width", lo=8)
-    _int(cfg, "synth.seed", lo=0)
+    _choice(cfg, "synth.preset", ("default", "hard"))
+    hard = cfg["synth"]["preset"] == "hard"
+    _int(cfg, "synth.num_ids", lo=2, hi=9999, allow_none=True)
+    _int(cfg, "synth.num_cams", lo=2, hi=6 if hard else None, allow_none=True)
+    _int(cfg, "synth.images_per_id_per_cam", lo=2 if hard else 1, allow_none=True)
+    _int(cfg, "synth.height", lo=32 if hard else 16, allow_none=True)
+    _int(cfg, "synth.width", lo=16 if hard else 8, allow_none=True)
+    _int(cfg, "synth.seed", lo=0, allow_none=True)
     return cfg
 
 

@@ -107,7 +107,9 @@ def test_a_second_run_into_a_locked_output_folder_is_one_error(data, tmp_path, c
         assert main(["train", *TINY, "--data-root", data, "--output", str(out)]) == 2
         err = one_error(capsys, "train")
         assert str(out) in err and f"process {holder.pid}" in err and "another fmn run" in err
-        assert main(["demo", *TINY, "--data-root", data, "--output", str(out)]) == 2
+        tiny_synth = [a for k, v in (("num_ids", 8), ("num_cams", 2), ("images_per_id_per_cam", 2), ("height", 64),
+                                     ("width", 32)) for a in ("--set", f"synth.{k}={v}")]
+        assert main(["demo", *TINY, *tiny_synth, "--data-root", data, "--output", str(out)]) == 2
         assert f"process {holder.pid}" in one_error(capsys, "demo")
     finally:
         holder.kill()
@@ -251,3 +253,18 @@ def test_checkpoints_of_earlier_versions_load(trained, tmp_path):
     assert model.fmn_config["fmn"]["lan_init"] == old["model"]["lan_init"]
     assert model.fmn_config["train"]["optimizer"] == "sgd"
     assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
+
+
+def test_synth_hard_preset_from_the_command_line(tmp_path):
+    out = tmp_path / "hard"
+    assert main(["synth", "--preset", "hard", "--ids", "8", "--cams", "2", "--out", str(out)]) == 0
+    written = json.loads((out / "synthetic.json").read_text())
+    assert written["preset"] == "hard" and written["params"]["num_ids"] == 8
+
+
+def test_a_synthetic_dataset_of_other_settings_is_not_reused(data, tmp_path, capsys):
+    assert main(["train", *TINY, "--data-root", data, "--output", str(tmp_path / "r"),
+                 "--set", "synth.num_ids=96", "--set", "synth.preset=hard"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a synthetic dataset of other settings" in err and "num_ids: 8 there, 96 asked" in err
+    assert "preset: 'default' there, 'hard' asked" in err

@@ -3,6 +3,7 @@ arguments, calls one of these and prints what they log. Each takes ``log`` (a ca
 one line) and returns what it produced."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Callable, Sequence
@@ -12,6 +13,7 @@ from torch import nn
 
 from fmn.atomic import atomic_write
 from fmn.data import build_dataset
+from fmn.data.base import DatasetError
 from fmn.data.synthetic import generate, is_complete
 from fmn.engine.api import evaluate_dataset, load_model
 from fmn.engine.evaluation import (format_results, matches_per_query, rerank_note, retrieval_descriptor,
@@ -40,16 +42,37 @@ def refuse_overwrite(output: str, inputs: Sequence[str], what: str) -> None:
 
 def synthesize(out_dir: str, synth: dict, progress: bool | str = "auto") -> str:
     """Write the synthetic dataset of config section ``synth`` to ``out_dir``."""
-    return generate(out_dir, num_ids=synth["num_ids"], num_cams=synth["num_cams"], seed=synth["seed"],
-                    images_per_id_per_cam=synth["images_per_id_per_cam"], height=synth["height"],
-                    width=synth["width"], progress=show_progress(progress))
+    sizes = {k: synth[k] for k in ("height", "width") if synth[k] is not None}
+    return generate(out_dir, preset=synth["preset"], num_ids=synth["num_ids"], num_cams=synth["num_cams"],
+                    seed=synth["seed"] or 0, images_per_id_per_cam=synth["images_per_id_per_cam"],
+                    progress=show_progress(progress), **sizes)
+
+
+def synthetic_mismatch(root: str, synth: dict) -> str | None:
+    """How the synthetic dataset at ``root`` differs from config section ``synth`` (None: it does not)."""
+    with open(os.path.join(root, "synthetic.json")) as fh:
+        written = json.load(fh)
+    have = dict(written.get("params", {}), preset=written.get("preset", "default"))
+    diff = [f"{key}: {have.get(key)!r} there, {value!r} asked" for key, value in synth.items()
+            if value is not None and key in have and _plain(have[key]) != _plain(value)]
+    return "; ".join(diff) or None
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def prepare_dataset(cfg: dict, log: Log) -> bool:
     """Write the synthetic dataset at ``data.root`` when the config names it and it is not there
     (or was left half-written); True when it was written."""
     root = cfg["data"]["root"]
-    if cfg["data"]["name"] != "synthetic" or is_complete(root):
+    if cfg["data"]["name"] != "synthetic":
+        return False
+    if is_complete(root):
+        diff = synthetic_mismatch(root, cfg["synth"])
+        if diff:
+            raise DatasetError(f"data.root {root} holds a synthetic dataset of other settings ({diff}); give another "
+                             "data.root, or remove that folder to write it again")
         return False
     log(f"writing the synthetic dataset to {root}")
     synthesize(root, cfg["synth"], cfg["train"]["progress"])
