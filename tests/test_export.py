@@ -43,10 +43,16 @@ def one_error(capsys, command):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """{model: checkpoint} of tiny models trained on a tiny synthetic set."""
+def data(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("export") / "synth")
     generate(root, num_ids=8, num_cams=2, images_per_id_per_cam=2, height=64, width=32, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoints(data, tmp_path_factory):
+    """{model: checkpoint} of tiny models trained on a tiny synthetic set."""
+    root = data
     out = {}
     for name, extra in RUNS.items():
         folder = tmp_path_factory.mktemp(name)
@@ -110,6 +116,30 @@ def test_onnx_gives_the_pytorch_descriptor(name, checkpoints, exports):
         got = session.run(None, {"images": x.numpy()})[0]
         assert got.dtype == np.float32 and got.shape == tuple(want.shape)
         np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=tolerance(want))
+
+
+@needs_onnx
+def test_the_documented_preprocessing_with_onnxruntime_gives_the_rows_of_fmn_extract(checkpoints, exports, data,
+                                                                                      tmp_path):
+    """The README's deployment recipe: PIL, numpy and onnxruntime only."""
+    import onnxruntime as ort
+    from PIL import Image
+
+    folder = os.path.join(data, "query")
+    paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder))][:6]
+    sess = ort.InferenceSession(exports("fmn")["onnx"], providers=["CPUExecutionProvider"])
+    _, _, H, W = sess.get_inputs()[0].shape
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+
+    def prep(p):
+        x = np.asarray(Image.open(p).convert("RGB").resize((W, H), Image.BILINEAR), np.float32) / 255
+        return ((x - mean) / std).transpose(2, 0, 1)
+
+    got = sess.run(None, {"images": np.stack([prep(p) for p in paths])})[0]
+    (tmp_path / "list.txt").write_text("\n".join(paths))
+    assert main(["extract", "--checkpoint", checkpoints["fmn"], "--images", str(tmp_path / "list.txt"),
+                 "--out", str(tmp_path / "f.npy")]) == 0
+    np.testing.assert_allclose(got, np.load(tmp_path / "f.npy"), rtol=0, atol=1e-4)
 
 
 @needs_onnx
