@@ -30,7 +30,7 @@ def test_help_lists_every_command(capsys):
         assert exc.value.code == 0
 
 
-@pytest.mark.parametrize("name", ["market1501", "dukemtmc", "cuhk03", "demo"])
+@pytest.mark.parametrize("name", ["market1501", "dukemtmc", "cuhk03", "demo", "scratch"])
 def test_shipped_configs_are_valid(name):
     cfg = load_config(name)
     assert cfg["model"]["name"] == "fmn"
