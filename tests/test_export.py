@@ -29,11 +29,7 @@ TINY = ["--set", "model.base_width=8", "--set", "data.height=64", "--set", "data
         "--set", "model.backbone=resnet18", "--set", "train.device=cpu", "--set", "data.name=synthetic"]
 RUNS = {"fmn": ["--set", "train.stage2.epochs=1"], "fmn_stage1": ["--set", "train.stage2.epochs=0"],
         "mmga": ["--model", "mmga"], "mgran": ["--model", "mgran"], "pmm": ["--model", "pmm"]}
-# fmn/models/mgran.py splits the stream features with .split(img.shape[0]); aten.split's
-# decomposition calls guard_int on the chunk count, so torch.export fixes the batch size.
-MGRAN_SPLIT = pytest.mark.xfail(strict=True, raises=fexport.ExportError,
-                                reason="MGRAN's .split(batch) makes torch.export specialise the batch dimension")
-MODELS = [pytest.param(n, marks=MGRAN_SPLIT) if n == "mgran" else n for n in RUNS]
+MODELS = list(RUNS)
 
 
 def one_error(capsys, command):

@@ -137,7 +137,7 @@ class MGRAN(SeedModel):
         x = self.backbone.stem(torch.cat(inputs, 0))
         for name in STAGES:
             x = getattr(self.backbone, name)(x)
-        pooled = x.float().mean((2, 3)).split(img.shape[0])
+        pooled = x.float().mean((2, 3)).unflatten(0, (len(inputs), -1)).unbind(0)   # batch left symbolic
         feats = dict(zip(self.stream_names, pooled))
         if not self.training:
             return {**feats, "descriptor": self.descriptor(list(feats.values()))}
