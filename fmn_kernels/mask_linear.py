@@ -14,9 +14,9 @@ form
 3.3-4.3 ms for the plain addmm there, so the forward stays addmm; dW = g^T @ du gains nothing
 either way. The results are the same sums over the same products; only the blocking of the BLAS
 call changes, so values agree with `addmm` to float rounding. cuBLAS gains nothing from this, so
-CUDA tensors, autocast regions, dtypes that MKL does not serve (fp16, bf16) and GEMMs too small
-for the form to pay for its Python autograd (``MIN_MACS``) take the plain `addmm` and its
-autograd.
+CUDA tensors, autocast regions, dtypes that MKL does not serve (fp16, bf16), GEMMs too small
+for the form to pay for its Python autograd (``MIN_MACS``) and calls without autograd take the
+plain `addmm` (and its autograd).
 """
 from __future__ import annotations
 
@@ -58,7 +58,9 @@ MIN_MACS = 1 << 22
 
 
 def _use_cpu_forms(g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64)
+    """The transposed forms differ from addmm in the backward only: without autograd (inference,
+    torch.export under no_grad) the plain form runs, before the size test reads the batch."""
+    return (torch.is_grad_enabled() and g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64)
             and g.dim() == 2 and weight.dim() == 2 and g.shape[0] * weight.numel() >= MIN_MACS
             and weight.dtype == g.dtype and (bias is None or bias.dtype == g.dtype)
             and not torch.is_autocast_enabled("cpu") and not functorch_active())

@@ -30,7 +30,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-import fmn_kernels.mask_linear as _mask_linear
 from fmn.atomic import atomic_write
 from fmn.engine.api import extract_features, load_model
 from fmn.engine.evaluation import _as_feature_dict, input_dtype, retrieval_descriptor
@@ -92,20 +91,6 @@ def input_size(model: nn.Module) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------- torch.export
-@contextlib.contextmanager
-def _fixed_mask_gemm_form():
-    """fmn_kernels.mask_linear picks its CPU GEMM form by ``B * M * N >= MIN_MACS``; while
-    torch.export traces, that test on the symbolic batch B becomes a guard that bounds the batch
-    dimension (to 2..511 for a tiny FMN). Both forms run the same addmm forward (they differ in
-    the backward only), so the threshold is pinned at 0 while tracing: one form, any batch."""
-    saved = _mask_linear.MIN_MACS
-    _mask_linear.MIN_MACS = 0
-    try:
-        yield
-    finally:
-        _mask_linear.MIN_MACS = saved
-
-
 def example_batch(height: int, width: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
     """A fixed random batch of preprocessed-looking images (batch >= 2 to trace: torch.export
     specialises a dimension traced at size 1)."""
@@ -116,7 +101,7 @@ def example_batch(height: int, width: int, batch: int = 2, seed: int = 0) -> tor
 def _trace(module: DescriptorModel, x: torch.Tensor) -> torch.export.ExportedProgram:
     batch = torch.export.Dim(BATCH_AXIS, min=1)
     try:
-        with torch.no_grad(), _fixed_mask_gemm_form():
+        with torch.no_grad():   # no autograd: fmn_kernels.mask_linear takes its plain form, any batch
             return torch.export.export(module, (x,), dynamic_shapes=({0: batch},))
     except Exception as exc:   # torch.export's errors are long; the first lines say what failed
         lines = [ln for ln in str(exc).splitlines() if ln.strip()][:3]
