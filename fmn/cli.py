@@ -6,9 +6,12 @@
     fmn eval --checkpoint runs/market1501/model.pt
     fmn rerank --query q.pt --gallery g.pt --out dist.pt
     fmn visualize --checkpoint runs/market1501/model.pt --out runs/market1501/vis
+    fmn extract --checkpoint model.pt --images photos/ --out feats.pt
+    fmn export --checkpoint model.pt --onnx model.onnx --pt2 model.pt2
 
 Settings come from the defaults (the paper's), then ``--config FILE``, then each
 ``--set key=value`` (dotted keys, YAML values). ``fmn <command> --help`` lists the options.
+This module parses arguments and prints; the work is done by ``fmn.engine``.
 """
 from __future__ import annotations
 
