@@ -363,15 +363,16 @@ def _knn_candidates(src, n_keep: int, precision: str) -> tuple[torch.Tensor, tor
     return nbr, rowmax
 
 
-def _reciprocal(lst: torch.Tensor) -> torch.Tensor:
-    """recip[i, s] = i appears in lst[lst[i, s]]   (lst: (N, K) neighbour lists)."""
+def _reciprocal(lst: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """recip[r, s] = i appears in lst[lst[i, s]], i = rows[r]   (lst: (N, K) neighbour lists;
+    rows: the items to answer for, default all N)."""
     n, k = lst.shape
-    out = torch.empty(n, k, dtype=torch.bool, device=lst.device)
+    items = torch.arange(n, device=lst.device) if rows is None else rows
+    out = torch.empty(items.numel(), k, dtype=torch.bool, device=lst.device)
     step = max(1, _element_budget(lst.device) // (k * k))
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        me = torch.arange(r0, r1, device=lst.device)[:, None, None]
-        out[r0:r1] = (lst[lst[r0:r1]] == me).any(dim=-1)
+    for r0 in range(0, items.numel(), step):
+        me = items[r0:r0 + step]
+        out[r0:r0 + step] = (lst[lst[me]] == me[:, None, None]).any(dim=-1)
     return out
 
 
@@ -390,12 +391,13 @@ def _pad_cat(chunks: list[torch.Tensor], fill) -> torch.Tensor:
 
 
 def _expand(fwd, recip, half, recip_h, n: int) -> torch.Tensor:
-    """R*(i): R(i) plus each Rh(c), c in R(i), with 3 |Rh(c) & R(i)| > 2 |Rh(c)|. Padded (N, W)."""
+    """R*(i): R(i) plus each Rh(c), c in R(i), with 3 |Rh(c) & R(i)| > 2 |Rh(c)|. Padded (rows, W)
+    for the rows of fwd / recip (any subset of the N items); half, recip_h: all N items; sentinel n."""
     k, h = fwd.shape[1], half.shape[1]
     step = max(1, _element_budget(fwd.device) // (k * h * k))
     chunks = []
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
+    for r0 in range(0, fwd.shape[0], step):
+        r1 = min(fwd.shape[0], r0 + step)
         f, rf = fwd[r0:r1], recip[r0:r1]
         m, vm = half[f], recip_h[f]                                           # (B, K, H)
         in_r = ((m.unsqueeze(-1) == f[:, None, None, :]) & rf[:, None, None, :]).any(dim=-1)
@@ -408,34 +410,43 @@ def _expand(fwd, recip, half, recip_h, n: int) -> torch.Tensor:
         s = _dedup_sorted(cand, n)
         width = int((s < n).sum(dim=1).max())
         chunks.append(s[:, :width])
+    if not chunks:
+        return torch.full((0, 1), n, dtype=torch.long, device=fwd.device)
     return _pad_cat(chunks, n)
 
 
 def _weights(src, members: torch.Tensor, rowmax: torch.Tensor, raw: bool) -> torch.Tensor:
     """V on the padded member lists: exp(-dn) (or exp(-(w - min w)) when raw) normalised per row."""
-    n = src.n
-    valid = members < n
-    rows = torch.arange(n, device=members.device)[:, None].expand_as(members)[valid]
-    cols = members[valid]
-    w = src.pairs(rows, cols)
-    x = torch.full(members.shape, float("inf"), dtype=torch.float32, device=members.device)
+    valid = members < src.n
+    rows = torch.arange(members.shape[0], device=members.device)[:, None].expand_as(members)[valid]
+    return weights_of(src.pairs(rows, members[valid]), valid, rowmax[rows], raw)
+
+
+def weights_of(w: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor, raw: bool) -> torch.Tensor:
+    """V from the working distances w of the valid entries of padded member lists (row-major order)
+    and each entry's row maximum ``scale``: exp(-w / scale) (0 where scale is 0), or with raw
+    exp(-(w - min w)), normalised per row."""
+    x = torch.full(valid.shape, float("inf"), dtype=torch.float32, device=valid.device)
     if raw:
         x[valid] = w
         x = x - x.amin(dim=1, keepdim=True)
     else:
-        scale = rowmax[rows]
         x[valid] = torch.where(scale > 0, w / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(w))
     e = torch.exp(-x)
     return e / e.sum(dim=1, keepdim=True)
 
 
 def _query_expand(members, v, first, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vqe[i] = (1/Q) sum_{j in first[i]} V[j], merged per column. Returns padded (cols, vals)."""
+    """Vqe[i] = (1/Q) sum_{j in first[i]} V[j], merged per column, for the rows of ``first`` (rows
+    of members / v, column ids < n, sentinel n). Returns padded (cols, vals)."""
     qn = first.shape[1]
     step = max(1, _element_budget(members.device) // (4 * qn * members.shape[1]))
     col_chunks, val_chunks = [], []
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
+    if first.shape[0] == 0:
+        return (torch.full((0, 1), n, dtype=torch.long, device=members.device),
+                torch.zeros(0, 1, dtype=torch.float32, device=members.device))
+    for r0 in range(0, first.shape[0], step):
+        r1 = min(first.shape[0], r0 + step)
         nb = first[r0:r1]
         c = members[nb].flatten(1)
         val = v[nb].flatten(1)
@@ -457,11 +468,12 @@ def _query_expand(members, v, first, n: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _inverted_index(cols, vals, q: int, n: int):
-    """Column -> (gallery item, Vqe value) lists over the gallery rows, CSR by column."""
+    """Column -> (gallery item, Vqe value) lists over the gallery rows (rows q: of cols / vals,
+    items numbered from 0 there), CSR by column over n columns."""
     gc, gv = cols[q:], vals[q:]
     valid = gc < n
     col = gc[valid]
-    item = torch.arange(n - q, device=cols.device)[:, None].expand_as(gc)[valid]
+    item = torch.arange(gc.shape[0], device=cols.device)[:, None].expand_as(gc)[valid]
     val = gv[valid]
     col, p = torch.sort(col, stable=True)
     item, val = item[p], val[p]
