@@ -28,6 +28,13 @@ TORCH_LIBRARY(fmn, m) {
   m.def(
       "rerank(Tensor query, Tensor gallery, int k_forward, int k_half, int k_qe, float lambda_value, "
       "bool square_twice, bool raw_weights, bool clamp_jaccard, int topk) -> (Tensor, Tensor)");
+  // Building blocks of the sharded re-ranking (fmn_kernels/rerank_distributed.py): one block of
+  // columns into the rows' candidate heaps (in place), and exact squared distances of index pairs.
+  m.def(
+      "rerank_knn_update(Tensor rows_x, Tensor rows_f, Tensor rows_sq, Tensor row_ids, Tensor cols_x, "
+      "Tensor cols_f, Tensor cols_sq, int col0, Tensor(a!) heap_val, Tensor(b!) heap_exact, Tensor(c!) heap_idx, "
+      "Tensor(d!) heap_size, Tensor(e!) rowmax) -> ()");
+  m.def("rerank_sqdist_pairs(Tensor a, Tensor a_idx, Tensor b, Tensor b_idx) -> Tensor");
   // o = f * act(logits)                          (f_other absent)
   // o = f * (1 - act(logits)) + f_other * act(logits)  (f_other present: spatial_mix)
   // f, f_other: (B, C, H, W); logits: (B, H*W); act in {exp_relu, sigmoid, identity};
@@ -42,6 +49,8 @@ TORCH_LIBRARY(fmn, m) {
 
 TORCH_LIBRARY_IMPL(fmn, CPU, m) {
   m.impl("rerank", &fmn::cpu::rerank);
+  m.impl("rerank_knn_update", &fmn::cpu::rerank_knn_update);
+  m.impl("rerank_sqdist_pairs", &fmn::cpu::rerank_sqdist_pairs);
   m.impl("spatial_mask_mul", &fmn::cpu::spatial_mask_mul);
   m.impl("spatial_mask_mul_backward", &fmn::cpu::spatial_mask_mul_backward);
 }

@@ -493,5 +493,144 @@ std::tuple<at::Tensor, at::Tensor> rerank(
   return std::make_tuple(out_val, out_idx);
 }
 
+
+// ---- building blocks of the sharded pipeline (fmn_kernels/rerank_distributed.py) -------------
+
+namespace {
+
+// BoundedHeap with the exact d2 of each entry carried along (ordered by (value, index) only).
+struct ExactHeap {
+  float* val;
+  float* exact;
+  int64_t* idx;
+  int64_t cap;
+  int64_t size;
+
+  void swap_at(int64_t a, int64_t b) {
+    std::swap(val[a], val[b]);
+    std::swap(exact[a], exact[b]);
+    std::swap(idx[a], idx[b]);
+  }
+
+  void push(float v, int64_t j, float e) {
+    if (size < cap) {
+      int64_t pos = size++;
+      val[pos] = v;
+      exact[pos] = e;
+      idx[pos] = j;
+      while (pos > 0) {
+        int64_t parent = (pos - 1) / 2;
+        if (!pair_less(val[parent], idx[parent], val[pos], idx[pos])) break;
+        swap_at(pos, parent);
+        pos = parent;
+      }
+      return;
+    }
+    val[0] = v;
+    exact[0] = e;
+    idx[0] = j;
+    for (int64_t pos = 0;;) {
+      int64_t l = 2 * pos + 1, r = l + 1, big = pos;
+      if (l < size && pair_less(val[big], idx[big], val[l], idx[l])) big = l;
+      if (r < size && pair_less(val[big], idx[big], val[r], idx[r])) big = r;
+      if (big == pos) return;
+      swap_at(pos, big);
+      pos = big;
+    }
+  }
+};
+
+}  // namespace
+
+// One block of columns into the candidate heaps of a block of rows (both centred features x, raw
+// features f, s = |x|^2, as in stage 1 of rerank above): for every row i and column c
+//   d2~(i, c) = max(s_i + s_c - 2 x_i.x_c, 0)   (0 where row_ids[i] == col0 + c: the item itself)
+//   rowmax[i] = max(rowmax[i], d2~(i, c))
+//   the heap of row i keeps the cap smallest (d2~, col0 + c) pairs, each with its exact d2,
+//   sum_k (f_ik - f_ck)^2, computed when the pair enters the heap.
+// Tiles of rows x columns per thread: the dot products come from at::mm on the tile (one thread
+// each), so a pair's d2~ is the value the single-process strips give it.
+void rerank_knn_update(
+    const at::Tensor& rows_x, const at::Tensor& rows_f, const at::Tensor& rows_sq, const at::Tensor& row_ids,
+    const at::Tensor& cols_x, const at::Tensor& cols_f, const at::Tensor& cols_sq, int64_t col0,
+    at::Tensor heap_val, at::Tensor heap_exact, at::Tensor heap_idx, at::Tensor heap_size, at::Tensor rowmax) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const int64_t R = rows_x.size(0), C = cols_x.size(0), d = rows_x.size(1), cap = heap_val.size(1);
+  TORCH_CHECK(rows_x.scalar_type() == at::kFloat && cols_x.scalar_type() == at::kFloat && rows_f.scalar_type() == at::kFloat &&
+                  cols_f.scalar_type() == at::kFloat, "fmn::rerank_knn_update: float32 features expected");
+  TORCH_CHECK(rows_x.is_contiguous() && rows_f.is_contiguous() && cols_x.is_contiguous() && cols_f.is_contiguous() &&
+                  heap_val.is_contiguous() && heap_exact.is_contiguous() && heap_idx.is_contiguous(),
+              "fmn::rerank_knn_update: contiguous tensors expected");
+  TORCH_CHECK(cols_x.size(1) == d && rows_f.sizes() == rows_x.sizes() && cols_f.sizes() == cols_x.sizes() &&
+                  heap_exact.sizes() == heap_val.sizes() && heap_idx.sizes() == heap_val.sizes() && heap_val.size(0) == R,
+              "fmn::rerank_knn_update: shapes disagree");
+  if (R == 0 || C == 0) return;
+  const float* SR = rows_sq.data_ptr<float>();
+  const float* SC = cols_sq.data_ptr<float>();
+  const float* FR = rows_f.data_ptr<float>();
+  const float* FC = cols_f.data_ptr<float>();
+  const int64_t* ids = row_ids.data_ptr<int64_t>();
+  float* HV = heap_val.data_ptr<float>();
+  float* HE = heap_exact.data_ptr<float>();
+  int64_t* HI = heap_idx.data_ptr<int64_t>();
+  int64_t* HS = heap_size.data_ptr<int64_t>();
+  float* MX = rowmax.data_ptr<float>();
+  const int64_t rb = 64;
+  const int64_t cb = std::max<int64_t>(16, std::min<int64_t>(C, (int64_t{1} << 18) / rb));
+  const int64_t n_rb = (R + rb - 1) / rb;
+  at::parallel_for(0, n_rb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * rb, r1 = std::min(R, r0 + rb);
+      for (int64_t c0 = 0; c0 < C; c0 += cb) {
+        const int64_t c1 = std::min(C, c0 + cb), w = c1 - c0;
+        at::Tensor tile = at::mm(rows_x.narrow(0, r0, r1 - r0), cols_x.narrow(0, c0, w).t()).contiguous();
+        float* T = tile.data_ptr<float>();
+        for (int64_t r = r0; r < r1; ++r) {
+          float* row = T + (r - r0) * w;
+          const float sr = SR[r];
+          float mx = MX[r];
+          for (int64_t j = 0; j < w; ++j) row[j] = gemm_d2(sr, SC[c0 + j], row[j]);
+          const int64_t self = ids[r] - col0 - c0;
+          if (self >= 0 && self < w) row[self] = 0.0f;
+          for (int64_t j = 0; j < w; ++j) mx = row[j] > mx ? row[j] : mx;
+          MX[r] = mx;
+          ExactHeap h{HV + r * cap, HE + r * cap, HI + r * cap, cap, HS[r]};
+          float top = h.size == cap ? h.val[0] : std::numeric_limits<float>::infinity();
+          const float* fr = FR + r * d;
+          for (int64_t j = 0; j < w; ++j) {
+            const float v = row[j];
+            if (v > top) continue;
+            const int64_t gj = col0 + c0 + j;
+            if (h.size == cap && !pair_less(v, gj, h.val[0], h.idx[0])) continue;
+            h.push(v, gj, sqdist(fr, FC + (c0 + j) * d, d));
+            if (h.size == cap) top = h.val[0];
+          }
+          HS[r] = h.size;
+        }
+      }
+    }
+  });
+}
+
+// Exact d2 of pairs: out[p] = sum_k (a[ai[p], k] - b[bi[p], k])^2, the function stage 1 rescores with.
+at::Tensor rerank_sqdist_pairs(const at::Tensor& a, const at::Tensor& ai, const at::Tensor& b, const at::Tensor& bi) {
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.is_contiguous() && b.is_contiguous(),
+              "fmn::rerank_sqdist_pairs: contiguous float32 features expected");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) && ai.numel() == bi.numel(),
+              "fmn::rerank_sqdist_pairs: shapes disagree");
+  const at::Tensor ia = ai.to(at::kLong).contiguous(), ib = bi.to(at::kLong).contiguous();
+  const int64_t n = ia.numel(), d = a.size(1);
+  at::Tensor out = at::empty({n}, a.options());
+  const float* A = a.data_ptr<float>();
+  const float* B = b.data_ptr<float>();
+  const int64_t* IA = ia.data_ptr<int64_t>();
+  const int64_t* IB = ib.data_ptr<int64_t>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, n, 1024, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) O[p] = sqdist(A + IA[p] * d, B + IB[p] * d, d);
+  });
+  return out;
+}
+
 }  // namespace cpu
 }  // namespace fmn

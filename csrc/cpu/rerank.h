@@ -29,5 +29,13 @@ std::tuple<at::Tensor, at::Tensor> rerank(
     bool clamp_jaccard,
     int64_t topk);
 
+// Building blocks of the sharded pipeline (fmn_kernels/rerank_distributed.py), see rerank.cpp.
+void rerank_knn_update(
+    const at::Tensor& rows_x, const at::Tensor& rows_f, const at::Tensor& rows_sq, const at::Tensor& row_ids,
+    const at::Tensor& cols_x, const at::Tensor& cols_f, const at::Tensor& cols_sq, int64_t col0,
+    at::Tensor heap_val, at::Tensor heap_exact, at::Tensor heap_idx, at::Tensor heap_size, at::Tensor rowmax);
+
+at::Tensor rerank_sqdist_pairs(const at::Tensor& a, const at::Tensor& ai, const at::Tensor& b, const at::Tensor& bi);
+
 }  // namespace cpu
 }  // namespace fmn
