@@ -313,6 +313,7 @@ def rerank(
     squared_input: bool = False,
     faiss_compat: bool = False,
     knn_precision: str = "auto",
+    process_group=None,
 ):
     """k-reciprocal re-ranked distance between queries (q, d) and gallery (g, d).
 
@@ -331,7 +332,22 @@ def rerank(
     the features as given), with an error bound that sends any row it cannot certify to an exact
     scan, so the neighbour lists and row maxima are those of the exact d2 whatever the precision
     (ties stay exact and go to the lower index). "auto": "tf32" on CUDA, else "fp32".
+
+    process_group: a torch.distributed process group (gloo on CPU, nccl on GPU; e.g.
+    ``torch.distributed.group.WORLD`` under torchrun). Every rank passes its own contiguous slice
+    of the queries and of the gallery, slices in rank order (sizes may differ, a slice may be an
+    empty (0, d) tensor), and gets back its queries' rows over the whole gallery: (q_r, g) in
+    global gallery order, or with ``topk`` the values and global gallery indices. The result is
+    the single-process one; no rank holds another rank's features beyond one streamed chunk, nor
+    an N x N or (with topk) q x g matrix. See fmn_kernels.rerank_distributed for the protocol.
+    knn_precision fp32 (or auto) only.
     """
+    if process_group is not None:
+        from fmn_kernels.rerank_distributed import rerank_sharded
+
+        return rerank_sharded(query_feats, gallery_feats, k1=k1, k2=k2, lambda_value=lambda_value, topk=topk,
+                              backend=backend, squared_input=squared_input, faiss_compat=faiss_compat,
+                              knn_precision=knn_precision, process_group=process_group)
     abs_max = _check_features(query_feats, gallery_feats)
     q, g = query_feats.shape[0], gallery_feats.shape[0]
     k1, k2, lam, topk = _check_params(k1, k2, lambda_value, topk, g)

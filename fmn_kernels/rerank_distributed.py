@@ -1,0 +1,673 @@
+"""Sharded exact k-reciprocal re-ranking over torch.distributed (gloo on CPU, nccl on GPU).
+
+    values, indices = fmn.rerank(query_shard, gallery_shard, topk=100, process_group=group)
+
+Every rank of ``group`` passes its own contiguous slice of the queries and of the gallery, the
+slices in rank order (any sizes; an empty slice is a (0, d) tensor), and gets back its queries'
+rows over the whole gallery: the (q_r, g) re-ranked distances in global gallery order, or with
+``topk=m`` the (q_r, m) values and global gallery indices. The semantics are those of one process
+(DESIGN section 3, fmn_kernels.rerank): the same neighbour lists (certified exact, ties by global
+index), the same float32 arithmetic in every later stage, so the values agree with the
+single-process result to float32 rounding and the rankings are identical under the near-tie rule.
+
+No rank ever holds an N x N or q x g matrix (with topk), nor the features of other ranks beyond one
+streamed chunk: memory per rank is O(N L) for the neighbour lists plus O(n_r k) for its own rows
+plus the chunk buffers. Features only (no distance blocks); knn_precision fp32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fmn_kernels import backend as _backend
+from fmn_kernels import rerank_sparse as _sparse
+
+__all__ = ["rerank_sharded"]
+
+# Bytes of features per streamed chunk (the owner broadcasts this much at a time; two chunks are
+# in flight). Tests lower it to exercise many chunks.
+STREAM_BYTES = 1 << 25
+# Candidates kept per row beyond the L needed (as the single-process kernels keep).
+_EXTRA_CANDIDATES = 16
+_PAIRS_PER_CALL = 1 << 20
+
+
+class ShardError(ValueError):
+    """Bad use of the process group: raised on every rank with the same message."""
+
+
+# --------------------------------------------------------------------------------------------
+# communication
+# --------------------------------------------------------------------------------------------
+
+class _Comm:
+    """The process group, this rank, the compute device and the device collectives run on
+    (CUDA for nccl, else the CPU)."""
+
+    def __init__(self, group, device: torch.device):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.device = device
+        nccl = dist.get_backend(group) == "nccl"
+        self.wire = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+    def objects(self, obj) -> list:
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        w = t.to(self.wire).clone()
+        dist.all_reduce(w, op=op, group=self.group)
+        return w.to(self.device)
+
+    def all_gather_rows(self, t: torch.Tensor, sizes) -> torch.Tensor:
+        """Every rank's rows (sizes[r] of them) concatenated in rank order; shorter ones padded on
+        the wire (gloo all_gather needs equal shapes)."""
+        width = max(sizes)
+        pad = torch.zeros((width,) + tuple(t.shape[1:]), dtype=t.dtype, device=self.wire)
+        pad[: t.shape[0]] = t.to(self.wire)
+        parts = [torch.empty_like(pad) for _ in range(self.world)]
+        dist.all_gather(parts, pad, group=self.group)
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(self.device)
+
+    def all_to_all_rows(self, t: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        out = torch.empty((sum(recv_counts),) + tuple(t.shape[1:]), dtype=t.dtype, device=self.wire)
+        dist.all_to_all_single(out, t.to(self.wire).contiguous(), recv_counts, send_counts, group=self.group)
+        return out.to(self.device)
+
+    def counts(self, send_counts: list[int]) -> list[int]:
+        """recv_counts[s] = what rank s sends to this rank, given every rank's send_counts."""
+        got = self.all_to_all_rows(torch.tensor(send_counts, dtype=torch.long), [1] * self.world, [1] * self.world)
+        return got.tolist()
+
+    def gather_to(self, t: torch.Tensor, dst: int) -> list[torch.Tensor] | None:
+        w = t.to(self.wire).contiguous()
+        parts = [torch.empty_like(w) for _ in range(self.world)] if self.rank == dst else None
+        dist.gather(w, parts, group=self.group, group_dst=dst)
+        return None if parts is None else [p.to(self.device) for p in parts]
+
+    def stream(self, entries: list, make, shapes):
+        """Yields (entry, tensors) for every entry, on every rank in the same order: the tensors
+        ``make(entry)`` of the entry's owner (entry.src), broadcast to all; ``shapes(entry)`` gives
+        their (shape, dtype) for the others. The next entry's broadcast is posted before the current
+        one is handed out, so communication overlaps the caller's work; two entries are in memory."""
+        def post(e):
+            if e.src == self.rank:
+                bufs = [t.to(self.wire).contiguous() for t in make(e)]
+            else:
+                bufs = [torch.empty(shape, dtype=dtype, device=self.wire) for shape, dtype in shapes(e)]
+            works = [dist.broadcast(b, group=self.group, group_src=e.src, async_op=True) for b in bufs]
+            return bufs, works
+
+        pending = post(entries[0]) if entries else None
+        for i, e in enumerate(entries):
+            bufs, works = pending
+            for w in works:
+                w.wait()
+            pending = post(entries[i + 1]) if i + 1 < len(entries) else None
+            yield e, [b.to(self.device) for b in bufs]
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    src: int     # owning rank
+    local0: int  # first row in the owner's items (its queries, then its gallery)
+    rows: int
+    gid0: int    # global item id of the first row (ids of a chunk are contiguous)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Global numbering: N = q + g items, queries first (rank 0's, rank 1's, ...), then the gallery
+    in the same rank order; rank r owns its q_r queries and g_r gallery items, in that order."""
+    q_sizes: tuple
+    g_sizes: tuple
+    rank: int
+
+    @property
+    def q(self) -> int:
+        return sum(self.q_sizes)
+
+    @property
+    def g(self) -> int:
+        return sum(self.g_sizes)
+
+    @property
+    def n(self) -> int:
+        return self.q + self.g
+
+    def q_off(self, r: int) -> int:
+        return sum(self.q_sizes[:r])
+
+    def g_off(self, r: int) -> int:
+        return sum(self.g_sizes[:r])
+
+    def item_ids(self, r: int, device) -> torch.Tensor:
+        """Global ids of rank r's items, ascending."""
+        q0, g0 = self.q_off(r), self.q + self.g_off(r)
+        return torch.cat([torch.arange(q0, q0 + self.q_sizes[r], device=device),
+                          torch.arange(g0, g0 + self.g_sizes[r], device=device)])
+
+    def owner(self, gids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(owning rank, row in the owner's items) of global ids."""
+        dev = gids.device
+        q_end = torch.tensor(self.q_sizes, device=dev).cumsum(0)
+        g_end = torch.tensor(self.g_sizes, device=dev).cumsum(0) + self.q
+        is_q = gids < self.q
+        rank = torch.where(is_q, torch.searchsorted(q_end, gids, right=True),
+                           torch.searchsorted(g_end, gids, right=True))
+        q_start = q_end - torch.tensor(self.q_sizes, device=dev)
+        g_start = g_end - torch.tensor(self.g_sizes, device=dev)
+        qs = torch.tensor(self.q_sizes, device=dev)
+        local = torch.where(is_q, gids - q_start[rank], qs[rank] + gids - g_start[rank])
+        return rank, local
+
+    def chunks(self, rows_per_chunk: int, queries_only: bool = False) -> list[_Chunk]:
+        out = []
+        for s in range(len(self.q_sizes)):
+            spans = [(0, self.q_sizes[s], self.q_off(s))]
+            if not queries_only:
+                spans.append((self.q_sizes[s], self.g_sizes[s], self.q + self.g_off(s)))
+            for local0, count, gid0 in spans:
+                for c0 in range(0, count, rows_per_chunk):
+                    out.append(_Chunk(s, local0 + c0, min(rows_per_chunk, count - c0), gid0 + c0))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# agreement: every rank checks the same gathered facts and raises the same error
+# --------------------------------------------------------------------------------------------
+
+def _inspect(name: str, t) -> dict:
+    if not isinstance(t, torch.Tensor):
+        return {"error": f"{name} must be a torch.Tensor, got {type(t).__name__}"}
+    if t.dim() != 2:
+        return {"error": f"{name} must be 2-D (rows, d); an empty slice is a (0, d) tensor; got shape {tuple(t.shape)}"}
+    if not t.is_floating_point():
+        return {"error": f"{name} must be a floating-point tensor, got {t.dtype}"}
+    info = {"rows": t.shape[0], "d": t.shape[1], "dtype": str(t.dtype).replace("torch.", ""),
+            "device": t.device.type, "absmax": 0.0}
+    if t.numel():
+        lo, hi = (float(v) for v in torch.aminmax(t.detach()))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return {"error": f"{name} contains NaN or Inf"}
+        info["absmax"] = max(-lo, hi)
+    return info
+
+
+def _first_disagreement(metas: list[dict], key: str, what: str):
+    values = [m[key] for m in metas]
+    for r, v in enumerate(values):
+        if v != values[0]:
+            return f"{what} differ across ranks: rank 0 has {values[0]}, rank {r} has {v}"
+    return None
+
+
+def _agree(comm: _Comm, query, gallery, params: dict) -> tuple[_Layout, int, tuple[float, float]]:
+    """Gathers every rank's shapes, dtypes, devices, finiteness and parameters; raises the same
+    ShardError on every rank where they do not fit together. Returns the layout, the feature
+    dimension and (max |query_feats|, max |gallery_feats|) over all ranks."""
+    mine = {"query": _inspect("query_feats", query), "gallery": _inspect("gallery_feats", gallery),
+            "params": params}
+    if "error" not in mine["query"] and "error" not in mine["gallery"]:
+        qd, gd = mine["query"], mine["gallery"]
+        if qd["d"] != gd["d"]:
+            mine["error"] = f"query and gallery feature dims differ: {qd['d']} vs {gd['d']}"
+        elif qd["device"] != gd["device"] or (isinstance(query, torch.Tensor) and query.device != gallery.device):
+            mine["error"] = f"query_feats is on {query.device}, gallery_feats on {gallery.device}"
+        elif qd["dtype"] != gd["dtype"]:
+            mine["error"] = f"query_feats is {qd['dtype']}, gallery_feats {gd['dtype']}"
+    metas = comm.objects(mine)
+    for r, m in enumerate(metas):
+        for part in ("query", "gallery"):
+            if "error" in m[part]:
+                raise ShardError(f"fmn.rerank (process group): rank {r}: {m[part]['error']}")
+        if "error" in m:
+            raise ShardError(f"fmn.rerank (process group): rank {r}: {m['error']}")
+    flat = [{"params": m["params"], "d": m["query"]["d"], "dtype": m["query"]["dtype"],
+             "device": m["query"]["device"]} for m in metas]
+    for key, what in (("params", "re-ranking parameters"), ("d", "feature dims"), ("dtype", "feature dtypes"),
+                      ("device", "feature devices")):
+        problem = _first_disagreement(flat, key, what)
+        if problem:
+            raise ShardError(f"fmn.rerank (process group): {problem}; every rank must pass slices of the same "
+                             "features with the same arguments")
+    lay = _Layout(tuple(m["query"]["rows"] for m in metas), tuple(m["gallery"]["rows"] for m in metas), comm.rank)
+    if lay.q == 0:
+        raise ShardError("fmn.rerank (process group): no rank holds a query (q = 0)")
+    if lay.g == 0:
+        raise ShardError("fmn.rerank (process group): no rank holds a gallery item (g = 0)")
+    if flat[0]["d"] == 0:
+        raise ShardError("fmn.rerank (process group): features have dimension 0")
+    absmax = (max(m["query"]["absmax"] for m in metas), max(m["gallery"]["absmax"] for m in metas))
+    return lay, flat[0]["d"], absmax
+
+
+# --------------------------------------------------------------------------------------------
+# stage 1-2: candidate lists from the feature stream, certification, exact rescans
+# --------------------------------------------------------------------------------------------
+
+class _Candidates:
+    """Per owned row: the cap smallest (d2~, global id) pairs seen so far with their exact d2, and
+    the max d2~ over every column seen."""
+
+    def __init__(self, rows: int, cap: int, n: int, device):
+        self.approx = torch.full((rows, cap), float("inf"), device=device)
+        self.exact = torch.full((rows, cap), float("inf"), device=device)
+        self.idx = torch.full((rows, cap), n, dtype=torch.long, device=device)
+        self.size = torch.zeros(rows, dtype=torch.long, device=device)
+        self.rowmax = torch.zeros(rows, device=device)
+
+
+class _Own:
+    """This rank's items: raw float32 features f, centred x, s = |x|^2, global ids."""
+
+    def __init__(self, f: torch.Tensor, mean: torch.Tensor, ids: torch.Tensor, q_r: int):
+        self.f = f
+        self.x = (f - mean).contiguous()
+        self.sq = (self.x * self.x).sum(dim=1)
+        self.ids = ids
+        self.q_r = q_r
+
+
+def _exact_pairs(engine: str, a: torch.Tensor, ai: torch.Tensor, b: torch.Tensor, bi: torch.Tensor) -> torch.Tensor:
+    """sum_k (a[ai[p], k] - b[bi[p], k])^2 in float32: the C++ kernels' function on the cpu engine,
+    the torch pipeline's (FeatureDistances.pairs_d2) otherwise."""
+    if engine == "cpu":
+        return torch.ops.fmn.rerank_sqdist_pairs(a, ai, b, bi)
+    out = torch.empty(ai.numel(), dtype=torch.float32, device=a.device)
+    step = max(1, _sparse._element_budget(a.device) // (2 * max(1, a.shape[1])))
+    for s in range(0, ai.numel(), step):
+        diff = a[ai[s:s + step]] - b[bi[s:s + step]]
+        out[s:s + step] = (diff * diff).sum(dim=1)
+    return out
+
+
+def _keep_smallest(vals: torch.Tensor, ids: torch.Tensor, extra: torch.Tensor, k: int):
+    """Per row the k smallest (vals, ids) pairs in that order, with ``extra`` carried along."""
+    ids, p = torch.sort(ids, dim=1)
+    vals, extra = vals.gather(1, p), extra.gather(1, p)
+    vals, p = torch.sort(vals, dim=1, stable=True)
+    return vals[:, :k], ids.gather(1, p)[:, :k], extra.gather(1, p)[:, :k]
+
+
+def _update_torch(cand: _Candidates, own: _Own, xc, fc, sqc, gid0: int) -> None:
+    """The torch form of fmn::rerank_knn_update (any device)."""
+    cap, c = cand.idx.shape[1], xc.shape[0]
+    k = min(cap, c)
+    step = _sparse._rows_per_chunk(c, xc.device)
+    for r0 in range(0, own.x.shape[0], step):
+        r1 = min(own.x.shape[0], r0 + step)
+        with _sparse._ieee_fp32(xc.device):
+            d = own.x[r0:r1] @ xc.t()
+        d.mul_(-2.0).add_(own.sq[r0:r1, None] + sqc[None, :]).clamp_min_(0.0)
+        rel = own.ids[r0:r1] - gid0
+        hit = ((rel >= 0) & (rel < c)).nonzero().squeeze(1)
+        d[hit, rel[hit]] = 0.0
+        cand.rowmax[r0:r1] = torch.maximum(cand.rowmax[r0:r1], d.amax(dim=1))
+        v, j = _sparse.smallest_stable(d, k)
+        rows = torch.arange(r0, r1, device=xc.device)[:, None].expand_as(j)
+        e = _exact_pairs("torch", own.f, rows.reshape(-1), fc, j.reshape(-1)).view_as(v)
+        a, i, x = _keep_smallest(torch.cat([cand.approx[r0:r1], v], 1), torch.cat([cand.idx[r0:r1], j + gid0], 1),
+                                 torch.cat([cand.exact[r0:r1], e], 1), cap)
+        cand.approx[r0:r1], cand.idx[r0:r1], cand.exact[r0:r1] = a, i, x
+
+
+def _knn_stream(comm: _Comm, lay: _Layout, own: _Own, mean, cap: int, engine: str) -> _Candidates:
+    """Stage 1: every item's [f | s] streamed from its owner; each chunk merged into the owned
+    rows' candidates."""
+    d = own.f.shape[1]
+    cand = _Candidates(own.f.shape[0], cap, lay.n, comm.device)
+    rows = max(1, STREAM_BYTES // (4 * (d + 1)))
+    make = lambda e: [torch.cat([own.f[e.local0:e.local0 + e.rows], own.sq[e.local0:e.local0 + e.rows, None]], 1)]  # noqa: E731
+    shapes = lambda e: [((e.rows, d + 1), torch.float32)]  # noqa: E731
+    for e, (buf,) in comm.stream(lay.chunks(rows), make, shapes):
+        fc, sqc = buf[:, :d].contiguous(), buf[:, d].contiguous()
+        xc = (fc - mean).contiguous()
+        if engine == "cpu":
+            torch.ops.fmn.rerank_knn_update(own.x, own.f, own.sq, own.ids, xc, fc, sqc, e.gid0, cand.approx,
+                                            cand.exact, cand.idx, cand.size, cand.rowmax)
+        else:
+            _update_torch(cand, own, xc, fc, sqc, e.gid0)
+    return cand
+
+
+def _certify(comm: _Comm, own: _Own, cand: _Candidates, n: int, length: int) -> torch.Tensor:
+    """Sorts each row's candidates by (exact d2, id) and returns which rows are proven: with
+    n_i = |x_i|, M = max_j n_j (over all N), e = 2^-24, gamma = d e / (1 - d e),
+        |d2~(i, j) - d2(i, j)| <= delta_i = 1.25 (2 gamma + 10 e) (n_i + M)^2
+    and every column outside the candidates has d2~ >= t (their largest d2~), so the L-th exact
+    candidate below t - delta_i proves the list (the single-process test)."""
+    a, i, x = cand.approx, cand.idx, cand.exact
+    i, p = torch.sort(i, dim=1)
+    x = x.gather(1, p)
+    x, p = torch.sort(x, dim=1, stable=True)
+    cand.idx, cand.exact = i.gather(1, p), x
+    ok = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
+    if a.shape[1] >= n:  # every item is a candidate: nothing to prove
+        return ok
+    d = own.f.shape[1]
+    e = 2.0 ** -24
+    c_acc = 1.25 * (2.0 * d * e / max(1e-3, 1.0 - d * e) + 10.0 * e)
+    grow = 1.0 + 2.0 * d * e
+    norms = own.sq.double().sqrt()
+    local_max = norms.max().reshape(1) if norms.numel() else torch.zeros(1, dtype=torch.float64, device=a.device)
+    nmax = comm.all_reduce(local_max, dist.ReduceOp.MAX) * grow
+    delta = c_acc * (norms * grow + nmax) ** 2
+    if a.shape[0]:
+        ok = x[:, length - 1].double() < a.amax(dim=1).double() - delta
+    return ok
+
+
+def _rescan(comm: _Comm, lay: _Layout, own: _Own, cand: _Candidates, failed: torch.Tensor, length: int,
+            engine: str) -> None:
+    """Rows whose candidates were not proven: their features go to every rank, which scans them
+    exactly against its own items and returns its ``length`` best (exact d2, id); the owners merge
+    the lists. Replaces those rows' candidates by the exact lists (padded)."""
+    counts = comm.objects(int(failed.numel()))
+    if sum(counts) == 0:
+        return
+    feats = comm.all_gather_rows(own.f[failed], counts)
+    n_own, total = own.f.shape[0], sum(counts)
+    best_v = torch.full((total, length), float("inf"), device=comm.device)
+    best_i = torch.full((total, length), lay.n, dtype=torch.long, device=comm.device)
+    k = min(length, n_own)
+    if n_own:
+        step = max(1, _PAIRS_PER_CALL // n_own)
+        cols = torch.arange(n_own, device=comm.device)
+        for r0 in range(0, total, step):
+            r = torch.arange(r0, min(total, r0 + step), device=comm.device)
+            dd = _exact_pairs(engine, feats, r.repeat_interleave(n_own), own.f, cols.repeat(r.numel()))
+            v, j = _sparse.smallest_stable(dd.view(r.numel(), n_own), k)
+            best_v[r, :k], best_i[r, :k] = v, own.ids[j]
+    all_v = comm.all_gather_rows(best_v.reshape(1, -1), [1] * comm.world).view(comm.world, total, length)
+    all_i = comm.all_gather_rows(best_i.reshape(1, -1), [1] * comm.world).view(comm.world, total, length)
+    start = sum(counts[:comm.rank])
+    mine = slice(start, start + failed.numel())
+    v = all_v[:, mine].permute(1, 0, 2).reshape(failed.numel(), -1)
+    i = all_i[:, mine].permute(1, 0, 2).reshape(failed.numel(), -1)
+    v, i, _ = _keep_smallest(v, i, v, length)
+    cand.exact[failed] = float("inf")
+    cand.idx[failed] = lay.n
+    cand.exact[failed, :length], cand.idx[failed, :length] = v, i
+
+
+# --------------------------------------------------------------------------------------------
+# stages 3-6: lists, R*, V, query expansion, inverted index
+# --------------------------------------------------------------------------------------------
+
+def _member_distances(comm: _Comm, lay: _Layout, own: _Own, cand: _Candidates, members: torch.Tensor,
+                      engine: str) -> torch.Tensor:
+    """Exact d2 of every (owned row i, j in R*(i)), in row-major order of the valid entries: from the
+    candidate lists where j is there, the rest from a second feature stream (only when some rank
+    has such members)."""
+    n = lay.n
+    valid = members < n
+    found = torch.zeros(members.shape, dtype=torch.bool, device=members.device)
+    value = torch.zeros(members.shape, dtype=torch.float32, device=members.device)
+    cap = cand.idx.shape[1]
+    step = max(1, _sparse._element_budget(members.device) // max(1, members.shape[1] * cap))
+    for r0 in range(0, members.shape[0], step):
+        eq = members[r0:r0 + step, :, None] == cand.idx[r0:r0 + step, None, :]
+        found[r0:r0 + step] = eq.any(dim=-1)
+        pos = eq.to(torch.uint8).argmax(dim=-1)
+        value[r0:r0 + step] = cand.exact[r0:r0 + step].gather(1, pos)
+    missing = valid & ~found
+    total = int(comm.all_reduce(missing.sum().reshape(1).double()).item())
+    if total:
+        rows, slots = missing.nonzero(as_tuple=True)
+        cols = members[rows, slots]
+        cols, order = torch.sort(cols)
+        rows, slots = rows[order], slots[order]
+        d = own.f.shape[1]
+        per = max(1, STREAM_BYTES // (4 * d))
+        make = lambda e: [own.f[e.local0:e.local0 + e.rows]]  # noqa: E731
+        shapes = lambda e: [((e.rows, d), torch.float32)]  # noqa: E731
+        for e, (fc,) in comm.stream(lay.chunks(per), make, shapes):
+            lo = int(torch.searchsorted(cols, e.gid0))
+            hi = int(torch.searchsorted(cols, e.gid0 + e.rows))
+            if hi > lo:
+                value[rows[lo:hi], slots[lo:hi]] = _exact_pairs(engine, own.f, rows[lo:hi], fc.contiguous(),
+                                                                cols[lo:hi] - e.gid0)
+    return value[valid]
+
+
+def _fetch_rows(comm: _Comm, lay: _Layout, gids: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor):
+    """Rows ``gids`` (any rank's items) of the padded sparse rows (cols, vals) that every rank holds
+    for its own items: requests and rows exchanged with all_to_all_single."""
+    width = int(comm.all_reduce(torch.tensor([float(cols.shape[1])]), dist.ReduceOp.MAX).item())
+    if cols.shape[1] < width:
+        cols = torch.nn.functional.pad(cols, (0, width - cols.shape[1]), value=lay.n)
+        vals = torch.nn.functional.pad(vals, (0, width - vals.shape[1]), value=0.0)
+    owner, local = lay.owner(gids)
+    owner, order = torch.sort(owner, stable=True)
+    local = local[order]
+    send = torch.bincount(owner, minlength=comm.world).tolist()
+    recv = comm.counts(send)
+    asked = comm.all_to_all_rows(local, send, recv)
+    got_c = comm.all_to_all_rows(cols[asked], recv, send)
+    got_v = comm.all_to_all_rows(vals[asked], recv, send)
+    out_c, out_v = torch.empty_like(got_c), torch.empty_like(got_v)
+    out_c[order], out_v[order] = got_c, got_v
+    return out_c, out_v
+
+
+def _expanded_rows(comm: _Comm, lay: _Layout, own: _Own, cand: _Candidates, lists: torch.Tensor,
+                   cfg: _sparse.Config, engine: str):
+    """Vqe of the owned rows as padded (cols, vals): R*, V, then the query expansion."""
+    n = lay.n
+    k_fwd = min(cfg.k_forward, n)
+    k_half = min(cfg.k_half, k_fwd)
+    k_qe = min(cfg.k_qe, n)
+    fwd, half = lists[:, :k_fwd].contiguous(), lists[:, :k_half].contiguous()
+    recip = _sparse._reciprocal(fwd, own.ids)
+    recip_h = _sparse._reciprocal(half)
+    members = _sparse._expand(fwd[own.ids], recip, half, recip_h, n)
+    del recip, recip_h
+    d2 = _member_distances(comm, lay, own, cand, members, engine)
+    w = d2 * d2 if cfg.square_twice else d2
+    valid = members < n
+    rows = torch.arange(members.shape[0], device=members.device)[:, None].expand_as(members)[valid]
+    v = _sparse.weights_of(w, valid, cand.rowmax[rows], cfg.raw_weights)
+    if k_qe == 1:
+        return members, v
+    first = lists[own.ids, :k_qe]
+    need = torch.unique(first)
+    t_cols, t_vals = _fetch_rows(comm, lay, need, members, v)
+    return _sparse._query_expand(t_cols, t_vals, torch.searchsorted(need, first), n)
+
+
+# --------------------------------------------------------------------------------------------
+# stage 7: output from the query stream
+# --------------------------------------------------------------------------------------------
+
+def _overlap(qcols, qvals, index, g_r: int, n: int, use_triton: bool) -> torch.Tensor:
+    """S (rows, g_r) of a chunk of query rows against the owned gallery, in pieces of at most the
+    pair budget (pairs = query entries times index entries sharing a column)."""
+    count = index[1]
+    pairs = torch.where(qcols < n, count[qcols.clamp_max(n - 1)], torch.zeros_like(qcols)).sum(dim=1).tolist()
+    s = torch.empty(qcols.shape[0], g_r, dtype=torch.float32, device=qcols.device)
+    budget = _sparse._pair_budget(qcols.device)
+    r0 = 0
+    while r0 < qcols.shape[0]:
+        r1, acc = r0, 0
+        while r1 < qcols.shape[0] and (r1 == r0 or acc + pairs[r1] <= budget):
+            acc += pairs[r1]
+            r1 += 1
+        if use_triton:
+            from fmn_kernels.triton.rerank import jaccard_overlap
+
+            s[r0:r1] = jaccard_overlap(qcols, qvals, r0, r1, index, g_r, n)
+        else:
+            s[r0:r1] = _sparse._overlap_chunk(qcols, qvals, r0, r1, index, g_r, n)
+        r0 = r1
+    return s
+
+
+def _final_block(own: _Own, gal: slice, xc, sqc, scale, qcols, qvals, index, n: int, cfg: _sparse.Config,
+                 use_triton: bool) -> torch.Tensor:
+    """(1 - lambda) J + lambda dn of a chunk of queries against the owned gallery; dn from the
+    d2~ of the single-process output (s_i + s_j - 2 x_i.x_j, clamped at 0) over the row max."""
+    with _sparse._ieee_fp32(xc.device):
+        d = xc @ own.x[gal].t()
+    d.mul_(-2.0).add_(sqc[:, None] + own.sq[gal][None, :]).clamp_min_(0.0)
+    if cfg.square_twice:
+        d.mul_(d)
+    scale = scale[:, None]
+    dn = torch.where(scale > 0, d / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(d))
+    s = _overlap(qcols, qvals, index, d.shape[1], n, use_triton)
+    jac = 1.0 - s / (2.0 - s)
+    if cfg.clamp_jaccard:
+        jac.clamp_min_(0.0)
+    return jac.mul_(1.0 - cfg.lambda_value).add_(dn, alpha=cfg.lambda_value)
+
+
+def _output_stream(comm: _Comm, lay: _Layout, own: _Own, rowmax, vqe_cols, vqe_vals, mean, cfg: _sparse.Config,
+                   topk: int | None, use_triton: bool):
+    """Every query chunk's [f | s | rowmax | Vqe values] and Vqe columns from its owner; each rank
+    computes the chunk against its own gallery; the owner gathers the pieces."""
+    n, d, dev = lay.n, own.f.shape[1], comm.device
+    q_r, g_r = own.q_r, own.f.shape[0] - own.q_r
+    gal = slice(q_r, q_r + g_r)
+    index = _sparse._inverted_index(vqe_cols, vqe_vals, q_r, n)
+    width = int(comm.all_reduce(torch.tensor([float(max(1, vqe_cols.shape[1]))]), dist.ReduceOp.MAX).item())
+    qc = torch.nn.functional.pad(vqe_cols[:q_r], (0, width - vqe_cols.shape[1]), value=n)
+    qv = torch.nn.functional.pad(vqe_vals[:q_r], (0, width - vqe_vals.shape[1]), value=0.0)
+    g_max = max(lay.g_sizes)
+    rows = max(1, min(STREAM_BYTES // (4 * (d + 2 + width)), _sparse._element_budget(dev) // max(1, g_max)))
+    m = topk
+    out = (torch.empty(q_r, lay.g, device=dev) if m is None
+           else (torch.empty(q_r, m, device=dev), torch.empty(q_r, m, dtype=torch.long, device=dev)))
+
+    def make(e):
+        sl = slice(e.local0, e.local0 + e.rows)
+        return [torch.cat([own.f[sl], own.sq[sl, None], rowmax[sl, None], qv[sl]], 1), qc[sl]]
+
+    shapes = lambda e: [((e.rows, d + 2 + width), torch.float32), ((e.rows, width), torch.long)]  # noqa: E731
+    g_off = lay.g_off(comm.rank)
+    for e, (buf, cols) in comm.stream(lay.chunks(rows, queries_only=True), make, shapes):
+        fc, sqc, scale, vals = buf[:, :d], buf[:, d], buf[:, d + 1], buf[:, d + 2:].contiguous()
+        block = None
+        if g_r:
+            block = _final_block(own, gal, (fc - mean).contiguous(), sqc.contiguous(), scale.contiguous(),
+                                 cols, vals, index, n, cfg, use_triton)
+        sl = slice(e.local0, e.local0 + e.rows)
+        if m is None:
+            piece = torch.zeros(e.rows, g_max, device=dev)
+            if block is not None:
+                piece[:, :g_r] = block
+            parts = comm.gather_to(piece, e.src)
+            if parts is not None:
+                out[sl] = torch.cat([p[:, :gs] for p, gs in zip(parts, lay.g_sizes)], 1)
+            continue
+        pv = torch.full((e.rows, m), float("inf"), device=dev)
+        pi = torch.full((e.rows, m), lay.g, dtype=torch.long, device=dev)
+        if block is not None:
+            k = min(m, g_r)
+            pv[:, :k], j = _sparse.smallest_stable(block, k)
+            pi[:, :k] = j + g_off
+        parts_v, parts_i = comm.gather_to(pv, e.src), comm.gather_to(pi, e.src)
+        if parts_v is not None:
+            v, i, _ = _keep_smallest(torch.cat(parts_v, 1), torch.cat(parts_i, 1), torch.cat(parts_v, 1), m)
+            out[0][sl], out[1][sl] = v, i
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the sharded kernel
+# --------------------------------------------------------------------------------------------
+
+# Protocol. P ranks; rank r holds q_r queries and g_r gallery items. The N = q + g items are
+# numbered as in one process: the queries first (rank 0's, rank 1's, ...), then the gallery in the
+# same rank order; rank r owns the rows of its n_r = q_r + g_r items. Every rank runs the same
+# sequence of collectives.
+#  0. agreement (all_gather_object): shapes, dtypes, devices, finiteness, max |x| and the arguments
+#     of every rank; any misfit is one ShardError on every rank. Then the common power-of-two scale
+#     and the centre m = (sum of all N rows, float64 all_reduce) / N; x = f - m, s = |x|^2 per row.
+#  1. kNN with row maxima (feature stream): the owners broadcast [f | s] of their items, a chunk
+#     of rows at a time, the next chunk in flight while the current one is used. Each rank merges
+#     the chunk into the candidates of its rows: the LC = L + 16 smallest (d2~, id) pairs,
+#     d2~(i, j) = max(s_i + s_j - 2 x_i.x_j, 0) (0 on the diagonal), each with its exact
+#     d2 = sum_k (f_ik - f_jk)^2; rowmax_i = max_j d2~(i, j) over all N. L = max(k1 + 1, k2).
+#  2. certification, as in one process: the L-th exact candidate below (largest candidate d2~ -
+#     delta_i) proves row i's list (the L smallest (d2, id)). Unproven rows (rare) are
+#     all_gathered with their features; each rank scans them exactly against its own items; the
+#     per-rank L best are all_gathered and merged by their owners.
+#  3. lists: all_gather of the fixed-width (n_r, L) lists -> (N, L) on every rank, O(N L). R(i),
+#     Rh(c) and R*(i) of the owned rows follow locally.
+#  4. V of the owned rows: exact d2 of each member of R*(i) from the candidates where it is one;
+#     members further down the row from a second feature stream (only if any rank has some:
+#     all_reduce of the count). V[i, j] = exp(-w / rowmax_i) / sum over R*(i).
+#  5. query expansion: Vqe[i] = mean of V[j] over the first k2 of row i; the V rows of those j
+#     are requested from their owners and returned with all_to_all_single (O(n_r k2 W)).
+#  6. inverted index over the owned gallery rows' Vqe (columns: all N items).
+#  7. output (query stream): each query chunk's owner broadcasts [f | s | rowmax | Vqe]; every
+#     rank computes S, J = 1 - S / (2 - S) and dn = d2~ / rowmax against its own gallery, a
+#     (chunk, g_r) block, and the owner gathers the pieces: the dense rows in global gallery order,
+#     or every rank's m smallest merged into the m smallest in (value, global index) order.
+# Memory per rank: O(N L) lists, O(n_r (LC + k2 W)) own rows, two stream chunks, one (chunk, g_r)
+# output block; never an N x N or (with topk) a q x g matrix.
+def rerank_sharded(query, gallery, *, k1, k2, lambda_value, topk, backend, squared_input, faiss_compat,
+                   knn_precision, process_group):
+    """fmn.rerank with ``process_group``: see the module docstring and the protocol above."""
+    from fmn_kernels import rerank as _rr
+
+    _check_group(process_group)
+    dev = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
+    comm = _Comm(process_group, dev)
+    params = {"k1": k1, "k2": k2, "lambda_value": lambda_value, "topk": topk, "backend": backend,
+              "squared_input": bool(squared_input), "faiss_compat": bool(faiss_compat),
+              "knn_precision": knn_precision}
+    lay, d, absmax = _agree(comm, query, gallery, params)
+    if knn_precision not in ("auto", "fp32"):
+        raise ShardError(f"fmn.rerank (process group): knn_precision must be auto or fp32, got {knn_precision!r}")
+    k1, k2, lam, topk = _rr._check_params(k1, k2, lambda_value, topk, lay.g)
+    if comm.world == 1:
+        return _rr.rerank(query, gallery, k1, k2, lam, topk=topk, backend=backend, squared_input=squared_input,
+                          faiss_compat=faiss_compat, knn_precision=knn_precision)
+    name = _backend.resolve(_rr._OP, backend, dev, triton_ok=True)
+    engine = "cpu" if name == "cpu" and _backend.has_compiled_kernel("rerank_knn_update", "cpu") else "torch"
+    engines = comm.objects(engine)
+    engine = "cpu" if all(e == "cpu" for e in engines) else "torch"
+    k_fwd, k_half, raw, clamp = _rr._variant(k1, faiss_compat)
+    cfg = _sparse.Config(k_forward=k_fwd, k_half=k_half, k_qe=k2, lambda_value=lam,
+                         square_twice=bool(squared_input), raw_weights=raw, clamp_jaccard=clamp)
+    exponent = _rr._feature_exponent(absmax, d, bool(squared_input))
+    with _rr._no_autocast(dev):
+        f = torch.cat([_rr._float32_features(query, exponent), _rr._float32_features(gallery, exponent)]).contiguous()
+        total = comm.all_reduce(f.sum(dim=0, dtype=torch.float64))
+        mean = (total / lay.n).float()
+        own = _Own(f, mean, lay.item_ids(comm.rank, dev), query.shape[0])
+        return _run(comm, lay, own, mean, cfg, topk, engine, use_triton=(name == "triton"))
+
+
+def _run(comm: _Comm, lay: _Layout, own: _Own, mean, cfg: _sparse.Config, topk, engine: str, use_triton: bool):
+    n = lay.n
+    length = max(min(cfg.k_forward, n), min(cfg.k_qe, n))
+    cand = _knn_stream(comm, lay, own, mean, min(n, length + _EXTRA_CANDIDATES), engine)
+    ok = _certify(comm, own, cand, n, length)
+    _rescan(comm, lay, own, cand, (~ok).nonzero().squeeze(1), length, engine)
+    rowmax = cand.rowmax * cand.rowmax if cfg.square_twice else cand.rowmax
+    cand.rowmax = rowmax
+    mine = cand.idx[:, :length]
+    lists = torch.cat([comm.all_gather_rows(mine[:own.q_r], lay.q_sizes),
+                       comm.all_gather_rows(mine[own.q_r:], lay.g_sizes)])
+    cols, vals = _expanded_rows(comm, lay, own, cand, lists, cfg, engine)
+    del lists
+    return _output_stream(comm, lay, own, rowmax, cols, vals, mean, cfg, topk, use_triton)
+
+
+def _check_group(group) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("fmn.rerank: process_group given but torch.distributed is not initialised "
+                         "(call torch.distributed.init_process_group, or run under torchrun)")
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"fmn.rerank: process_group must be a torch.distributed ProcessGroup "
+                         f"(e.g. torch.distributed.group.WORLD), got {type(group).__name__}")
+    if dist.get_rank(group) < 0:
+        raise ValueError("fmn.rerank: this process is not a member of process_group")
