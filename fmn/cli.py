@@ -125,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rerank", help="k-reciprocal re-ranking of saved query/gallery features",
                        description="Re-rank query x gallery distances from feature files (.pt tensor or .npy "
-                       "array, one row per image) with k-reciprocal encoding (Zhong et al. 2017).")
+                       "array, one row per image) with k-reciprocal encoding (Zhong et al. 2017). The files are "
+                       "memory-mapped. Under torchrun --nproc_per_node=P (gloo) each process reads only its "
+                       "contiguous slice of the query and gallery rows and the processes re-rank together, "
+                       "exchanging feature chunks and neighbour lists, never a q x g or N x N matrix; rank 0 "
+                       "writes the result, the same as one process gives, a chunk of rows at a time.")
     p.add_argument("--query", required=True, help="query features (q, d): .pt or .npy")
     p.add_argument("--gallery", required=True, help="gallery features (g, d): .pt or .npy")
     p.add_argument("--out", required=True, help="output .pt, .npy or .npz (written atomically; missing folders "

@@ -248,13 +248,19 @@ def draw(model: nn.Module, ev: dict, probe: dict, cfg: dict, out_dir: str, queri
 
 def run_rerank(query: str, gallery: str, out: str, k1: int, k2: int, lambda_value: float, topk: int | None,
                log: Log) -> str:
-    """``fmn rerank``: k-reciprocal re-ranking of two feature files into ``out``."""
-    import numpy as np
+    """``fmn rerank``: k-reciprocal re-ranking of two feature files into ``out``.
 
+    Under torchrun (WORLD_SIZE > 1) every process joins a gloo group, reads only its contiguous
+    slice of each file (memory-mapped) and re-ranks it with ``process_group``; rank 0 writes the
+    rows of every rank into ``out``, a chunk at a time (fmn.rerank.write_result)."""
+    import torch.distributed as dist
+
+    from fmn import distributed
+    from fmn.rerank import shard_bounds, write_result
     from fmn_kernels.rerank import rerank
 
     refuse_overwrite(out, [query, gallery], "--out")
-    q, g = read_features(query), read_features(gallery)
+    q, g = read_features(query, mmap=True), read_features(gallery, mmap=True)
     if q.dim() != 2 or g.dim() != 2 or q.shape[1] != g.shape[1]:
         raise ValueError(f"expected (q, d) and (g, d) features, got {tuple(q.shape)} and {tuple(g.shape)}")
     for path, feats in ((query, q), (gallery, g)):
@@ -262,26 +268,31 @@ def run_rerank(query: str, gallery: str, out: str, k1: int, k2: int, lambda_valu
             raise ValueError(f"{path} holds no features (shape {tuple(feats.shape)})")
     if topk is not None and not 1 <= topk <= g.shape[0]:
         raise ValueError(f"--topk must lie in 1..{g.shape[0]} (the gallery size), got {topk}")
-    t0 = time.time()
-    res = rerank(q.float(), g.float(), k1=k1, k2=k2, lambda_value=lambda_value, topk=topk)
-    if topk:
-        values, indices = (r.cpu() for r in res)
-        if out.endswith(".npz"):
-            atomic_write(out, lambda tmp: np.savez(tmp, values=values.numpy(), indices=indices.numpy()))
-        else:
-            atomic_write(out, lambda tmp: torch.save({"values": values, "indices": indices}, tmp))
-    elif out.endswith(".npy"):
-        atomic_write(out, lambda tmp: np.save(tmp, res.cpu().numpy()))
-    elif out.endswith(".npz"):
-        atomic_write(out, lambda tmp: np.savez(tmp, dist=res.cpu().numpy()))
-    else:
-        atomic_write(out, lambda tmp: torch.save(res.cpu(), tmp))
-    log(f"re-ranked {q.shape[0]} x {g.shape[0]} in {time.time() - t0:.2f}s -> {out}")
+    info = distributed.init_distributed("cpu")
+    try:
+        group = dist.group.WORLD if info.enabled else None
+        qa, qb = shard_bounds(q.shape[0], info.rank, info.world_size)
+        ga, gb = shard_bounds(g.shape[0], info.rank, info.world_size)
+        t0 = time.time()
+        res = rerank(q[qa:qb].float(), g[ga:gb].float(), k1=k1, k2=k2, lambda_value=lambda_value, topk=topk,
+                     process_group=group)
+        seconds = time.time() - t0
+        counts = [shard_bounds(q.shape[0], r, info.world_size) for r in range(info.world_size)]
+        write_result(out, res, [b - a for a, b in counts], g.shape[0], topk, group)
+    finally:
+        distributed.cleanup()
+    if info.is_main:
+        procs = f" on {info.world_size} processes" if info.enabled else ""
+        log(f"re-ranked {q.shape[0]} x {g.shape[0]} in {seconds:.2f}s{procs} -> {out}")
     return out
 
 
-def read_features(path: str) -> torch.Tensor:
-    """One (n, d) real-valued tensor from a .pt or .npy file; one clear error otherwise."""
+def read_features(path: str, mmap: bool = False) -> torch.Tensor:
+    """One (n, d) real-valued tensor from a .pt or .npy file; one clear error otherwise. With
+    ``mmap`` the file is memory-mapped (numpy.load(mmap_mode="c"), torch.load(mmap=True); a .pt
+    file in torch's old non-zip format is read whole): rows are read when they are used."""
+    import zipfile
+
     import numpy as np
 
     from fmn.checkpoint import load_failure
@@ -290,7 +301,9 @@ def read_features(path: str) -> torch.Tensor:
         raise FileNotFoundError(f"feature file not found: {path}")
     try:
         if path.endswith(".npy"):
-            obj = torch.from_numpy(np.load(path, allow_pickle=False))
+            obj = torch.from_numpy(np.load(path, allow_pickle=False, mmap_mode="c" if mmap else None))
+        elif mmap and zipfile.is_zipfile(path):   # torch's old non-zip format cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:   # not a .npy array / a torch file of tensors: say so in one line
