@@ -60,17 +60,7 @@ def _overrides(args) -> list[str]:
     return list(args.overrides) + extra
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fmn",
-        description="Feature Mask Network for person re-identification: train, evaluate, re-rank, visualise.\n"
-        "Start with `fmn demo` (about 3 minutes on a 2-core CPU): it writes a synthetic dataset, trains\n"
-        "both FMN stages and reports GRN / LAN / FMN rank-1 and mAP with and without re-ranking.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="synthetic data -> two-stage training -> evaluation, ranked list, heatmaps",
                        description="Run the whole pipeline on the synthetic dataset: generate it (once), train GRN "
                        "(stage 1) and MN + LAN (stage 2), evaluate GRN, LAN and FMN with and without re-ranking, "
@@ -80,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shortcuts(p)
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in the output folder")
 
+
+def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write the synthetic re-ID dataset (Market-1501 layout + part masks)",
                        description="Write the synthetic dataset: pedestrian-like identities that share global "
                        "appearance within groups and differ in local details, seen by several cameras.")
@@ -94,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "set (700 identities, 2-4 images per identity and camera, low resolution, blur, noise, "
                         "JPEG, viewpoints, clutter, occluders, shared clothing colours) (synth.preset)")
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train both FMN stages (Algorithm 1), resuming from the output folder",
                        description="Train GRN (stage 1), then MN + LAN with GRN frozen (stage 2). A checkpoint "
                        "<output>/last.pt is written every epoch; rerunning the same command resumes from it. "
@@ -108,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model to train (default: the config's model.name); mmga, mgran and pmm read "
                    "its shipped config unless --config is given")
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a trained model: GRN, LAN, FMN rank-k and mAP (+ re-ranking)",
                        description="Evaluate a checkpoint on its dataset's query/gallery split. The config stored "
                        "in the checkpoint is used; --config FILE replaces its sections other than the model (the "
@@ -123,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the FMN row evaluates, or a related method's fused descriptor; the input of fmn rerank) and "
                    "DIR/images.json (the image path, identity and camera of each row)")
 
+
+def _add_rerank(sub) -> None:
     p = sub.add_parser("rerank", help="k-reciprocal re-ranking of saved query/gallery features",
                        description="Re-rank query x gallery distances from feature files (.pt tensor or .npy "
                        "array, one row per image) with k-reciprocal encoding (Zhong et al. 2017). The files are "
@@ -141,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, help="keep only the k smallest distances per query (a .npy --out "
                    "becomes .npz)")
 
+
+def _add_visualize(sub) -> None:
     p = sub.add_parser("visualize", help="ranked-list PNG and attention heatmaps (mask, GRN, LAN) of a model",
                        description="Write ranked_list.png (top-10 gallery images per query, green = same "
                        "identity) and heatmaps.png (paper Fig. 4: query, GRN rank-1, FMN rank-1 with the "
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=_positive_int, default=6, help="number of queries in the ranked list")
     p.add_argument("--cases", type=_positive_int, default=3, help="number of query cases in the heatmap figure")
 
+
+def _add_extract(sub) -> None:
     p = sub.add_parser("extract", help="retrieval descriptors of images, for fmn rerank",
                        description="Write the retrieval descriptor of every image (FMN's eq. 6 descriptor, a related "
                        "method's fused descriptor, or the GRN feature of a stage-1-only FMN) as one (n, D) float32 "
@@ -171,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "stopping with an error that names them")
     p.add_argument("--force", action="store_true", help="replace existing output files")
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="ONNX and torch.export (.pt2) files of a model's retrieval descriptor",
                        description="Export the retrieval descriptor of a checkpoint: input a float32 batch "
                        "(batch, 3, H, W) of RGB images at the trained size, normalised with the ImageNet mean "
@@ -182,6 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", metavar="FILE", help="write the ONNX model here (needs pip install 'fmn[export]')")
     p.add_argument("--pt2", metavar="FILE", help="write the torch.export archive here")
     p.add_argument("--force", action="store_true", help="replace existing output files")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fmn",
+        description="Feature Mask Network for person re-identification: train, evaluate, re-rank, visualise.\n"
+        "Start with `fmn demo` (about 3 minutes on a 2-core CPU): it writes a synthetic dataset, trains\n"
+        "both FMN stages and reports GRN / LAN / FMN rank-1 and mAP with and without re-ranking.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_demo, _add_synth, _add_train, _add_eval, _add_rerank, _add_visualize, _add_extract, _add_export):
+        add(sub)
     return parser
 
 
