@@ -29,11 +29,11 @@ TORCH_LIBRARY(fmn, m) {
       "rerank(Tensor query, Tensor gallery, int k_forward, int k_half, int k_qe, float lambda_value, "
       "bool square_twice, bool raw_weights, bool clamp_jaccard, int topk) -> (Tensor, Tensor)");
   // Building blocks of the sharded re-ranking (fmn_kernels/rerank_distributed.py): one block of
-  // columns into the rows' candidate heaps (in place), and exact squared distances of index pairs.
+  // columns into the rows' candidate lists (in place), and exact squared distances of index pairs.
   m.def(
       "rerank_knn_update(Tensor rows_x, Tensor rows_f, Tensor rows_sq, Tensor row_ids, Tensor cols_x, "
-      "Tensor cols_f, Tensor cols_sq, int col0, Tensor(a!) heap_val, Tensor(b!) heap_exact, Tensor(c!) heap_idx, "
-      "Tensor(d!) heap_size, Tensor(e!) rowmax) -> ()");
+      "Tensor cols_f, Tensor cols_sq, int col0, int cap, Tensor(a!) cand_val, Tensor(b!) cand_exact, "
+      "Tensor(c!) cand_idx, Tensor(d!) cand_count, Tensor(e!) rowmax) -> ()");
   m.def("rerank_sqdist_pairs(Tensor a, Tensor a_idx, Tensor b, Tensor b_idx) -> Tensor");
   // o = f * act(logits)                          (f_other absent)
   // o = f * (1 - act(logits)) + f_other * act(logits)  (f_other present: spatial_mix)

@@ -254,14 +254,21 @@ def _agree(comm: _Comm, query, gallery, params: dict) -> tuple[_Layout, int, tup
 
 class _Candidates:
     """Per owned row: the cap smallest (d2~, global id) pairs seen so far with their exact d2, and
-    the max d2~ over every column seen."""
+    the max d2~ over every column seen. ``width`` slots per row (the C++ lists stage entries beyond
+    cap); ``kept()`` narrows to the cap kept once every column has been seen."""
 
-    def __init__(self, rows: int, cap: int, n: int, device):
-        self.approx = torch.full((rows, cap), float("inf"), device=device)
-        self.exact = torch.full((rows, cap), float("inf"), device=device)
-        self.idx = torch.full((rows, cap), n, dtype=torch.long, device=device)
-        self.size = torch.zeros(rows, dtype=torch.long, device=device)
+    def __init__(self, rows: int, cap: int, width: int, n: int, device):
+        self.cap = cap
+        self.approx = torch.full((rows, width), float("inf"), device=device)
+        self.exact = torch.full((rows, width), float("inf"), device=device)
+        self.idx = torch.full((rows, width), n, dtype=torch.long, device=device)
+        self.count = torch.zeros(rows, dtype=torch.long, device=device)
         self.rowmax = torch.zeros(rows, device=device)
+
+    def kept(self) -> None:
+        self.approx = self.approx[:, :self.cap].contiguous()
+        self.exact = self.exact[:, :self.cap].contiguous()
+        self.idx = self.idx[:, :self.cap].contiguous()
 
 
 class _Own:
@@ -298,7 +305,7 @@ def _keep_smallest(vals: torch.Tensor, ids: torch.Tensor, extra: torch.Tensor, k
 
 def _update_torch(cand: _Candidates, own: _Own, xc, fc, sqc, gid0: int) -> None:
     """The torch form of fmn::rerank_knn_update (any device)."""
-    cap, c = cand.idx.shape[1], xc.shape[0]
+    cap, c = cand.cap, xc.shape[0]
     k = min(cap, c)
     step = _sparse._rows_per_chunk(c, xc.device)
     for r0 in range(0, own.x.shape[0], step):
@@ -322,7 +329,7 @@ def _knn_stream(comm: _Comm, lay: _Layout, own: _Own, mean, cap: int, engine: st
     """Stage 1: every item's [f | s] streamed from its owner; each chunk merged into the owned
     rows' candidates."""
     d = own.f.shape[1]
-    cand = _Candidates(own.f.shape[0], cap, lay.n, comm.device)
+    cand = _Candidates(own.f.shape[0], cap, 2 * cap if engine == "cpu" else cap, lay.n, comm.device)
     rows = max(1, STREAM_BYTES // (4 * (d + 1)))
     make = lambda e: [torch.cat([own.f[e.local0:e.local0 + e.rows], own.sq[e.local0:e.local0 + e.rows, None]], 1)]  # noqa: E731
     shapes = lambda e: [((e.rows, d + 1), torch.float32)]  # noqa: E731
@@ -330,10 +337,11 @@ def _knn_stream(comm: _Comm, lay: _Layout, own: _Own, mean, cap: int, engine: st
         fc, sqc = buf[:, :d].contiguous(), buf[:, d].contiguous()
         xc = (fc - mean).contiguous()
         if engine == "cpu":
-            torch.ops.fmn.rerank_knn_update(own.x, own.f, own.sq, own.ids, xc, fc, sqc, e.gid0, cand.approx,
-                                            cand.exact, cand.idx, cand.size, cand.rowmax)
+            torch.ops.fmn.rerank_knn_update(own.x, own.f, own.sq, own.ids, xc, fc, sqc, e.gid0, cap, cand.approx,
+                                            cand.exact, cand.idx, cand.count, cand.rowmax)
         else:
             _update_torch(cand, own, xc, fc, sqc, e.gid0)
+    cand.kept()
     return cand
 
 

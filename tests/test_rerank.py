@@ -121,6 +121,29 @@ def test_deterministic(backend):
     assert torch.equal(va, vb) and torch.equal(ia, ib)
 
 
+@pytest.mark.skipif(not HAS_CPU_EXT, reason="C++ extension not built")
+def test_cpu_kernel_gives_the_same_bits_on_any_number_of_threads():
+    # Tiles of the kNN pass are handed to the threads one at a time and a row's list is offered to
+    # by several threads (locks, per-thread maxima); the kept lists and maxima do not depend on
+    # the order, and each tile is one single-threaded GEMM call in both passes. Several query and
+    # gallery blocks and column blocks (d = 256: 1024 columns a tile).
+    qf, gf = clustered_feats(600, 2600, 256, seed=17)
+    prev = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            runs.append((rerank(qf, gf, backend="cpu"), rerank(qf, gf, backend="cpu", topk=30)))
+    finally:
+        torch.set_num_threads(prev)
+    (d1, (v1, i1)), (d3, (v3, i3)) = runs
+    assert torch.equal(d1, d3) and torch.equal(v1, v3) and torch.equal(i1, i3)
+    assert torch.equal(v1, torch.sort(d1, dim=1, stable=True).values[:, :30])
+    other = rerank(qf, gf, backend="torch")
+    assert (d1 - other).abs().max().item() <= TOL
+    assert_same_ranking(d1, other.double())
+
+
 @pytest.mark.parametrize("backend", _backends_cpu())
 def test_dtypes_and_noncontiguous(backend):
     qf, gf = random_feats(20, 80, 12, seed=5)

@@ -28,6 +28,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <immintrin.h>
+
+#include <atomic>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -35,6 +39,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -133,6 +138,197 @@ struct SparseRows {
   explicit SparseRows(int64_t n) : col(n), val(n) {}
 };
 
+// Candidate lists of many rows: each row keeps its cap smallest (value, index) pairs seen so far
+// among width = cap + staging slots. A value can enter row r only when value <= thr[r] (the cap-th
+// smallest value kept, +inf until cap are known); entries are appended, and a full row is
+// compacted back to its cap smallest (ties by index), which lowers thr[r]. The kept set depends on
+// the values offered, not on their order. With exact != nullptr each entry carries a second value
+// (NaN when appended; the caller fills it).
+struct CandStore {
+  int64_t cap, width;
+  float* val;
+  int64_t* idx;
+  float* exact;
+  int64_t* count;
+  float* thr;
+  std::atomic_flag* locks = nullptr;  // striped by row when several threads offer to one row
+  int64_t lock_mask = 0;
+
+  // Offers (v, j) to row r if it may still enter (re-checked under the row's lock: thresholds
+  // only fall, so a stale one read without the lock admits more, never fewer).
+  void offer_checked(int64_t r, float v, int64_t j) {
+    if (locks == nullptr) {
+      if (v <= thr[r]) offer(r, v, j);
+      return;
+    }
+    std::atomic_flag& l = locks[r & lock_mask];
+    while (l.test_and_set(std::memory_order_acquire)) {
+    }
+    if (v <= thr[r]) offer(r, v, j);
+    l.clear(std::memory_order_release);
+  }
+
+  void offer(int64_t r, float v, int64_t j) {
+    const int64_t c = count[r];
+    val[r * width + c] = v;
+    idx[r * width + c] = j;
+    if (exact != nullptr) exact[r * width + c] = std::numeric_limits<float>::quiet_NaN();
+    count[r] = c + 1;
+    if (c + 1 == width) compact(r);
+  }
+
+  void compact(int64_t r) {
+    float* v = val + r * width;
+    int64_t* id = idx + r * width;
+    float* ex = exact != nullptr ? exact + r * width : nullptr;
+    const int64_t n = count[r];
+    if (n > cap) {
+      thread_local std::vector<int64_t> perm;
+      thread_local std::vector<float> tv, te;
+      thread_local std::vector<int64_t> ti;
+      perm.resize(n);
+      for (int64_t t = 0; t < n; ++t) perm[t] = t;
+      std::nth_element(perm.begin(), perm.begin() + (cap - 1), perm.begin() + n,
+                       [&](int64_t a, int64_t b) { return pair_less(v[a], id[a], v[b], id[b]); });
+      tv.resize(cap);
+      ti.resize(cap);
+      te.resize(cap);
+      for (int64_t t = 0; t < cap; ++t) {
+        tv[t] = v[perm[t]];
+        ti[t] = id[perm[t]];
+        if (ex != nullptr) te[t] = ex[perm[t]];
+      }
+      std::copy(tv.begin(), tv.end(), v);
+      std::copy(ti.begin(), ti.end(), id);
+      if (ex != nullptr) std::copy(te.begin(), te.end(), ex);
+      count[r] = cap;
+    }
+    if (count[r] == cap) thr[r] = *std::max_element(v, v + cap);
+  }
+};
+
+// The d2~ epilogue of a GEMM tile, vectorised where AVX2 is there (same results: no reductions
+// but the max, and 2 * dot is exact): row[j] = max(si + sc[j] - 2 row[j], 0).
+__attribute__((target("avx2"))) void form_row_avx2(float* row, const float* sc, float si, int64_t w) {
+  const __m256 vs = _mm256_set1_ps(si), zero = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= w; j += 8) {
+    const __m256 dot = _mm256_loadu_ps(row + j);
+    const __m256 v = _mm256_sub_ps(_mm256_add_ps(vs, _mm256_loadu_ps(sc + j)), _mm256_add_ps(dot, dot));
+    _mm256_storeu_ps(row + j, _mm256_max_ps(v, zero));
+  }
+  for (; j < w; ++j) row[j] = gemm_d2(si, sc[j], row[j]);
+}
+
+void form_row(float* row, const float* sc, float si, int64_t w) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return form_row_avx2(row, sc, si, w);
+  for (int64_t j = 0; j < w; ++j) row[j] = gemm_d2(si, sc[j], row[j]);
+}
+
+// max(init, row[0..w)) and every j with row[j] <= thr[r] offered to row r of the store (column
+// id col0 + j); thr[r] is read again after each offer.
+__attribute__((target("avx2"))) float scan_row_avx2(const float* row, int64_t w, float init, CandStore& st,
+                                                   int64_t r, int64_t col0) {
+  __m256 mx = _mm256_set1_ps(init);
+  int64_t j = 0;
+  for (; j + 8 <= w; j += 8) {
+    const __m256 v = _mm256_loadu_ps(row + j);
+    mx = _mm256_max_ps(mx, v);
+    int m = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(st.thr[r]), _CMP_LE_OQ));
+    while (m) {
+      const int b = __builtin_ctz(m);
+      m &= m - 1;
+      if (row[j + b] <= st.thr[r]) st.offer_checked(r, row[j + b], col0 + j + b);
+    }
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mx);
+  float out = lanes[0];
+  for (int t = 1; t < 8; ++t) out = lanes[t] > out ? lanes[t] : out;
+  for (; j < w; ++j) {
+    out = row[j] > out ? row[j] : out;
+    if (row[j] <= st.thr[r]) st.offer_checked(r, row[j], col0 + j);
+  }
+  return out;
+}
+
+float scan_row(const float* row, int64_t w, float init, CandStore& st, int64_t r, int64_t col0) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return scan_row_avx2(row, w, init, st, r, col0);
+  float out = init;
+  for (int64_t j = 0; j < w; ++j) {
+    out = row[j] > out ? row[j] : out;
+    if (row[j] <= st.thr[r]) st.offer_checked(r, row[j], col0 + j);
+  }
+  return out;
+}
+
+// The transposed half of a tile T (rows a.., ld columns; columns j0..j1 of it are the items
+// col0 + j): for each column, the max over the tile's rows into rowmax[col0 + j] (the calling
+// thread's own maxima) and every value <= thr offered to that item with the row's id a + i.
+__attribute__((target("avx2"))) void scan_cols_avx2(const float* T, int64_t rows, int64_t ld, int64_t j0, int64_t j1,
+                                                   int64_t a, int64_t col0, float* rowmax, CandStore& st) {
+  int64_t j = j0;
+  for (; j + 8 <= j1; j += 8) {
+    const int64_t gj = col0 + j;
+    __m256 mx = _mm256_loadu_ps(rowmax + gj);
+    __m256 th = _mm256_loadu_ps(st.thr + gj);
+    for (int64_t i = 0; i < rows; ++i) {
+      const __m256 v = _mm256_loadu_ps(T + i * ld + j);
+      mx = _mm256_max_ps(mx, v);
+      int m = _mm256_movemask_ps(_mm256_cmp_ps(v, th, _CMP_LE_OQ));
+      if (m == 0) continue;
+      while (m) {
+        const int b = __builtin_ctz(m);
+        m &= m - 1;
+        const float x = T[i * ld + j + b];
+        if (x <= st.thr[gj + b]) st.offer_checked(gj + b, x, a + i);
+      }
+      th = _mm256_loadu_ps(st.thr + gj);
+    }
+    _mm256_storeu_ps(rowmax + gj, mx);
+  }
+  for (; j < j1; ++j) {
+    const int64_t gj = col0 + j;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float x = T[i * ld + j];
+      rowmax[gj] = x > rowmax[gj] ? x : rowmax[gj];
+      if (x <= st.thr[gj]) st.offer_checked(gj, x, a + i);
+    }
+  }
+}
+
+void scan_cols(const float* T, int64_t rows, int64_t ld, int64_t j0, int64_t j1, int64_t a, int64_t col0,
+               float* rowmax, CandStore& st) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return scan_cols_avx2(T, rows, ld, j0, j1, a, col0, rowmax, st);
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t gj = col0 + j;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float x = T[i * ld + j];
+      rowmax[gj] = x > rowmax[gj] ? x : rowmax[gj];
+      if (x <= st.thr[gj]) st.offer_checked(gj, x, a + i);
+    }
+  }
+}
+
+// Row blocks of the kNN tiles: queries in blocks of rq rows (the topk output recomputes exactly
+// those tiles into an (rq, g) buffer), then the gallery in blocks of rg; column blocks of cb from
+// each block's first row. Every tile is one at::mm call, so equal calls give equal values.
+struct Tiling {
+  int64_t q, n, rq, rg, cb;
+  Tiling(int64_t q_, int64_t g_, int64_t d)
+      : q(q_), n(q_ + g_), rq(std::max<int64_t>(16, std::min<int64_t>(256, (int64_t{1} << 23) / std::max<int64_t>(1, g_)))),
+        rg(512), cb(std::max<int64_t>(256, std::min<int64_t>(4096, (int64_t{1} << 18) / std::max<int64_t>(1, d)))) {}
+  std::vector<std::pair<int64_t, int64_t>> row_blocks() const {
+    std::vector<std::pair<int64_t, int64_t>> out;
+    for (int64_t a = 0; a < q; a += rq) out.emplace_back(a, std::min(q, a + rq));
+    for (int64_t a = q; a < n; a += rg) out.emplace_back(a, std::min(n, a + rg));
+    return out;
+  }
+};
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rerank(
@@ -166,11 +362,23 @@ std::tuple<at::Tensor, at::Tensor> rerank(
   const int64_t LC = std::min(n, L + 16);  // candidates per row from the GEMM form
   const float lam = static_cast<float>(lambda_value);
 
-  // f: the features as given (exact d2); x: centred for the GEMM form (translation invariant,
-  // smaller norms cancel less)
-  const at::Tensor f = at::cat({query, gallery}, 0).contiguous();
-  const float* F = f.data_ptr<float>();
-  at::Tensor x = (f - f.to(at::kDouble).mean(0).to(at::kFloat)).contiguous();
+  // f: the features as given (exact d2), read in place; x: centred for the GEMM form (translation
+  // invariant, smaller norms cancel less)
+  const at::Tensor qc = query.contiguous(), gc = gallery.contiguous();
+  const float* FQ = qc.data_ptr<float>();
+  const float* FG = gc.data_ptr<float>();
+  auto frow = [&](int64_t i) { return i < q ? FQ + i * d : FG + (i - q) * d; };
+  at::Tensor x = at::empty({n, d}, qc.options());
+  {
+    at::Tensor total = at::zeros({d}, qc.options().dtype(at::kDouble));
+    const int64_t step = std::max<int64_t>(1, (int64_t{1} << 20) / d);
+    for (const at::Tensor* part : {&qc, &gc})
+      for (int64_t r = 0; r < part->size(0); r += step) total += part->narrow(0, r, std::min(step, part->size(0) - r)).to(at::kDouble).sum(0);
+    const at::Tensor mean = (total / static_cast<double>(n)).to(at::kFloat);
+    at::Tensor xq = x.narrow(0, 0, q), xg = x.narrow(0, q, g);
+    at::sub_out(xq, qc, mean);
+    at::sub_out(xg, gc, mean);
+  }
   const at::Tensor sq_t = (x * x).sum(1).contiguous();
   const float* S2 = sq_t.data_ptr<float>();
 
@@ -184,84 +392,77 @@ std::tuple<at::Tensor, at::Tensor> rerank(
     out_idx = at::empty({q, topk}, x.options().dtype(at::kLong));
   }
 
-  // Strip [a, b): d2~(r, a + j) (unsquared) for rows a <= r < b, columns a <= a + j < N, in
-  // a (b - a, N - a) buffer. The kNN pass and the topk output pass call it with the same blocks,
-  // so both see bitwise identical values.
-  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(512, (int64_t{1} << 22) / n));
-  auto strip_at = [&](int64_t a, const std::function<void(int64_t, const float*)>& per_row) {
-    const int64_t b = std::min(n, a + block);
-    const int64_t width = n - a;
-    at::Tensor strip = at::mm(x.narrow(0, a, b - a), x.narrow(0, a, width).t()).contiguous();
-    float* P = strip.data_ptr<float>();
-    at::parallel_for(a, b, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        float* row = P + (r - a) * width;
-        const float sr = S2[r];
-        for (int64_t j = 0; j < width; ++j) row[j] = gemm_d2(sr, S2[a + j], row[j]);
-        row[r - a] = 0.0f;
-        if (per_row) per_row(r, row);
-      }
+  // Tile [a, b) x [c, e): d2~(r, c + j) (unsquared) for rows a <= r < b, 0 where r == c + j, in
+  // buf. Called by one thread (a single-threaded at::mm inside a parallel region); the kNN pass
+  // and the topk output pass call it with the same blocks, so both see bitwise identical values.
+  const Tiling tiling(q, g, d);
+  auto tile_at = [&](int64_t a, int64_t b, int64_t c, int64_t e, at::Tensor& buf) {
+    at::Tensor tile = buf.narrow(0, 0, (b - a) * (e - c)).view({b - a, e - c});
+    at::mm_out(tile, x.narrow(0, a, b - a), x.narrow(0, c, e - c).t());
+    float* T = tile.data_ptr<float>();
+    for (int64_t r = a; r < b; ++r) {
+      float* row = T + (r - a) * (e - c);
+      form_row(row, S2 + c, S2[r], e - c);
+      if (r >= c && r < e) row[r - c] = 0.0f;
+    }
+    return T;
+  };
+  // Work items handed to the threads one at a time (no barrier between tiles: a thread that the
+  // machine's load holds back delays only its own blocks).
+  auto each_block = [&](const std::vector<std::pair<int64_t, int64_t>>& blocks,
+                        const std::function<void(int64_t, int64_t, int, at::Tensor&)>& work) {
+    std::atomic<int64_t> next{0};
+    const int64_t threads = at::get_num_threads();
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      at::Tensor buf = at::empty({std::max(tiling.rq, tiling.rg) * tiling.cb}, x.options());
+      const int tid = at::get_thread_num();
+      for (int64_t k; (k = next.fetch_add(1)) < static_cast<int64_t>(blocks.size());)
+        work(blocks[k].first, blocks[k].second, tid, buf);
     });
-    return strip;
   };
 
   StageClock clock;
-  // ---- 1. kNN with row maxima over symmetric strips ------------------------------------------
-  std::vector<float> heap_val(n * LC);
-  std::vector<int64_t> heap_idx(n * LC);
-  std::vector<int64_t> heap_size(n, 0);
-  std::vector<float> worst(n, std::numeric_limits<float>::infinity());  // heap top once full
-  std::vector<float> rowmax(n, 0.0f);
+  // ---- 1. kNN with row maxima over symmetric tiles ------------------------------------------
+  // Row block [a, b) against column blocks from a: every row of the block takes all columns
+  // c >= a of its tiles (the block's own columns both ways), every column j >= b takes the block's
+  // rows (the transposed half), so each pair's dot product is computed once. A row's list is
+  // offered to by its own block's thread and by the threads of earlier blocks (striped locks);
+  // the maxima of the transposed halves go to per-thread arrays, merged at the end.
+  const int64_t LW = 2 * LC;
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> cand_val(n * LW);
+  std::vector<int64_t> cand_idx(n * LW);
+  std::vector<int64_t> cand_count(n, 0);
+  std::vector<float> thr(n, std::numeric_limits<float>::infinity());
+  std::vector<float> rowmax(n, 0.0f), colmax(threads * n, 0.0f);
+  std::unique_ptr<std::atomic_flag[]> locks(new std::atomic_flag[4096]);
+  for (int64_t t = 0; t < 4096; ++t) locks[t].clear();
+  CandStore store{LC, LW, cand_val.data(), cand_idx.data(), nullptr, cand_count.data(), thr.data(),
+                  threads > 1 ? locks.get() : nullptr, 4095};
   {
     float* O = topk == 0 ? out_val.data_ptr<float>() : nullptr;
-    for (int64_t a = 0; a < n; a += block) {
-      const int64_t b = std::min(n, a + block);
-      const int64_t width = n - a;
-      // rows of the strip: columns a .. N-1 (and, for query rows of the dense output, the
-      // query-gallery part of the strip is the output's w, finished in stage 7)
-      at::Tensor strip = strip_at(a, [&](int64_t r, const float* row) {
-        if (O != nullptr && r < q) std::memcpy(O + r * g, row + (q - a), g * sizeof(float));
-        BoundedHeap h{heap_val.data() + r * LC, heap_idx.data() + r * LC, LC, heap_size[r]};
-        float mx = rowmax[r];
-        float top = worst[r];
-        for (int64_t j = 0; j < width; ++j) {
-          const float v = row[j];
-          mx = v > mx ? v : mx;
-          if (v <= top) {
-            h.push(v, a + j);
-            if (h.size == h.cap) top = h.val[0];
+    each_block(tiling.row_blocks(), [&](int64_t a, int64_t b, int tid, at::Tensor& buf) {
+      for (int64_t c = a; c < n; c += tiling.cb) {
+        const int64_t e = std::min(n, c + tiling.cb), w = e - c;
+        const float* T = tile_at(a, b, c, e, buf);
+        for (int64_t r = a; r < b; ++r) {
+          const float* row = T + (r - a) * w;
+          if (O != nullptr && r < q && e > q) {
+            const int64_t c0 = std::max(c, q);
+            std::memcpy(O + r * g + (c0 - q), row + (c0 - c), (e - c0) * sizeof(float));
           }
+          rowmax[r] = scan_row(row, w, rowmax[r], store, r, c);
         }
-        heap_size[r] = h.size;
-        worst[r] = top;
-        rowmax[r] = mx;
-      });
-      const float* P = strip.data_ptr<float>();
-      // the transposed half: columns j >= b receive rows a .. b-1
-      if (b < n) {
-        at::parallel_for(b, n, 256, [&](int64_t j0, int64_t j1) {
-          for (int64_t r = a; r < b; ++r) {
-            const float* row = P + (r - a) * width - a;
-            for (int64_t j = j0; j < j1; ++j) {
-              const float v = row[j];
-              rowmax[j] = v > rowmax[j] ? v : rowmax[j];
-              if (v <= worst[j]) {
-                BoundedHeap h{heap_val.data() + j * LC, heap_idx.data() + j * LC, LC, heap_size[j]};
-                h.push(v, r);
-                heap_size[j] = h.size;
-                if (h.size == h.cap) worst[j] = h.val[0];
-              }
-            }
-          }
-        });
-      }
-    }
-    at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        BoundedHeap h{heap_val.data() + r * LC, heap_idx.data() + r * LC, LC, heap_size[r]};
-        h.sort_ascending();
+        if (e > b) scan_cols(T, b - a, w, std::max(c, b) - c, w, a, c, colmax.data() + tid * n, store);
       }
     });
+    at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        store.compact(r);
+        for (int64_t t = 0; t < threads; ++t) rowmax[r] = std::max(rowmax[r], colmax[t * n + r]);
+      }
+    });
+    std::vector<float>().swap(colmax);
   }
   clock.mark("knn");
   // Exact lists. With n_i = |x_i|, M = max n_j, e = 2^-24, gamma = d e / (1 - d e):
@@ -280,21 +481,21 @@ std::tuple<at::Tensor, at::Tensor> rerank(
     at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
       std::vector<std::pair<float, int64_t>> cand;
       for (int64_t i = r0; i < r1; ++i) {
-        const float* fi = F + i * d;
-        const float* hv = heap_val.data() + i * LC;
-        const int64_t* hi = heap_idx.data() + i * LC;
+        const float* fi = frow(i);
+        const float* hv = cand_val.data() + i * LW;
+        const int64_t* hi = cand_idx.data() + i * LW;
         cand.resize(LC);
-        for (int64_t t = 0; t < LC; ++t) cand[t] = {sqdist(fi, F + hi[t] * d, d), hi[t]};
+        for (int64_t t = 0; t < LC; ++t) cand[t] = {sqdist(fi, frow(hi[t]), d), hi[t]};
         std::sort(cand.begin(), cand.end());
         bool ok = true;
         if (LC < n) {
           const double ni = std::sqrt(static_cast<double>(S2[i])) * grow;
           const double delta = c_acc * (ni + nmax) * (ni + nmax);
-          ok = static_cast<double>(cand[L - 1].first) < static_cast<double>(hv[LC - 1]) - delta;
+          ok = static_cast<double>(cand[L - 1].first) < static_cast<double>(*std::max_element(hv, hv + LC)) - delta;
         }
         if (!ok) {
           cand.resize(n);
-          for (int64_t j = 0; j < n; ++j) cand[j] = {sqdist(fi, F + j * d, d), j};
+          for (int64_t j = 0; j < n; ++j) cand[j] = {sqdist(fi, frow(j), d), j};
           std::partial_sort(cand.begin(), cand.begin() + L, cand.end());
         }
         for (int64_t t = 0; t < L; ++t) nbr_store[i * L + t] = cand[t].second;
@@ -303,6 +504,8 @@ std::tuple<at::Tensor, at::Tensor> rerank(
     if (square_twice)
       for (int64_t i = 0; i < n; ++i) rowmax[i] *= rowmax[i];
   }
+  std::vector<float>().swap(cand_val);
+  std::vector<int64_t>().swap(cand_idx);
   clock.mark("exact lists");
   const int64_t* nbr = nbr_store.data();  // row i: nbr[i * L + s], ascending (d2, index)
 
@@ -361,10 +564,10 @@ std::tuple<at::Tensor, at::Tensor> rerank(
       std::sort(members.begin(), members.end());
       const int64_t cnt = static_cast<int64_t>(members.size());
       w.resize(cnt);
-      const float* fi = F + i * d;
+      const float* fi = frow(i);
       float wmin = std::numeric_limits<float>::infinity();
       for (int64_t m = 0; m < cnt; ++m) {
-        float v = sqdist(fi, F + members[m] * d, d);
+        float v = sqdist(fi, frow(members[m]), d);
         if (square_twice) v *= v;
         if (raw_weights) {
           wmin = std::min(wmin, v);
@@ -483,11 +686,24 @@ std::tuple<at::Tensor, at::Tensor> rerank(
   if (topk == 0) {
     finish_rows(0, q, out_val.data_ptr<float>(), g);
   } else {
-    for (int64_t a = 0; a < q; a += block) {
-      const int64_t width = n - a;
-      at::Tensor strip = strip_at(a, nullptr);
-      finish_rows(a, std::min(q, a + block), strip.data_ptr<float>() + (q - a), width);
-    }
+    // the query blocks' tiles again (the same calls), their gallery columns gathered into an
+    // (rq, g) buffer per thread, then finished there
+    std::vector<std::pair<int64_t, int64_t>> query_blocks;
+    for (const auto& blk : tiling.row_blocks())
+      if (blk.first < q) query_blocks.push_back(blk);
+    at::Tensor rows_buf = at::empty({threads, tiling.rq * g}, x.options());
+    each_block(query_blocks, [&](int64_t a, int64_t b, int tid, at::Tensor& buf) {
+      float* B = rows_buf[tid].data_ptr<float>();
+      for (int64_t c = a; c < n; c += tiling.cb) {
+        const int64_t e = std::min(n, c + tiling.cb);
+        if (e <= q) continue;
+        const int64_t c0 = std::max(c, q);
+        const float* T = tile_at(a, b, c, e, buf);
+        for (int64_t r = a; r < b; ++r)
+          std::memcpy(B + (r - a) * g + (c0 - q), T + (r - a) * (e - c) + (c0 - c), (e - c0) * sizeof(float));
+      }
+      finish_rows(a, b, B, g);
+    });
   }
   clock.mark("output");
   return std::make_tuple(out_val, out_idx);
@@ -496,73 +712,31 @@ std::tuple<at::Tensor, at::Tensor> rerank(
 
 // ---- building blocks of the sharded pipeline (fmn_kernels/rerank_distributed.py) -------------
 
-namespace {
-
-// BoundedHeap with the exact d2 of each entry carried along (ordered by (value, index) only).
-struct ExactHeap {
-  float* val;
-  float* exact;
-  int64_t* idx;
-  int64_t cap;
-  int64_t size;
-
-  void swap_at(int64_t a, int64_t b) {
-    std::swap(val[a], val[b]);
-    std::swap(exact[a], exact[b]);
-    std::swap(idx[a], idx[b]);
-  }
-
-  void push(float v, int64_t j, float e) {
-    if (size < cap) {
-      int64_t pos = size++;
-      val[pos] = v;
-      exact[pos] = e;
-      idx[pos] = j;
-      while (pos > 0) {
-        int64_t parent = (pos - 1) / 2;
-        if (!pair_less(val[parent], idx[parent], val[pos], idx[pos])) break;
-        swap_at(pos, parent);
-        pos = parent;
-      }
-      return;
-    }
-    val[0] = v;
-    exact[0] = e;
-    idx[0] = j;
-    for (int64_t pos = 0;;) {
-      int64_t l = 2 * pos + 1, r = l + 1, big = pos;
-      if (l < size && pair_less(val[big], idx[big], val[l], idx[l])) big = l;
-      if (r < size && pair_less(val[big], idx[big], val[r], idx[r])) big = r;
-      if (big == pos) return;
-      swap_at(pos, big);
-      pos = big;
-    }
-  }
-};
-
-}  // namespace
-
-// One block of columns into the candidate heaps of a block of rows (both centred features x, raw
+// One block of columns into the candidate lists of a block of rows (both centred features x, raw
 // features f, s = |x|^2, as in stage 1 of rerank above): for every row i and column c
 //   d2~(i, c) = max(s_i + s_c - 2 x_i.x_c, 0)   (0 where row_ids[i] == col0 + c: the item itself)
 //   rowmax[i] = max(rowmax[i], d2~(i, c))
-//   the heap of row i keeps the cap smallest (d2~, col0 + c) pairs, each with its exact d2,
-//   sum_k (f_ik - f_ck)^2, computed when the pair enters the heap.
-// Tiles of rows x columns per thread: the dot products come from at::mm on the tile (one thread
-// each), so a pair's d2~ is the value the single-process strips give it.
+//   row i keeps the cap smallest (d2~, col0 + c) pairs seen over all calls (a CandStore of width
+//   cand_val.size(1) >= cap), each with its exact d2 = sum_k (f_ik - f_ck)^2, computed at the end
+//   of the call for the pairs of this block that are kept.
+// Between calls each row holds at most cap entries (cand_count). Tiles of 512 rows x up to 1024
+// columns (at d = 256), one at::mm each; blocks of rows handed to the threads one at a time.
 void rerank_knn_update(
     const at::Tensor& rows_x, const at::Tensor& rows_f, const at::Tensor& rows_sq, const at::Tensor& row_ids,
-    const at::Tensor& cols_x, const at::Tensor& cols_f, const at::Tensor& cols_sq, int64_t col0,
-    at::Tensor heap_val, at::Tensor heap_exact, at::Tensor heap_idx, at::Tensor heap_size, at::Tensor rowmax) {
+    const at::Tensor& cols_x, const at::Tensor& cols_f, const at::Tensor& cols_sq, int64_t col0, int64_t cap,
+    at::Tensor cand_val, at::Tensor cand_exact, at::Tensor cand_idx, at::Tensor cand_count, at::Tensor rowmax) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const int64_t R = rows_x.size(0), C = cols_x.size(0), d = rows_x.size(1), cap = heap_val.size(1);
+  const int64_t R = rows_x.size(0), C = cols_x.size(0), d = rows_x.size(1), width = cand_val.size(1);
   TORCH_CHECK(rows_x.scalar_type() == at::kFloat && cols_x.scalar_type() == at::kFloat && rows_f.scalar_type() == at::kFloat &&
                   cols_f.scalar_type() == at::kFloat, "fmn::rerank_knn_update: float32 features expected");
   TORCH_CHECK(rows_x.is_contiguous() && rows_f.is_contiguous() && cols_x.is_contiguous() && cols_f.is_contiguous() &&
-                  heap_val.is_contiguous() && heap_exact.is_contiguous() && heap_idx.is_contiguous(),
+                  rows_sq.is_contiguous() && cols_sq.is_contiguous() && row_ids.is_contiguous() &&
+                  cand_val.is_contiguous() && cand_exact.is_contiguous() && cand_idx.is_contiguous() &&
+                  cand_count.is_contiguous() && rowmax.is_contiguous(),
               "fmn::rerank_knn_update: contiguous tensors expected");
   TORCH_CHECK(cols_x.size(1) == d && rows_f.sizes() == rows_x.sizes() && cols_f.sizes() == cols_x.sizes() &&
-                  heap_exact.sizes() == heap_val.sizes() && heap_idx.sizes() == heap_val.sizes() && heap_val.size(0) == R,
+                  cand_exact.sizes() == cand_val.sizes() && cand_idx.sizes() == cand_val.sizes() && cand_val.size(0) == R &&
+                  cap >= 1 && width > cap,
               "fmn::rerank_knn_update: shapes disagree");
   if (R == 0 || C == 0) return;
   const float* SR = rows_sq.data_ptr<float>();
@@ -570,43 +744,40 @@ void rerank_knn_update(
   const float* FR = rows_f.data_ptr<float>();
   const float* FC = cols_f.data_ptr<float>();
   const int64_t* ids = row_ids.data_ptr<int64_t>();
-  float* HV = heap_val.data_ptr<float>();
-  float* HE = heap_exact.data_ptr<float>();
-  int64_t* HI = heap_idx.data_ptr<int64_t>();
-  int64_t* HS = heap_size.data_ptr<int64_t>();
   float* MX = rowmax.data_ptr<float>();
-  const int64_t rb = 64;
-  const int64_t cb = std::max<int64_t>(16, std::min<int64_t>(C, (int64_t{1} << 18) / rb));
+  std::vector<float> thr(R);
+  CandStore st{cap, width, cand_val.data_ptr<float>(), cand_idx.data_ptr<int64_t>(), cand_exact.data_ptr<float>(),
+               cand_count.data_ptr<int64_t>(), thr.data()};
+  for (int64_t r = 0; r < R; ++r)
+    thr[r] = st.count[r] >= cap ? *std::max_element(st.val + r * width, st.val + r * width + cap)
+                                : std::numeric_limits<float>::infinity();
+  const int64_t rb = 512;
+  const int64_t cb = std::max<int64_t>(256, std::min<int64_t>(4096, (int64_t{1} << 18) / std::max<int64_t>(1, d)));
   const int64_t n_rb = (R + rb - 1) / rb;
-  at::parallel_for(0, n_rb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * rb, r1 = std::min(R, r0 + rb);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    at::Tensor buf = at::empty({rb * std::min(C, cb)}, rows_x.options());
+    for (int64_t blk; (blk = next.fetch_add(1)) < n_rb;) {
+      const int64_t r0 = blk * rb, r1 = std::min(R, r0 + rb);
       for (int64_t c0 = 0; c0 < C; c0 += cb) {
         const int64_t c1 = std::min(C, c0 + cb), w = c1 - c0;
-        at::Tensor tile = at::mm(rows_x.narrow(0, r0, r1 - r0), cols_x.narrow(0, c0, w).t()).contiguous();
+        at::Tensor tile = buf.narrow(0, 0, (r1 - r0) * w).view({r1 - r0, w});
+        at::mm_out(tile, rows_x.narrow(0, r0, r1 - r0), cols_x.narrow(0, c0, w).t());
         float* T = tile.data_ptr<float>();
         for (int64_t r = r0; r < r1; ++r) {
           float* row = T + (r - r0) * w;
-          const float sr = SR[r];
-          float mx = MX[r];
-          for (int64_t j = 0; j < w; ++j) row[j] = gemm_d2(sr, SC[c0 + j], row[j]);
+          form_row(row, SC + c0, SR[r], w);
           const int64_t self = ids[r] - col0 - c0;
           if (self >= 0 && self < w) row[self] = 0.0f;
-          for (int64_t j = 0; j < w; ++j) mx = row[j] > mx ? row[j] : mx;
-          MX[r] = mx;
-          ExactHeap h{HV + r * cap, HE + r * cap, HI + r * cap, cap, HS[r]};
-          float top = h.size == cap ? h.val[0] : std::numeric_limits<float>::infinity();
-          const float* fr = FR + r * d;
-          for (int64_t j = 0; j < w; ++j) {
-            const float v = row[j];
-            if (v > top) continue;
-            const int64_t gj = col0 + c0 + j;
-            if (h.size == cap && !pair_less(v, gj, h.val[0], h.idx[0])) continue;
-            h.push(v, gj, sqdist(fr, FC + (c0 + j) * d, d));
-            if (h.size == cap) top = h.val[0];
-          }
-          HS[r] = h.size;
+          MX[r] = scan_row(row, w, MX[r], st, r, col0 + c0);
         }
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        st.compact(r);
+        float* ex = st.exact + r * width;
+        const int64_t* id = st.idx + r * width;
+        for (int64_t t = 0; t < st.count[r]; ++t)
+          if (std::isnan(ex[t])) ex[t] = sqdist(FR + r * d, FC + (id[t] - col0) * d, d);
       }
     }
   });

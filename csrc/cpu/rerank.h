@@ -32,8 +32,8 @@ std::tuple<at::Tensor, at::Tensor> rerank(
 // Building blocks of the sharded pipeline (fmn_kernels/rerank_distributed.py), see rerank.cpp.
 void rerank_knn_update(
     const at::Tensor& rows_x, const at::Tensor& rows_f, const at::Tensor& rows_sq, const at::Tensor& row_ids,
-    const at::Tensor& cols_x, const at::Tensor& cols_f, const at::Tensor& cols_sq, int64_t col0,
-    at::Tensor heap_val, at::Tensor heap_exact, at::Tensor heap_idx, at::Tensor heap_size, at::Tensor rowmax);
+    const at::Tensor& cols_x, const at::Tensor& cols_f, const at::Tensor& cols_sq, int64_t col0, int64_t cap,
+    at::Tensor cand_val, at::Tensor cand_exact, at::Tensor cand_idx, at::Tensor cand_count, at::Tensor rowmax);
 
 at::Tensor rerank_sqdist_pairs(const at::Tensor& a, const at::Tensor& ai, const at::Tensor& b, const at::Tensor& bi);
 
