@@ -363,13 +363,13 @@ def _knn_candidates(src, n_keep: int, precision: str) -> tuple[torch.Tensor, tor
     return nbr, rowmax
 
 
-def _reciprocal(lst: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+def _reciprocal(lst: torch.Tensor, rows: torch.Tensor | None = None, budget: int | None = None) -> torch.Tensor:
     """recip[r, s] = i appears in lst[lst[i, s]], i = rows[r]   (lst: (N, K) neighbour lists;
-    rows: the items to answer for, default all N)."""
+    rows: the items to answer for, default all N; budget: elements of a chunk's temporaries)."""
     n, k = lst.shape
     items = torch.arange(n, device=lst.device) if rows is None else rows
     out = torch.empty(items.numel(), k, dtype=torch.bool, device=lst.device)
-    step = max(1, _element_budget(lst.device) // (k * k))
+    step = max(1, (budget or _element_budget(lst.device)) // (k * k))
     for r0 in range(0, items.numel(), step):
         me = items[r0:r0 + step]
         out[r0:r0 + step] = (lst[lst[me]] == me[:, None, None]).any(dim=-1)
@@ -390,11 +390,11 @@ def _pad_cat(chunks: list[torch.Tensor], fill) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
-def _expand(fwd, recip, half, recip_h, n: int) -> torch.Tensor:
+def _expand(fwd, recip, half, recip_h, n: int, budget: int | None = None) -> torch.Tensor:
     """R*(i): R(i) plus each Rh(c), c in R(i), with 3 |Rh(c) & R(i)| > 2 |Rh(c)|. Padded (rows, W)
     for the rows of fwd / recip (any subset of the N items); half, recip_h: all N items; sentinel n."""
     k, h = fwd.shape[1], half.shape[1]
-    step = max(1, _element_budget(fwd.device) // (k * h * k))
+    step = max(1, (budget or _element_budget(fwd.device)) // (k * h * k))
     chunks = []
     for r0 in range(0, fwd.shape[0], step):
         r1 = min(fwd.shape[0], r0 + step)
@@ -436,11 +436,11 @@ def weights_of(w: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor, raw: b
     return e / e.sum(dim=1, keepdim=True)
 
 
-def _query_expand(members, v, first, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _query_expand(members, v, first, n: int, budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Vqe[i] = (1/Q) sum_{j in first[i]} V[j], merged per column, for the rows of ``first`` (rows
     of members / v, column ids < n, sentinel n). Returns padded (cols, vals)."""
     qn = first.shape[1]
-    step = max(1, _element_budget(members.device) // (4 * qn * members.shape[1]))
+    step = max(1, (budget or _element_budget(members.device)) // (4 * qn * members.shape[1]))
     col_chunks, val_chunks = [], []
     if first.shape[0] == 0:
         return (torch.full((0, 1), n, dtype=torch.long, device=members.device),
