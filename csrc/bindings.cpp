@@ -29,12 +29,14 @@ TORCH_LIBRARY(fmn, m) {
       "rerank(Tensor query, Tensor gallery, int k_forward, int k_half, int k_qe, float lambda_value, "
       "bool square_twice, bool raw_weights, bool clamp_jaccard, int topk) -> (Tensor, Tensor)");
   // Building blocks of the sharded re-ranking (fmn_kernels/rerank_distributed.py): one block of
-  // columns into the rows' candidate lists (in place), and exact squared distances of index pairs.
+  // columns into the rows' candidate lists (in place), exact squared distances of index pairs, and
+  // the Jaccard overlaps S of query rows against an inverted index.
   m.def(
       "rerank_knn_update(Tensor rows_x, Tensor rows_f, Tensor rows_sq, Tensor row_ids, Tensor cols_x, "
       "Tensor cols_f, Tensor cols_sq, int col0, int cap, Tensor(a!) cand_val, Tensor(b!) cand_exact, "
       "Tensor(c!) cand_idx, Tensor(d!) cand_count, Tensor(e!) rowmax) -> ()");
   m.def("rerank_sqdist_pairs(Tensor a, Tensor a_idx, Tensor b, Tensor b_idx) -> Tensor");
+  m.def("rerank_overlap(Tensor qcols, Tensor qvals, Tensor col_ptr, Tensor inv_item, Tensor inv_val, int g) -> Tensor");
   // o = f * act(logits)                          (f_other absent)
   // o = f * (1 - act(logits)) + f_other * act(logits)  (f_other present: spatial_mix)
   // f, f_other: (B, C, H, W); logits: (B, H*W); act in {exp_relu, sigmoid, identity};
@@ -51,6 +53,7 @@ TORCH_LIBRARY_IMPL(fmn, CPU, m) {
   m.impl("rerank", &fmn::cpu::rerank);
   m.impl("rerank_knn_update", &fmn::cpu::rerank_knn_update);
   m.impl("rerank_sqdist_pairs", &fmn::cpu::rerank_sqdist_pairs);
+  m.impl("rerank_overlap", &fmn::cpu::rerank_overlap);
   m.impl("spatial_mask_mul", &fmn::cpu::spatial_mask_mul);
   m.impl("spatial_mask_mul_backward", &fmn::cpu::spatial_mask_mul_backward);
 }

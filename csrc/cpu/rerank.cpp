@@ -783,6 +783,40 @@ void rerank_knn_update(
   });
 }
 
+// S of query rows against the gallery items of an inverted index (CSR by column over n columns:
+// col_ptr (n + 1), inv_item, inv_val): out[i, j] = sum over the entries (c, v) of row i (qcols
+// ascending, columns >= n are padding) of min(v, inv_val[p]) for the index entries p of column c
+// whose item is j; summed in the order of stage 7 of rerank above.
+at::Tensor rerank_overlap(const at::Tensor& qcols, const at::Tensor& qvals, const at::Tensor& col_ptr,
+                          const at::Tensor& inv_item, const at::Tensor& inv_val, int64_t g) {
+  TORCH_CHECK(qcols.dim() == 2 && qvals.sizes() == qcols.sizes() && qcols.scalar_type() == at::kLong &&
+                  qvals.scalar_type() == at::kFloat && col_ptr.scalar_type() == at::kLong &&
+                  inv_item.scalar_type() == at::kLong && inv_val.scalar_type() == at::kFloat,
+              "fmn::rerank_overlap: (rows, W) int64 columns and float32 values, an int64 / float32 CSR index expected");
+  const at::Tensor qc = qcols.contiguous(), qv = qvals.contiguous(), ptr = col_ptr.contiguous();
+  const at::Tensor item = inv_item.contiguous(), val = inv_val.contiguous();
+  const int64_t rows = qc.size(0), width = qc.size(1), n = ptr.size(0) - 1;
+  at::Tensor out = at::zeros({rows, g}, qv.options());
+  const int64_t* C = qc.data_ptr<int64_t>();
+  const float* V = qv.data_ptr<float>();
+  const int64_t* P = ptr.data_ptr<int64_t>();
+  const int64_t* I = item.data_ptr<int64_t>();
+  const float* IV = val.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      float* s = O + i * g;
+      for (int64_t e = 0; e < width; ++e) {
+        const int64_t c = C[i * width + e];
+        if (c < 0 || c >= n) continue;
+        const float vi = V[i * width + e];
+        for (int64_t p = P[c]; p < P[c + 1]; ++p) s[I[p]] += std::min(vi, IV[p]);
+      }
+    }
+  });
+  return out;
+}
+
 // Exact d2 of pairs: out[p] = sum_k (a[ai[p], k] - b[bi[p], k])^2, the function stage 1 rescores with.
 at::Tensor rerank_sqdist_pairs(const at::Tensor& a, const at::Tensor& ai, const at::Tensor& b, const at::Tensor& bi) {
   TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.is_contiguous() && b.is_contiguous(),
