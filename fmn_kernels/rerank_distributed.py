@@ -6,17 +6,22 @@ Every rank of ``group`` passes its own contiguous slice of the queries and of th
 slices in rank order (any sizes; an empty slice is a (0, d) tensor), and gets back its queries'
 rows over the whole gallery: the (q_r, g) re-ranked distances in global gallery order, or with
 ``topk=m`` the (q_r, m) values and global gallery indices. The semantics are those of one process
-(DESIGN section 3, fmn_kernels.rerank): the same neighbour lists (certified exact, ties by global
-index), the same float32 arithmetic in every later stage, so the values agree with the
-single-process result to float32 rounding and the rankings are identical under the near-tie rule.
+(DESIGN section 3, fmn_kernels.rerank): the same neighbour lists (certified exact with the exact
+d2 of the backend, ties by global index), the same row maxima and the same formulas in float32
+afterwards, summed in other orders in places; the values agree with the single-process result to
+float32 rounding (a few 1e-7) and the rankings are identical under the near-tie rule.
 
 No rank ever holds an N x N or q x g matrix (with topk), nor the features of other ranks beyond one
 streamed chunk: memory per rank is O(N L) for the neighbour lists plus O(n_r k) for its own rows
-plus the chunk buffers. Features only (no distance blocks); knn_precision fp32.
+plus the chunk buffers. Features only (no distance blocks); knn_precision fp32. FMN_RERANK_PROFILE=1
+prints each rank's stage times and resident memory.
 """
 from __future__ import annotations
 
 import math
+import os
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -29,14 +34,70 @@ __all__ = ["rerank_sharded"]
 
 # Bytes of features per streamed chunk (the owner broadcasts this much at a time; two chunks are
 # in flight). Tests lower it to exercise many chunks.
-STREAM_BYTES = 1 << 25
+STREAM_BYTES = 1 << 22
 # Candidates kept per row beyond the L needed (as the single-process kernels keep).
 _EXTRA_CANDIDATES = 16
+# Staging slots per row of the C++ candidate lists (entries wait there until a compaction).
+_STAGING = 16
 _PAIRS_PER_CALL = 1 << 20
+# Elements of one (query chunk, owned gallery) output block, and of the temporaries of one chunk
+# of rows in the sparse stages (the single-process torch pipeline uses more: one rank's memory is
+# meant to stay a fraction of one process's).
+_OUTPUT_ELEMENTS = 1 << 21
+_SPARSE_ELEMENTS = 1 << 18
 
 
 class ShardError(ValueError):
     """Bad use of the process group: raised on every rank with the same message."""
+
+
+class _StageClock:
+    """FMN_RERANK_PROFILE=1 prints each rank's wall time per stage to stderr (as the C++ kernel),
+    with the process's resident size now and at its peak (Linux)."""
+
+    def __init__(self, rank: int):
+        self.on = os.environ.get("FMN_RERANK_PROFILE") is not None
+        self.rank = rank
+        self.last = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        _release_free_memory()
+        if self.on:
+            now = time.perf_counter()
+            print(f"fmn.rerank[rank {self.rank}] {stage:<12} {now - self.last:8.3f} s{_resident()}", file=sys.stderr,
+                  flush=True)
+            self.last = now
+
+
+def _release_free_memory() -> None:
+    """Hands the C heap's free pages back to the system between stages (glibc malloc_trim): the
+    stages free large temporaries that the heap would otherwise keep resident."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        lib = ctypes.CDLL("libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def _resident() -> str:
+    try:
+        with open("/proc/self/status") as fh:
+            kb = {line.split(":")[0]: int(line.split()[1]) for line in fh if line.startswith(("VmRSS", "VmHWM"))}
+        return f"  (resident {kb['VmRSS'] // 1024} MB, peak {kb['VmHWM'] // 1024} MB)"
+    except (OSError, KeyError, ValueError, IndexError):
+        return ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,14 +333,48 @@ class _Candidates:
 
 
 class _Own:
-    """This rank's items: raw float32 features f, centred x, s = |x|^2, global ids."""
+    """This rank's items: the raw float32 features of its query slice and of its gallery slice
+    (the inputs themselves where they are float32 already: no copy), the centred x, s = |x|^2, and
+    the global ids. Local rows number the queries first, then the gallery."""
 
-    def __init__(self, f: torch.Tensor, mean: torch.Tensor, ids: torch.Tensor, q_r: int):
-        self.f = f
-        self.x = (f - mean).contiguous()
-        self.sq = (self.x * self.x).sum(dim=1)
+    def __init__(self, fq: torch.Tensor, fg: torch.Tensor, mean: torch.Tensor, ids: torch.Tensor):
+        self.parts = (fq.contiguous(), fg.contiguous())
+        self.q_r, self.n_r, self.d = fq.shape[0], fq.shape[0] + fg.shape[0], fq.shape[1]
+        self.x = torch.empty(self.n_r, self.d, dtype=torch.float32, device=fq.device)
+        torch.sub(self.parts[0], mean, out=self.x[:self.q_r])
+        torch.sub(self.parts[1], mean, out=self.x[self.q_r:])
+        self.sq = torch.empty(self.n_r, dtype=torch.float32, device=fq.device)
+        step = max(1, (1 << 20) // max(1, self.d))
+        for r0 in range(0, self.n_r, step):
+            xr = self.x[r0:r0 + step]
+            self.sq[r0:r0 + step] = (xr * xr).sum(dim=1)
         self.ids = ids
-        self.q_r = q_r
+
+    def drop_centred(self) -> None:
+        """Frees x between the kNN and the output stages (gallery_x() recomputes that part)."""
+        self.x = None
+
+    def gallery_x(self, mean: torch.Tensor) -> torch.Tensor:
+        """Centred features of the owned gallery rows: f - m, elementwise, as x was."""
+        return self.parts[1] - mean
+
+    def spans(self):
+        """(raw features, first local row) of the query part and of the gallery part."""
+        return ((self.parts[0], 0), (self.parts[1], self.q_r))
+
+    def rows(self, local0: int, count: int) -> torch.Tensor:
+        """Raw features of local rows [local0, local0 + count), all in one part."""
+        part, start = self.spans()[1] if local0 >= self.q_r else self.spans()[0]
+        return part[local0 - start:local0 - start + count]
+
+    def pairs(self, engine: str, rows: torch.Tensor, other: torch.Tensor, other_idx: torch.Tensor) -> torch.Tensor:
+        """Exact d2 of (local row rows[p], other[other_idx[p]])."""
+        out = torch.empty(rows.numel(), dtype=torch.float32, device=rows.device)
+        for part, start in self.spans():
+            sel = ((rows >= start) & (rows < start + part.shape[0])).nonzero().squeeze(1)
+            if sel.numel():
+                out[sel] = _exact_pairs(engine, part, rows[sel] - start, other, other_idx[sel])
+        return out
 
 
 def _exact_pairs(engine: str, a: torch.Tensor, ai: torch.Tensor, b: torch.Tensor, bi: torch.Tensor) -> torch.Tensor:
@@ -319,7 +414,7 @@ def _update_torch(cand: _Candidates, own: _Own, xc, fc, sqc, gid0: int) -> None:
         cand.rowmax[r0:r1] = torch.maximum(cand.rowmax[r0:r1], d.amax(dim=1))
         v, j = _sparse.smallest_stable(d, k)
         rows = torch.arange(r0, r1, device=xc.device)[:, None].expand_as(j)
-        e = _exact_pairs("torch", own.f, rows.reshape(-1), fc, j.reshape(-1)).view_as(v)
+        e = own.pairs("torch", rows.reshape(-1), fc, j.reshape(-1)).view_as(v)
         a, i, x = _keep_smallest(torch.cat([cand.approx[r0:r1], v], 1), torch.cat([cand.idx[r0:r1], j + gid0], 1),
                                  torch.cat([cand.exact[r0:r1], e], 1), cap)
         cand.approx[r0:r1], cand.idx[r0:r1], cand.exact[r0:r1] = a, i, x
@@ -328,19 +423,22 @@ def _update_torch(cand: _Candidates, own: _Own, xc, fc, sqc, gid0: int) -> None:
 def _knn_stream(comm: _Comm, lay: _Layout, own: _Own, mean, cap: int, engine: str) -> _Candidates:
     """Stage 1: every item's [f | s] streamed from its owner; each chunk merged into the owned
     rows' candidates."""
-    d = own.f.shape[1]
-    cand = _Candidates(own.f.shape[0], cap, 2 * cap if engine == "cpu" else cap, lay.n, comm.device)
-    rows = max(1, STREAM_BYTES // (4 * (d + 1)))
-    make = lambda e: [torch.cat([own.f[e.local0:e.local0 + e.rows], own.sq[e.local0:e.local0 + e.rows, None]], 1)]  # noqa: E731
-    shapes = lambda e: [((e.rows, d + 1), torch.float32)]  # noqa: E731
-    for e, (buf,) in comm.stream(lay.chunks(rows), make, shapes):
-        fc, sqc = buf[:, :d].contiguous(), buf[:, d].contiguous()
-        xc = (fc - mean).contiguous()
-        if engine == "cpu":
-            torch.ops.fmn.rerank_knn_update(own.x, own.f, own.sq, own.ids, xc, fc, sqc, e.gid0, cap, cand.approx,
-                                            cand.exact, cand.idx, cand.count, cand.rowmax)
-        else:
+    d = own.d
+    cand = _Candidates(own.n_r, cap, cap + _STAGING if engine == "cpu" else cap, lay.n, comm.device)
+    rows = max(1, STREAM_BYTES // (4 * d))
+    make = lambda e: [own.rows(e.local0, e.rows), own.sq[e.local0:e.local0 + e.rows]]  # noqa: E731
+    shapes = lambda e: [((e.rows, d), torch.float32), ((e.rows,), torch.float32)]  # noqa: E731
+    for e, (fc, sqc) in comm.stream(lay.chunks(rows), make, shapes):
+        xc = fc - mean
+        if engine != "cpu":
             _update_torch(cand, own, xc, fc, sqc, e.gid0)
+            continue
+        for part, lo in own.spans():
+            hi = lo + part.shape[0]
+            if hi > lo:
+                torch.ops.fmn.rerank_knn_update(own.x[lo:hi], part, own.sq[lo:hi], own.ids[lo:hi], xc, fc, sqc, e.gid0,
+                                                cap, cand.approx[lo:hi], cand.exact[lo:hi], cand.idx[lo:hi],
+                                                cand.count[lo:hi], cand.rowmax[lo:hi])
     cand.kept()
     return cand
 
@@ -359,7 +457,7 @@ def _certify(comm: _Comm, own: _Own, cand: _Candidates, n: int, length: int) -> 
     ok = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
     if a.shape[1] >= n:  # every item is a candidate: nothing to prove
         return ok
-    d = own.f.shape[1]
+    d = own.d
     e = 2.0 ** -24
     c_acc = 1.25 * (2.0 * d * e / max(1e-3, 1.0 - d * e) + 10.0 * e)
     grow = 1.0 + 2.0 * d * e
@@ -380,8 +478,10 @@ def _rescan(comm: _Comm, lay: _Layout, own: _Own, cand: _Candidates, failed: tor
     counts = comm.objects(int(failed.numel()))
     if sum(counts) == 0:
         return
-    feats = comm.all_gather_rows(own.f[failed], counts)
-    n_own, total = own.f.shape[0], sum(counts)
+    mine = torch.stack([own.rows(int(r), 1)[0] for r in failed.tolist()]) if failed.numel() else \
+        torch.empty(0, own.d, device=comm.device)
+    feats = comm.all_gather_rows(mine, counts)
+    n_own, total = own.n_r, sum(counts)
     best_v = torch.full((total, length), float("inf"), device=comm.device)
     best_i = torch.full((total, length), lay.n, dtype=torch.long, device=comm.device)
     k = min(length, n_own)
@@ -390,7 +490,7 @@ def _rescan(comm: _Comm, lay: _Layout, own: _Own, cand: _Candidates, failed: tor
         cols = torch.arange(n_own, device=comm.device)
         for r0 in range(0, total, step):
             r = torch.arange(r0, min(total, r0 + step), device=comm.device)
-            dd = _exact_pairs(engine, feats, r.repeat_interleave(n_own), own.f, cols.repeat(r.numel()))
+            dd = own.pairs(engine, cols.repeat(r.numel()), feats, r.repeat_interleave(n_own))
             v, j = _sparse.smallest_stable(dd.view(r.numel(), n_own), k)
             best_v[r, :k], best_i[r, :k] = v, own.ids[j]
     all_v = comm.all_gather_rows(best_v.reshape(1, -1), [1] * comm.world).view(comm.world, total, length)
@@ -409,8 +509,8 @@ def _rescan(comm: _Comm, lay: _Layout, own: _Own, cand: _Candidates, failed: tor
 # stages 3-6: lists, R*, V, query expansion, inverted index
 # --------------------------------------------------------------------------------------------
 
-def _member_distances(comm: _Comm, lay: _Layout, own: _Own, cand: _Candidates, members: torch.Tensor,
-                      engine: str) -> torch.Tensor:
+def _member_distances(comm: _Comm, lay: _Layout, own: _Own, cand_idx: torch.Tensor, cand_exact: torch.Tensor,
+                      members: torch.Tensor, engine: str) -> torch.Tensor:
     """Exact d2 of every (owned row i, j in R*(i)), in row-major order of the valid entries: from the
     candidate lists where j is there, the rest from a second feature stream (only when some rank
     has such members)."""
@@ -418,13 +518,13 @@ def _member_distances(comm: _Comm, lay: _Layout, own: _Own, cand: _Candidates, m
     valid = members < n
     found = torch.zeros(members.shape, dtype=torch.bool, device=members.device)
     value = torch.zeros(members.shape, dtype=torch.float32, device=members.device)
-    cap = cand.idx.shape[1]
-    step = max(1, _sparse._element_budget(members.device) // max(1, members.shape[1] * cap))
+    cap = cand_idx.shape[1]
+    step = max(1, _SPARSE_ELEMENTS // max(1, members.shape[1] * cap))
     for r0 in range(0, members.shape[0], step):
-        eq = members[r0:r0 + step, :, None] == cand.idx[r0:r0 + step, None, :]
+        eq = members[r0:r0 + step, :, None] == cand_idx[r0:r0 + step, None, :]
         found[r0:r0 + step] = eq.any(dim=-1)
         pos = eq.to(torch.uint8).argmax(dim=-1)
-        value[r0:r0 + step] = cand.exact[r0:r0 + step].gather(1, pos)
+        value[r0:r0 + step] = cand_exact[r0:r0 + step].gather(1, pos)
     missing = valid & ~found
     total = int(comm.all_reduce(missing.sum().reshape(1).double()).item())
     if total:
@@ -432,72 +532,130 @@ def _member_distances(comm: _Comm, lay: _Layout, own: _Own, cand: _Candidates, m
         cols = members[rows, slots]
         cols, order = torch.sort(cols)
         rows, slots = rows[order], slots[order]
-        d = own.f.shape[1]
+        d = own.d
         per = max(1, STREAM_BYTES // (4 * d))
-        make = lambda e: [own.f[e.local0:e.local0 + e.rows]]  # noqa: E731
+        make = lambda e: [own.rows(e.local0, e.rows)]  # noqa: E731
         shapes = lambda e: [((e.rows, d), torch.float32)]  # noqa: E731
         for e, (fc,) in comm.stream(lay.chunks(per), make, shapes):
             lo = int(torch.searchsorted(cols, e.gid0))
             hi = int(torch.searchsorted(cols, e.gid0 + e.rows))
             if hi > lo:
-                value[rows[lo:hi], slots[lo:hi]] = _exact_pairs(engine, own.f, rows[lo:hi], fc.contiguous(),
-                                                                cols[lo:hi] - e.gid0)
+                value[rows[lo:hi], slots[lo:hi]] = own.pairs(engine, rows[lo:hi], fc, cols[lo:hi] - e.gid0)
     return value[valid]
 
 
 def _fetch_rows(comm: _Comm, lay: _Layout, gids: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor):
-    """Rows ``gids`` (any rank's items) of the padded sparse rows (cols, vals) that every rank holds
-    for its own items: requests and rows exchanged with all_to_all_single."""
+    """Rows ``gids`` (other ranks' items) of the padded sparse rows (cols, vals) that every rank
+    holds for its own items: requests and rows exchanged with all_to_all_single. Rows are padded to
+    the widest on any rank."""
     width = int(comm.all_reduce(torch.tensor([float(cols.shape[1])]), dist.ReduceOp.MAX).item())
-    if cols.shape[1] < width:
-        cols = torch.nn.functional.pad(cols, (0, width - cols.shape[1]), value=lay.n)
-        vals = torch.nn.functional.pad(vals, (0, width - vals.shape[1]), value=0.0)
     owner, local = lay.owner(gids)
     owner, order = torch.sort(owner, stable=True)
     local = local[order]
     send = torch.bincount(owner, minlength=comm.world).tolist()
     recv = comm.counts(send)
     asked = comm.all_to_all_rows(local, send, recv)
-    got_c = comm.all_to_all_rows(cols[asked], recv, send)
-    got_v = comm.all_to_all_rows(vals[asked], recv, send)
+    pad = width - cols.shape[1]
+    got_c = comm.all_to_all_rows(torch.nn.functional.pad(cols[asked], (0, pad), value=lay.n), recv, send)
+    got_v = comm.all_to_all_rows(torch.nn.functional.pad(vals[asked], (0, pad), value=0.0), recv, send)
     out_c, out_v = torch.empty_like(got_c), torch.empty_like(got_v)
     out_c[order], out_v[order] = got_c, got_v
     return out_c, out_v
 
 
-def _expanded_rows(comm: _Comm, lay: _Layout, own: _Own, cand: _Candidates, lists: torch.Tensor,
-                   cfg: _sparse.Config, engine: str):
-    """Vqe of the owned rows as padded (cols, vals): R*, V, then the query expansion."""
-    n = lay.n
+def _expansion_table(comm: _Comm, lay: _Layout, own: _Own, first: torch.Tensor, members, v):
+    """The V rows the query expansion of the owned rows reads: the owned rows, then the other
+    ranks' rows among ``first`` (fetched); returns (cols, vals, first as rows of the table)."""
+    remote = torch.unique(first)
+    remote = remote[~torch.isin(remote, own.ids)]
+    got_c, got_v = _fetch_rows(comm, lay, remote, members, v)
+    width = max(members.shape[1], got_c.shape[1])
+    pad = lambda t, fill: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)  # noqa: E731
+    cols = torch.cat([pad(members, lay.n), pad(got_c, lay.n)])
+    vals = torch.cat([pad(v, 0.0), pad(got_v, 0.0)])
+    ids = torch.cat([own.ids, remote])
+    ids, order = torch.sort(ids)
+    return cols, vals, order[torch.searchsorted(ids, first)]
+
+
+def _members(lists: torch.Tensor, own: _Own, cfg: _sparse.Config, n: int) -> torch.Tensor:
+    """R*(i) of the owned rows, padded (n_r, W) with sentinel n, from the (N, L) lists."""
     k_fwd = min(cfg.k_forward, n)
     k_half = min(cfg.k_half, k_fwd)
-    k_qe = min(cfg.k_qe, n)
-    fwd, half = lists[:, :k_fwd].contiguous(), lists[:, :k_half].contiguous()
-    recip = _sparse._reciprocal(fwd, own.ids)
-    recip_h = _sparse._reciprocal(half)
-    members = _sparse._expand(fwd[own.ids], recip, half, recip_h, n)
-    del recip, recip_h
-    d2 = _member_distances(comm, lay, own, cand, members, engine)
+    fwd, half = lists[:, :k_fwd], lists[:, :k_half]
+    recip = _sparse._reciprocal(fwd, own.ids, _SPARSE_ELEMENTS)
+    recip_h = _sparse._reciprocal(half, None, _SPARSE_ELEMENTS)
+    return _sparse._expand(fwd[own.ids], recip, half, recip_h, n, _SPARSE_ELEMENTS)
+
+
+def _weights(members: torch.Tensor, d2: torch.Tensor, rowmax: torch.Tensor, cfg: _sparse.Config, n: int):
+    """V of the owned rows on their padded member lists."""
     w = d2 * d2 if cfg.square_twice else d2
     valid = members < n
     rows = torch.arange(members.shape[0], device=members.device)[:, None].expand_as(members)[valid]
-    v = _sparse.weights_of(w, valid, cand.rowmax[rows], cfg.raw_weights)
-    if k_qe == 1:
-        return members, v
-    first = lists[own.ids, :k_qe]
-    need = torch.unique(first)
-    t_cols, t_vals = _fetch_rows(comm, lay, need, members, v)
-    return _sparse._query_expand(t_cols, t_vals, torch.searchsorted(need, first), n)
+    return _sparse.weights_of(w, valid, rowmax[rows], cfg.raw_weights)
+
+
+def _csr(cols: torch.Tensor, vals: torch.Tensor, n: int):
+    """Padded sparse rows (sentinel n at the end of each row) as (row pointers, cols, vals)."""
+    valid = cols < n
+    ptr = torch.zeros(cols.shape[0] + 1, dtype=torch.long, device=cols.device)
+    ptr[1:] = valid.sum(dim=1).cumsum(0)
+    return ptr, cols[valid], vals[valid]
+
+
+def _padded(ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, r0: int, r1: int, n: int):
+    """Rows r0:r1 of a CSR matrix as padded (cols, vals), as wide as their longest row."""
+    lengths = ptr[r0 + 1:r1 + 1] - ptr[r0:r1]
+    width = max(1, int(lengths.max())) if r1 > r0 else 1
+    slot = torch.arange(width, device=cols.device)
+    keep = slot[None, :] < lengths[:, None]
+    pc = torch.full((r1 - r0, width), n, dtype=torch.long, device=cols.device)
+    pv = torch.zeros(r1 - r0, width, dtype=torch.float32, device=cols.device)
+    pc[keep], pv[keep] = cols[ptr[r0]:ptr[r1]], vals[ptr[r0]:ptr[r1]]
+    return pc, pv
+
+
+def _query_expansion(table_cols, table_vals, first: torch.Tensor, n: int):
+    """Vqe of the owned rows (CSR) from the V rows of ``table`` (first: rows of the table), a chunk
+    of rows at a time."""
+    parts = []
+    step = max(1, _SPARSE_ELEMENTS // max(1, first.shape[1] * table_cols.shape[1]))
+    for r0 in range(0, first.shape[0], step):
+        c, v = _sparse._query_expand(table_cols, table_vals, first[r0:r0 + step], n, _SPARSE_ELEMENTS)
+        parts.append(_csr(c, v, n))
+    if not parts:
+        return torch.zeros(1, dtype=torch.long, device=first.device), first.new_empty(0), torch.empty(0, device=first.device)
+    ptrs = [parts[0][0]] + [p[0][1:] for p in parts[1:]]
+    offsets = torch.tensor([0] + [int(p[0][-1]) for p in parts[:-1]], device=first.device).cumsum(0)
+    ptr = torch.cat([p + o for p, o in zip(ptrs, offsets)])
+    return ptr, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+
+
+def _inverted_index_csr(ptr, cols, vals, q_r: int, n: int):
+    """Column -> (owned gallery item, Vqe value) lists over the owned gallery rows (rows q_r: of
+    the CSR Vqe), CSR by column over n columns: (col_ptr, count, item, val)."""
+    start = int(ptr[q_r])
+    rows = torch.repeat_interleave(torch.arange(ptr.numel() - 1 - q_r, device=cols.device), ptr[q_r + 1:] - ptr[q_r:-1])
+    col, order = torch.sort(cols[start:], stable=True)
+    item, val = rows[order], vals[start:][order]
+    count = torch.bincount(col, minlength=n)
+    col_ptr = torch.zeros(n + 1, dtype=torch.long, device=cols.device)
+    col_ptr[1:] = count.cumsum(0)
+    return col_ptr, count, item, val
 
 
 # --------------------------------------------------------------------------------------------
 # stage 7: output from the query stream
 # --------------------------------------------------------------------------------------------
 
-def _overlap(qcols, qvals, index, g_r: int, n: int, use_triton: bool) -> torch.Tensor:
-    """S (rows, g_r) of a chunk of query rows against the owned gallery, in pieces of at most the
-    pair budget (pairs = query entries times index entries sharing a column)."""
-    count = index[1]
+def _overlap(qcols, qvals, index, g_r: int, n: int, engine: str, use_triton: bool) -> torch.Tensor:
+    """S (rows, g_r) of a chunk of query rows against the owned gallery: the C++ loop of the single
+    process on the cpu engine; else in pieces of at most the pair budget (pairs = query entries
+    times index entries sharing a column)."""
+    ptr, count, item, val = index
+    if engine == "cpu":
+        return torch.ops.fmn.rerank_overlap(qcols, qvals, ptr, item, val, g_r)
     pairs = torch.where(qcols < n, count[qcols.clamp_max(n - 1)], torch.zeros_like(qcols)).sum(dim=1).tolist()
     s = torch.empty(qcols.shape[0], g_r, dtype=torch.float32, device=qcols.device)
     budget = _sparse._pair_budget(qcols.device)
@@ -517,53 +675,65 @@ def _overlap(qcols, qvals, index, g_r: int, n: int, use_triton: bool) -> torch.T
     return s
 
 
-def _final_block(own: _Own, gal: slice, xc, sqc, scale, qcols, qvals, index, n: int, cfg: _sparse.Config,
-                 use_triton: bool) -> torch.Tensor:
+def _final_block(own: _Own, gal: slice, x_gal, xc, sqc, scale, qcols, qvals, index, n: int, cfg: _sparse.Config,
+                 engine: str, use_triton: bool) -> torch.Tensor:
     """(1 - lambda) J + lambda dn of a chunk of queries against the owned gallery; dn from the
-    d2~ of the single-process output (s_i + s_j - 2 x_i.x_j, clamped at 0) over the row max."""
+    d2~ of the single-process output (s_i + s_j - 2 x_i.x_j, clamped at 0) over the row max.
+    In place on the GEMM block (three blocks live at most)."""
     with _sparse._ieee_fp32(xc.device):
-        d = xc @ own.x[gal].t()
+        d = xc @ x_gal.t()
     d.mul_(-2.0).add_(sqc[:, None] + own.sq[gal][None, :]).clamp_min_(0.0)
     if cfg.square_twice:
         d.mul_(d)
     scale = scale[:, None]
-    dn = torch.where(scale > 0, d / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(d))
-    s = _overlap(qcols, qvals, index, d.shape[1], n, use_triton)
-    jac = 1.0 - s / (2.0 - s)
+    d.div_(torch.where(scale > 0, scale, torch.ones_like(scale))).mul_(scale > 0)
+    s = _overlap(qcols, qvals, index, d.shape[1], n, engine, use_triton)
+    s.div_(2.0 - s).neg_().add_(1.0)
     if cfg.clamp_jaccard:
-        jac.clamp_min_(0.0)
-    return jac.mul_(1.0 - cfg.lambda_value).add_(dn, alpha=cfg.lambda_value)
+        s.clamp_min_(0.0)
+    return s.mul_(1.0 - cfg.lambda_value).add_(d, alpha=cfg.lambda_value)
 
 
-def _output_stream(comm: _Comm, lay: _Layout, own: _Own, rowmax, vqe_cols, vqe_vals, mean, cfg: _sparse.Config,
-                   topk: int | None, use_triton: bool):
-    """Every query chunk's [f | s | rowmax | Vqe values] and Vqe columns from its owner; each rank
-    computes the chunk against its own gallery; the owner gathers the pieces."""
-    n, d, dev = lay.n, own.f.shape[1], comm.device
-    q_r, g_r = own.q_r, own.f.shape[0] - own.q_r
+def _output_stream(comm: _Comm, lay: _Layout, own: _Own, rowmax, vqe, mean, cfg: _sparse.Config,
+                   topk: int | None, engine: str, use_triton: bool):
+    """Every query chunk's features, [s | rowmax] and Vqe rows (CSR; the row lengths of every query
+    all_gathered first) from its owner; each rank computes the chunk against its own gallery; the
+    owner gathers the pieces."""
+    n, d, dev = lay.n, own.d, comm.device
+    q_r, g_r = own.q_r, own.n_r - own.q_r
     gal = slice(q_r, q_r + g_r)
-    index = _sparse._inverted_index(vqe_cols, vqe_vals, q_r, n)
-    width = int(comm.all_reduce(torch.tensor([float(max(1, vqe_cols.shape[1]))]), dist.ReduceOp.MAX).item())
-    qc = torch.nn.functional.pad(vqe_cols[:q_r], (0, width - vqe_cols.shape[1]), value=n)
-    qv = torch.nn.functional.pad(vqe_vals[:q_r], (0, width - vqe_vals.shape[1]), value=0.0)
+    ptr, vcols, vvals = vqe
+    index = _inverted_index_csr(ptr, vcols, vvals, q_r, n)
+    lengths = comm.all_gather_rows(ptr[1:q_r + 1] - ptr[:q_r], lay.q_sizes)
+    starts = torch.zeros(lay.q + 1, dtype=torch.long)
+    starts[1:] = lengths.cpu().cumsum(0)
     g_max = max(lay.g_sizes)
-    rows = max(1, min(STREAM_BYTES // (4 * (d + 2 + width)), _sparse._element_budget(dev) // max(1, g_max)))
+    rows = max(1, min(STREAM_BYTES // (4 * (d + 2)), _OUTPUT_ELEMENTS // max(1, g_max)))
     m = topk
     out = (torch.empty(q_r, lay.g, device=dev) if m is None
            else (torch.empty(q_r, m, device=dev), torch.empty(q_r, m, dtype=torch.long, device=dev)))
 
+    def nnz(e):
+        q0 = lay.q_off(e.src) + e.local0
+        return int(starts[q0 + e.rows] - starts[q0])
+
     def make(e):
         sl = slice(e.local0, e.local0 + e.rows)
-        return [torch.cat([own.f[sl], own.sq[sl, None], rowmax[sl, None], qv[sl]], 1), qc[sl]]
+        a, b = int(ptr[e.local0]), int(ptr[e.local0 + e.rows])
+        return [own.rows(e.local0, e.rows), torch.stack([own.sq[sl], rowmax[sl]], 1), vcols[a:b], vvals[a:b]]
 
-    shapes = lambda e: [((e.rows, d + 2 + width), torch.float32), ((e.rows, width), torch.long)]  # noqa: E731
+    shapes = lambda e: [((e.rows, d), torch.float32), ((e.rows, 2), torch.float32),  # noqa: E731
+                        ((nnz(e),), torch.long), ((nnz(e),), torch.float32)]
     g_off = lay.g_off(comm.rank)
-    for e, (buf, cols) in comm.stream(lay.chunks(rows, queries_only=True), make, shapes):
-        fc, sqc, scale, vals = buf[:, :d], buf[:, d], buf[:, d + 1], buf[:, d + 2:].contiguous()
+    x_gal = own.gallery_x(mean)
+    for e, (fc, buf, ccols, cvals) in comm.stream(lay.chunks(rows, queries_only=True), make, shapes):
+        q0 = lay.q_off(e.src) + e.local0
+        cptr = (starts[q0:q0 + e.rows + 1] - starts[q0]).to(dev)
         block = None
         if g_r:
-            block = _final_block(own, gal, (fc - mean).contiguous(), sqc.contiguous(), scale.contiguous(),
-                                 cols, vals, index, n, cfg, use_triton)
+            qc, qv = _padded(cptr, ccols, cvals, 0, e.rows, n)
+            block = _final_block(own, gal, x_gal, fc - mean, buf[:, 0].contiguous(), buf[:, 1].contiguous(), qc, qv,
+                                 index, n, cfg, engine, use_triton)
         sl = slice(e.local0, e.local0 + e.rows)
         if m is None:
             piece = torch.zeros(e.rows, g_max, device=dev)
@@ -647,27 +817,59 @@ def rerank_sharded(query, gallery, *, k1, k2, lambda_value, topk, backend, squar
                          square_twice=bool(squared_input), raw_weights=raw, clamp_jaccard=clamp)
     exponent = _rr._feature_exponent(absmax, d, bool(squared_input))
     with _rr._no_autocast(dev):
-        f = torch.cat([_rr._float32_features(query, exponent), _rr._float32_features(gallery, exponent)]).contiguous()
-        total = comm.all_reduce(f.sum(dim=0, dtype=torch.float64))
+        fq, fg = _rr._float32_features(query, exponent), _rr._float32_features(gallery, exponent)
+        total = comm.all_reduce(_sum64(fq) + _sum64(fg))
         mean = (total / lay.n).float()
-        own = _Own(f, mean, lay.item_ids(comm.rank, dev), query.shape[0])
+        own = _Own(fq, fg, mean, lay.item_ids(comm.rank, dev))
         return _run(comm, lay, own, mean, cfg, topk, engine, use_triton=(name == "triton"))
 
 
 def _run(comm: _Comm, lay: _Layout, own: _Own, mean, cfg: _sparse.Config, topk, engine: str, use_triton: bool):
     n = lay.n
+    clock = _StageClock(comm.rank)
     length = max(min(cfg.k_forward, n), min(cfg.k_qe, n))
     cand = _knn_stream(comm, lay, own, mean, min(n, length + _EXTRA_CANDIDATES), engine)
+    clock.mark("knn")
+    own.drop_centred()
     ok = _certify(comm, own, cand, n, length)
     _rescan(comm, lay, own, cand, (~ok).nonzero().squeeze(1), length, engine)
+    clock.mark("exact lists")
     rowmax = cand.rowmax * cand.rowmax if cfg.square_twice else cand.rowmax
-    cand.rowmax = rowmax
-    mine = cand.idx[:, :length]
+    cand_idx, cand_exact = cand.idx, cand.exact
+    del cand
+    mine = cand_idx[:, :length]
     lists = torch.cat([comm.all_gather_rows(mine[:own.q_r], lay.q_sizes),
                        comm.all_gather_rows(mine[own.q_r:], lay.g_sizes)])
-    cols, vals = _expanded_rows(comm, lay, own, cand, lists, cfg, engine)
-    del lists
-    return _output_stream(comm, lay, own, rowmax, cols, vals, mean, cfg, topk, use_triton)
+    clock.mark("gather lists")
+    members = _members(lists, own, cfg, n)
+    d2 = _member_distances(comm, lay, own, cand_idx, cand_exact, members, engine)
+    del cand_idx, cand_exact, mine
+    v = _weights(members, d2, rowmax, cfg, n)
+    del d2
+    k_qe = min(cfg.k_qe, n)
+    if k_qe == 1:
+        vqe = _csr(members, v, n)
+        del members, v, lists
+    else:
+        first = lists[own.ids, :k_qe]
+        del lists
+        t_cols, t_vals, rows = _expansion_table(comm, lay, own, first, members, v)
+        del members, v
+        vqe = _query_expansion(t_cols, t_vals, rows, n)
+        del t_cols, t_vals
+    clock.mark("V and QE")
+    out = _output_stream(comm, lay, own, rowmax, vqe, mean, cfg, topk, engine, use_triton)
+    clock.mark("output")
+    return out
+
+
+def _sum64(f: torch.Tensor) -> torch.Tensor:
+    """Column sums of f in float64, a block of rows at a time (no float64 copy of f)."""
+    total = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)
+    step = max(1, (1 << 20) // max(1, f.shape[1]))
+    for r0 in range(0, f.shape[0], step):
+        total += f[r0:r0 + step].sum(dim=0, dtype=torch.float64)
+    return total
 
 
 def _check_group(group) -> None:

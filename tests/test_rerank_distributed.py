@@ -69,7 +69,7 @@ def _run_case(rank, folder, n, case):
         saved[(target, attr)] = getattr(target, attr)
         setattr(target, attr, value)
     record = {"streams": 0, "rescanned": 0}
-    stream, rescan, expanded = rd._Comm.stream, rd._rescan, rd._expanded_rows
+    stream, rescan, members = rd._Comm.stream, rd._rescan, rd._members
 
     def count_streams(self, *a):
         record["streams"] += 1
@@ -79,11 +79,11 @@ def _run_case(rank, folder, n, case):
         record["rescanned"] += int(failed.numel())
         return rescan(comm, lay, own, cand, failed, *a)
 
-    def keep_lists(comm, lay, own, cand, lists, *a):
+    def keep_lists(lists, *a):
         record["lists"] = lists.clone()
-        return expanded(comm, lay, own, cand, lists, *a)
+        return members(lists, *a)
 
-    rd._Comm.stream, rd._rescan, rd._expanded_rows = count_streams, count_rescans, keep_lists
+    rd._Comm.stream, rd._rescan, rd._members = count_streams, count_rescans, keep_lists
     try:
         call = lambda: rerank(q, g, process_group=dist.group.WORLD, **case["kwargs"])  # noqa: E731
         if case.get("profile"):
@@ -93,7 +93,7 @@ def _run_case(rank, folder, n, case):
     except ValueError as exc:
         record["error"] = (type(exc).__name__, str(exc))
     finally:
-        rd._Comm.stream, rd._rescan, rd._expanded_rows = stream, rescan, expanded
+        rd._Comm.stream, rd._rescan, rd._members = stream, rescan, members
         for (target, attr), value in saved.items():
             setattr(target, attr, value)
     torch.save(record, os.path.join(folder, f"out{n}_r{rank}.pt"))
@@ -306,12 +306,12 @@ def _small_budget(device):
 
 def test_topk_memory_is_bounded_by_chunks_not_q_times_g(tmp_path):
     # Per rank, no torch allocation with topk comes near the rank's (q_r, g) rows, let alone the
-    # (q, g) matrix: the largest are O(n_r k) lists and chunk-sized blocks (budgets lowered here
-    # to 2^15 elements). The dense output's own allocation is q_r x g: the same measurement is seen
+    # (q, g) matrix: the largest are O(n_r k) lists and chunk-sized blocks (chunk budgets lowered
+    # here to 2^15 elements). The dense output's own allocation is q_r x g: the same measurement is seen
     # to catch such a block.
     q, g = clustered_feats(800, 4000, 8, 9)
     patch = {("sparse", "_element_budget"): _small_budget, ("sparse", "_pair_budget"): _small_budget,
-             ("rd", "STREAM_BYTES"): 1 << 14}
+             ("rd", "STREAM_BYTES"): 1 << 14, ("rd", "_OUTPUT_ELEMENTS"): 1 << 15, ("rd", "_SPARSE_ELEMENTS"): 1 << 15}
     split = dict(q=q, g=g, q_sizes=[400, 400], g_sizes=[2000, 2000], patch=patch, profile=True)
     records = run_group(tmp_path, 2, [dict(split, kwargs={"topk": 20}), dict(split, kwargs={})])
     block = 400 * 4000 * 4
