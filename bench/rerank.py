@@ -11,6 +11,15 @@ Cases (d = feature dim; features: unit-norm, identity-clustered, like re-ID embe
   1000x5000     q=1000,  g=5000,   d=256
   market        q=3368,  g=15913,  d=2048 on GPU, d=512 on CPU (on CPU with --full or --cases market)
   10kx100k      q=10000, g=100000, d=2048, topk=100 (GPU only)
+Scale (--scale): q=10,000 x g=100,000, d=256, topk=100 on the CPU (--scale-size QxGxD for a
+smaller one), features written once to .npy files that every worker memory-maps: one process
+(the cpu backend, every thread), then --scale-procs gloo processes (default 2, threads split
+between them) each reading only its slices. Per run: wall time (rerank only, barriers around it
+in the sharded run), peak RSS of each process (VmHWM, imports included) and its rise over the
+process with its inputs opened, the stage times (FMN_RERANK_PROFILE), and the ratio to one
+N x N x d GEMM (x @ x.T in row blocks into a reused buffer, N = q + g) timed in the single-process
+worker of the same run, after the re-ranking. The sharded rows are compared with the single
+process's: max |values difference|, rows with identical indices, the near-tie rule.
 Each (case, method) runs in a fresh subprocess: wall time (median of --repeat runs after one
 warm-up where the case is small, N <= 6000, for every method, and at every size for the GPU
 backends; otherwise one run), process CPU time, peak host memory (ru_maxrss of the worker,
@@ -24,6 +33,8 @@ the dense output with the reference where available, else with numpy.
     python bench/rerank.py --full           # + Market size (and the slow NumPy baseline there)
     python bench/rerank.py --device cuda    # GPU cases incl. Market d=2048 and 10k x 100k
     python bench/rerank.py --csv out.csv    # append rows
+    python bench/rerank.py --scale          # 10k x 100k, topk 100: one process and 2 gloo processes
+    python bench/rerank.py --scale --scale-size 2000x20000x256   # smaller, on a loaded machine
 """
 from __future__ import annotations
 
@@ -34,6 +45,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -210,6 +222,212 @@ def worker(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# the scale case: one process against P gloo processes on memory-mapped features
+# --------------------------------------------------------------------------------------------
+
+SCALE = dict(q=10000, g=100000, d=256, topk=100)
+
+
+def parse_size(text: str) -> tuple[int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--scale-size must be QxGxD with positive integers, e.g. 2000x20000x256; got {text!r}")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def gemm_seconds(x, rows: int = 256) -> float:
+    """One N x N x d GEMM, x @ x.T in blocks of rows into a reused buffer (never N x N at once)."""
+    import torch
+
+    n = x.shape[0]
+    buf = torch.empty(rows, n)
+    t0 = time.perf_counter()
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        torch.mm(x[r0:r1], x.t(), out=buf[: r1 - r0])
+    return time.perf_counter() - t0
+
+
+def stage_times(stderr: str) -> dict:
+    """Stage -> seconds from the FMN_RERANK_PROFILE lines of a worker (C++ and sharded forms)."""
+    import re
+
+    pattern = re.compile(r"^fmn(?:::rerank|\.rerank\[rank \d+\])\s+(.+?)\s+([0-9.]+) s\b")
+    out = {}
+    for line in stderr.splitlines():
+        m = pattern.match(line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def scale_worker(cfg: dict) -> None:
+    """One process of the scale case: its slices of the memory-mapped features, re-ranked alone
+    (world 1) or with the gloo group; the rows saved; RESULT with time and memory."""
+    import numpy as np
+    import torch
+
+    from fmn.rerank import shard_bounds
+    from fmn_kernels.rerank import rerank
+
+    rank, world = cfg["rank"], cfg["world"]
+    qm = np.load(os.path.join(cfg["dir"], "q.npy"), mmap_mode="c")
+    gm = np.load(os.path.join(cfg["dir"], "g.npy"), mmap_mode="c")
+    (qa, qb), (ga, gb) = shard_bounds(qm.shape[0], rank, world), shard_bounds(gm.shape[0], rank, world)
+    qf, gf = torch.from_numpy(qm[qa:qb]), torch.from_numpy(gm[ga:gb])
+    group = None
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        group = dist.group.WORLD
+        dist.barrier()
+    base_kb, hwm_reset = host_rss_kb("VmRSS"), reset_host_peak()
+    t0 = time.perf_counter()
+    values, indices = rerank(qf, gf, topk=cfg["topk"], process_group=group)
+    if group is not None:
+        dist.barrier()
+    seconds = time.perf_counter() - t0
+    peak_kb = (host_rss_kb("VmHWM") if hwm_reset else None) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import_peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    np.save(os.path.join(cfg["dir"], f"values_{world}_{rank}.npy"), values.numpy())
+    np.save(os.path.join(cfg["dir"], f"indices_{world}_{rank}.npy"), indices.numpy())
+    res = dict(time_s=seconds, cpu_threads=torch.get_num_threads(), host_peak_mb=max(peak_kb, import_peak_kb) / 1024.0,
+               host_rise_mb=max(0, peak_kb - (base_kb or 0)) / 1024.0)
+    if group is not None:
+        dist.destroy_process_group()
+    elif cfg.get("gemm"):
+        x = torch.cat([torch.from_numpy(qm), torch.from_numpy(gm)]).contiguous()
+        res["gemm_s"] = gemm_seconds(x)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def run_scale_workers(folder: str, world: int, spec: dict, threads: int, timeout: float):
+    """Runs the scale case on ``world`` processes (1: the plain single process, GEMM included);
+    returns (per-rank results, per-rank stage times) or raises RuntimeError."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        cfg = dict(spec, dir=folder, rank=rank, world=world, gemm=(world == 1))
+        env = dict(os.environ, FMN_RERANK_PROFILE="1", OMP_NUM_THREADS=str(max(1, threads // world)),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cmd = [sys.executable, os.path.abspath(__file__), "--scale-worker", json.dumps(cfg)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    results, stages = [], []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise RuntimeError(f"timeout after {timeout:.0f}s") from None
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError((err.strip().splitlines() or ["failed"])[-1][:200])
+        results.append(json.loads(lines[0][7:]))
+        stages.append(stage_times(err))
+    return results, stages
+
+
+def compare_topk(folder: str, world: int) -> dict:
+    """The sharded rows against the single process's: max |values difference|, rows whose indices
+    are identical, and whether every difference is a near tie (the single process's values, read
+    at the sharded indices, equal the sharded values within 1e-6 and never step down by more than
+    2e-6)."""
+    import numpy as np
+
+    v1, i1 = np.load(os.path.join(folder, "values_1_0.npy")), np.load(os.path.join(folder, "indices_1_0.npy"))
+    vp = np.concatenate([np.load(os.path.join(folder, f"values_{world}_{r}.npy")) for r in range(world)])
+    ip = np.concatenate([np.load(os.path.join(folder, f"indices_{world}_{r}.npy")) for r in range(world)])
+    same_rows = (ip == i1).all(axis=1)
+    ok = True
+    for row in np.nonzero(~same_rows)[0]:
+        ref = dict(zip(i1[row].tolist(), v1[row].tolist()))
+        last = v1[row][-1]
+        walked = [ref.get(j, None) for j in ip[row].tolist()]
+        # an index outside the single process's top-m must tie with its m-th value
+        for j, vj, rj in zip(ip[row].tolist(), vp[row].tolist(), walked):
+            if (rj is None and abs(vj - last) > 2e-6) or (rj is not None and abs(vj - rj) > 1e-6):
+                ok = False
+        known = [w for w in walked if w is not None]
+        if any(b - a < -2e-6 for a, b in zip(known, known[1:])):
+            ok = False
+    return dict(max_abs_diff=float(np.abs(vp - v1).max()), same_rows=float(same_rows.mean()), rank_ok=ok)
+
+
+def run_scale(args) -> list[dict]:
+    import torch
+
+    q, g, d = parse_size(args.scale_size)
+    spec = dict(q=q, g=g, d=d, topk=min(SCALE["topk"], g))
+    threads = torch.get_num_threads()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# rerank scale  q={q} g={g} d={d} topk={spec['topk']}, cpu, {threads} threads, torch {torch.__version__}, "
+          f"load average before {load:.2f}; features clustered, memory-mapped .npy")
+    folder = tempfile.mkdtemp(prefix="fmn_rerank_scale_")
+    try:
+        write_scale_features(folder, q, g, d)
+        single = run_scale_workers(folder, 1, spec, threads, args.timeout)
+        sharded = run_scale_workers(folder, args.scale_procs, spec, threads, args.timeout)
+        check = compare_topk(folder, args.scale_procs)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    rows = scale_rows(spec, single, sharded, check, load)
+    print_scale(spec, threads, rows, check, load, load_after)
+    return rows
+
+
+def write_scale_features(folder: str, q: int, g: int, d: int) -> None:
+    import numpy as np
+
+    qf, gf = make_features(q, g, d)
+    np.save(os.path.join(folder, "q.npy"), qf.numpy())
+    np.save(os.path.join(folder, "g.npy"), gf.numpy())
+
+
+def scale_rows(spec: dict, single, sharded, check: dict, load: float) -> list[dict]:
+    """One row per process of each run; the time of a run is its slowest process's."""
+    gemm = single[0][0]["gemm_s"]
+    rows = []
+    for name, (res, stages) in (("single", single), ("sharded", sharded)):
+        wall = max(r["time_s"] for r in res)
+        for rank, (r, st) in enumerate(zip(res, stages)):
+            rows.append(dict(date=datetime.datetime.utcnow().isoformat(timespec="seconds"), case="scale", **spec,
+                             method=name, procs=len(res), rank=rank, time_s=wall, x_gemm=wall / gemm, gemm_s=gemm,
+                             host_peak_mb=r["host_peak_mb"], host_rise_mb=r["host_rise_mb"], load=load, stages=st,
+                             **check))
+    return rows
+
+
+def print_scale(spec: dict, threads: int, rows: list[dict], check: dict, load: float, load_after: float) -> None:
+    n, gemm = spec["q"] + spec["g"], rows[0]["gemm_s"]
+    print(f"N x N x d GEMM ({n} x {n} x {spec['d']}, {threads} threads): {gemm:.2f} s")
+    header = f"{'run':<14} {'procs':>5} {'time s':>8} {'x GEMM':>7} {'peak MB':>8} {'rise MB':>8}  stages (s)"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        name = r["method"] + (f" rank {r['rank']}" if r["procs"] > 1 else "")
+        text = " ".join(f"{k}={v:.2f}" for k, v in r["stages"].items())
+        print(f"{name:<14} {r['procs']:>5} {r['time_s']:>8.2f} {r['x_gemm']:>7.2f} {r['host_peak_mb']:>8.0f} "
+              f"{r['host_rise_mb']:>8.0f}  {text}")
+    one = rows[0]
+    peak_p = max(r["host_peak_mb"] for r in rows if r["method"] == "sharded")
+    rise_p = max(r["host_rise_mb"] for r in rows if r["method"] == "sharded")
+    print(f"sharded vs single: max |values diff| {check['max_abs_diff']:.1e}, identical index rows "
+          f"{100 * check['same_rows']:.2f} %, near-tie rule {'holds' if check['rank_ok'] else 'BROKEN'}")
+    met = one["x_gemm"] <= 1.2 and one["host_peak_mb"] <= 1024
+    print(f"targets: single <= 1.2x GEMM and <= 1024 MB: {one['x_gemm']:.2f}x, {one['host_peak_mb']:.0f} MB -> "
+          f"{'met' if met else 'NOT met'}; sharded peak per process <= 0.6x single: {peak_p / one['host_peak_mb']:.2f}x "
+          f"-> {'met' if peak_p <= 0.6 * one['host_peak_mb'] else 'NOT met'} (rise over the imports "
+          f"{rise_p / max(1.0, one['host_rise_mb']):.2f}x) (load average {load:.2f} before, {load_after:.2f} after)")
+
+
+# --------------------------------------------------------------------------------------------
 # driver
 # --------------------------------------------------------------------------------------------
 
@@ -246,10 +464,31 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per (case, method) where the case is small; every case for the GPU backends")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--csv", default=None, help="append the rows to this CSV file")
+    ap.add_argument("--scale", action="store_true",
+                    help="the scale case: one process and --scale-procs gloo processes on memory-mapped features")
+    ap.add_argument("--scale-size", default="10000x100000x256", help="QxGxD of the scale case (default 10000x100000x256)")
+    ap.add_argument("--scale-procs", type=int, default=2, help="processes of the sharded scale run (default 2)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--scale-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.scale_worker:
+        scale_worker(json.loads(args.scale_worker))
+        return
+    if args.scale:
+        try:
+            parse_size(args.scale_size)
+        except ValueError as exc:
+            ap.error(str(exc))
+        if args.scale_procs < 2:
+            ap.error("--scale-procs must be >= 2")
+        rows = run_scale(args)
+        if args.csv:
+            write_csv(args.csv, rows, ["date", "case", "q", "g", "d", "topk", "method", "procs", "rank", "time_s",
+                                       "x_gemm", "gemm_s", "host_peak_mb", "host_rise_mb", "max_abs_diff", "same_rows",
+                                       "rank_ok", "load"])
         return
 
     import torch
@@ -356,15 +595,18 @@ def main() -> None:
         print(f"target {tcase} on {dev} ({limit}): {best['method']} {best['time_s']:.3f} s wall, "
               f"{best['cpu_s']:.2f} s CPU, {mem:.0f} MB peak -> {'met' if verdict else 'NOT met'} (load average {load:.2f})")
     if args.csv:
-        fields = ["date", "device", "device_name", "case", "q", "g", "d", "topk", "method", "time_s", "cpu_s",
-                  "host_peak_mb", "host_rise_mb", "dev_peak_mb", "x_numpy", "x_ref", "max_abs_diff", "rank_ok",
-                  "compared_with", "error"]
-        new = not os.path.exists(args.csv)
-        with open(args.csv, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        write_csv(args.csv, rows, ["date", "device", "device_name", "case", "q", "g", "d", "topk", "method", "time_s",
+                                   "cpu_s", "host_peak_mb", "host_rise_mb", "dev_peak_mb", "x_numpy", "x_ref",
+                                   "max_abs_diff", "rank_ok", "compared_with", "error"])
+
+
+def write_csv(path: str, rows: list[dict], fields: list[str]) -> None:
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
 
 
 if __name__ == "__main__":

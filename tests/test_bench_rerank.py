@@ -97,3 +97,78 @@ def test_host_rise_counts_the_run_not_the_import_peak():
     assert res is not None, proc.stderr
     assert res["host_rise_mb"] > 15.0
     assert res["host_peak_mb"] >= res["host_rise_mb"]
+
+
+# --------------------------------------------------------------------------------------------
+# the scale case
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scale", "--scale-size", "100x200"], "--scale-size must be QxGxD"),
+    (["--scale", "--scale-size", "0x200x8"], "--scale-size must be QxGxD"),
+    (["--scale", "--scale-procs", "1"], "--scale-procs must be >= 2"),
+])
+def test_bad_scale_flags_are_one_clear_error(monkeypatch, capsys, argv, message):
+    mod = load_bench("rerank")
+    monkeypatch.setattr(mod, "run_scale", lambda args: pytest.fail("ran"))
+    monkeypatch.setattr(sys, "argv", ["rerank.py", *argv])
+    with pytest.raises(SystemExit) as exc:
+        mod.main()
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_stage_times_read_both_profiles():
+    mod = load_bench("rerank")
+    err = ("fmn::rerank knn             1.250 s\n"
+           "fmn::rerank exact lists     0.100 s\n"
+           "fmn.rerank[rank 1] V and QE        2.500 s  (resident 500 MB, peak 600 MB)\n"
+           "unrelated 3.0 s\n")
+    assert mod.stage_times(err) == {"knn": 1.25, "exact lists": 0.1, "V and QE": 2.5}
+
+
+def _save_topk(folder, world, values, indices):
+    import numpy as np
+
+    for r, (v, i) in enumerate(zip(np.array_split(values, world), np.array_split(indices, world))):
+        np.save(os.path.join(folder, f"values_{world}_{r}.npy"), v)
+        np.save(os.path.join(folder, f"indices_{world}_{r}.npy"), i)
+
+
+def test_scale_comparison_accepts_near_ties_only(tmp_path):
+    import numpy as np
+
+    mod = load_bench("rerank")
+    values = np.array([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]], dtype=np.float32)
+    indices = np.array([[4, 5, 6], [7, 8, 9]])
+    _save_topk(tmp_path, 1, values, indices)
+    tie = values.copy()
+    tie[1, 2] = 0.3 + 1e-6
+    _save_topk(tmp_path, 2, tie, np.array([[4, 5, 6], [7, 8, 3]]))      # item 3 ties with the 3rd value
+    res = mod.compare_topk(str(tmp_path), 2)
+    assert res["rank_ok"] and res["same_rows"] == 0.5 and res["max_abs_diff"] == pytest.approx(1e-6, abs=2e-7)
+    _save_topk(tmp_path, 2, values, np.array([[4, 5, 6], [8, 7, 9]]))    # 0.1 and 0.2 swapped: no tie
+    assert not mod.compare_topk(str(tmp_path), 2)["rank_ok"]
+    worse = values.copy()
+    worse[0, 2] = 0.29
+    _save_topk(tmp_path, 2, worse, np.array([[4, 5, 1], [7, 8, 9]]))     # item 1 is not the single process's
+    assert not mod.compare_topk(str(tmp_path), 2)["rank_ok"]
+
+
+def test_scale_run_times_one_and_two_processes_and_cleans_up(tmp_path, monkeypatch, capsys):
+    # A tiny scale case for real: one process (GEMM timed), two gloo processes reading their
+    # slices of the same memory-mapped files, the rows compared, the feature folder removed.
+    import tempfile
+
+    mod = load_bench("rerank")
+    folder = tmp_path / "scale"
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix="": (folder.mkdir(), str(folder))[1])
+    monkeypatch.setattr(sys, "argv", ["rerank.py", "--scale", "--scale-size", "40x300x8", "--timeout", "200"])
+    mod.main()
+    out = capsys.readouterr().out
+    assert "N x N x d GEMM (340 x 340 x 8" in out
+    assert "near-tie rule holds" in out
+    assert not folder.exists()
+    rows = [line.split() for line in out.splitlines() if line.startswith(("single ", "sharded rank "))]
+    assert [r[0] for r in rows] == ["single", "sharded", "sharded"]
+    assert all("knn=" in " ".join(r) for r in rows)
