@@ -5,13 +5,14 @@
 //   features f as given (a function of the two vectors only: equal distances tie exactly);
 //   w the working distance d2 (or d2~), squared once more when square_twice.
 // Stages:
-//   1. kNN with row maxima over symmetric strips: for a block of rows [a, b) one GEMM gives
-//      x[a:b] . x[a:N]^T; every value updates the row heap of i (rows of the strip) and, for
-//      columns j >= b, the heap of j (the transposed half), so each pair's dot product is computed
-//      once. Heaps keep the L + 16 smallest (d2~, index) pairs (candidates); rowmax[i] =
-//      max_j d2~(i, j) over all N. The candidates are rescored with d2 and sorted by (d2, index);
-//      |d2~ - d2| <= delta_i (bound below) certifies that the first L are the exact list, else the
-//      row is rescanned with d2.
+//   1. kNN with row maxima over symmetric tiles: row blocks [a, b) (queries in blocks of rq rows,
+//      the gallery in blocks of 512) against column blocks from a, one single-threaded GEMM
+//      x[a:b] . x[c:e]^T per tile, the blocks handed to the threads one at a time. Every value
+//      goes to the candidate list of row i (rows of the tile) and, for columns j >= b, to the list
+//      of j (the transposed half), so each pair's dot product is computed once. The lists keep the
+//      L + 16 smallest (d2~, index) pairs (candidates); rowmax[i] = max_j d2~(i, j) over all N.
+//      The candidates are rescored with d2 and sorted by (d2, index); |d2~ - d2| <= delta_i (bound
+//      below) certifies that the first L are the exact list, else the row is rescanned with d2.
 //   2. reciprocal lists R(i) = {j in T(i) : i in T(j)}, Rh likewise with the half lists.
 //   3. R*(i) = R(i) + Rh(c) for c in R(i) with 3 |Rh(c) & R(i)| > 2 |Rh(c)|.
 //   4. V[i, j] = exp(-w(i, j) / rowmax_i) / sum over R*(i), w from d2 = sum_k (f_ik - f_jk)^2
@@ -20,9 +21,12 @@
 //   6. inverted index over gallery rows: column c -> [(j - q, Vqe[j, c])].
 //   7. per query row i: S(i, j) = sum_{c in supp Vqe[i]} sum_{(j, v) in index[c]} min(Vqe[i, c], v),
 //      J = 1 - S / (2 - S), final = (1 - lambda) J + lambda w~(i, j) / rowmax_i (w~ from d2~).
-//      Dense output: d2~ is copied into the output from the kNN strips of the query rows and finished in place;
-//      topk: the same strips are recomputed (identical GEMM calls, so identical values) and each
-//      row is reduced to its m smallest (value, index) pairs.
+//      Dense output: d2~ is copied into the output from the kNN tiles of the query rows and
+//      finished in place; topk: the same tiles are recomputed (identical GEMM calls, so identical
+//      values) into an (rq, g) buffer per thread and each row is reduced to its m smallest
+//      (value, index) pairs.
+//   Building blocks of the sharded pipeline (fmn_kernels/rerank_distributed.py) follow rerank():
+//   rerank_knn_update, rerank_overlap, rerank_sqdist_pairs.
 #include "cpu/rerank.h"
 
 #include <ATen/ATen.h>
