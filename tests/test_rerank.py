@@ -472,3 +472,25 @@ def test_fake_kernel_registered_at_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "True"
+
+
+def _largest_allocation(fn) -> int:
+    """The largest single torch CPU allocation made while ``fn`` runs (torch's profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), default=0)
+
+
+@pytest.mark.parametrize("backend", _backends_cpu())
+def test_topk_never_allocates_a_query_by_gallery_block(backend, monkeypatch):
+    # With topk the output is computed a block of query rows at a time (C++: rq rows of tiles,
+    # here 256, and tiles of at most 512 x 4096; torch: the chunk budget, lowered here): no
+    # allocation comes near the (q, g) matrix, while the dense output's own allocation is that
+    # matrix, seen by the same measurement.
+    monkeypatch.setattr(rerank_sparse, "_element_budget", lambda device: 1 << 18)
+    qf, gf = clustered_feats(3000, 5000, 8, seed=19)
+    qg = 3000 * 5000 * 4
+    assert _largest_allocation(lambda: rerank(qf, gf, backend=backend)) >= qg
+    assert _largest_allocation(lambda: rerank(qf, gf, backend=backend, topk=50)) <= qg / 6
