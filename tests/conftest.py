@@ -51,6 +51,21 @@ def data(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """{stages: checkpoint} of a tiny FMN trained in stage 1 only and in both stages."""
+    from fmn.cli import main
+    from tests.test_engine import TINY
+
+    out = {}
+    for epochs2 in (0, 1):
+        folder = tmp_path_factory.mktemp(f"run{epochs2}")
+        assert main(["train", *TINY, "--data-root", data, "--output", str(folder),
+                     "--set", f"train.stage2.epochs={epochs2}"]) == 0
+        out[1 + epochs2] = str(folder / "model.pt")
+    return out
+
+
 def load_bench(name: str):
     """bench/<name>.py imported as a fresh module (its main() callable with an argv list)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

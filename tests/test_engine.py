@@ -26,18 +26,6 @@ TINY = ["--set", "model.base_width=8", "--set", "data.height=64", "--set", "data
         "--set", "model.backbone=resnet18", "--set", "train.device=cpu", "--set", "data.name=synthetic"]
 
 
-@pytest.fixture(scope="module")
-def trained(data, tmp_path_factory):
-    """{stages: checkpoint} of a tiny FMN trained in stage 1 only and in both stages."""
-    out = {}
-    for epochs2 in (0, 1):
-        folder = tmp_path_factory.mktemp(f"run{epochs2}")
-        assert main(["train", *TINY, "--data-root", data, "--output", str(folder),
-                     "--set", f"train.stage2.epochs={epochs2}"]) == 0
-        out[1 + epochs2] = str(folder / "model.pt")
-    return out
-
-
 # ------------------------------------------------------------------------------------- layers
 LAYERS = {"config": 0, "data": 1, "models": 2, "engine": 3, "cli": 4}
 LEAVES = {"atomic", "checkpoint", "distributed", "losses", "metrics", "rerank"}

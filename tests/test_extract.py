@@ -10,40 +10,9 @@ import torch
 
 import fmn
 from fmn.cli import main
-from fmn.data.synthetic import generate
+from tests.test_cli_errors import one_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY = ["--set", "model.base_width=8", "--set", "data.height=64", "--set", "data.width=32",
-        "--set", "data.batch_size=8", "--set", "data.workers=0", "--set", "train.progress=false",
-        "--set", "train.max_steps_per_epoch=2", "--set", "train.stage1.epochs=1", "--set", "eval.batch_size=16",
-        "--set", "model.backbone=resnet18", "--set", "train.device=cpu", "--set", "data.name=synthetic"]
-
-
-def one_error(capsys, command):
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(f"fmn {command}: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("extract") / "synth")
-    generate(root, num_ids=8, num_cams=2, images_per_id_per_cam=2, height=64, width=32, progress=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained(data, tmp_path_factory):
-    """{stages: checkpoint} of a tiny FMN trained in stage 1 only and in both stages."""
-    out = {}
-    for epochs2 in (0, 1):
-        folder = tmp_path_factory.mktemp(f"run{epochs2}")
-        assert main(["train", *TINY, "--data-root", data, "--output", str(folder),
-                     "--set", f"train.stage2.epochs={epochs2}"]) == 0
-        out[1 + epochs2] = str(folder / "model.pt")
-    return out
-
 
 @pytest.fixture
 def images(data, tmp_path):
