@@ -41,7 +41,15 @@ def extension_error() -> str | None:
     return _state["ext_error"]
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo, which that
+    function does and which costs every process about 150 MB and a second (a sharded re-ranking
+    pays it once per rank): the same marker, compared with torch's decorator in the tests."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def has_compiled_kernel(op: str, device_type: str) -> bool:
     """True if the compiled op ``fmn::<op>`` has a kernel for ``device_type`` ("cpu" or "cuda")."""
     if device_type not in ("cpu", "cuda") or not extension_loaded():

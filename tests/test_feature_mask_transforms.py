@@ -1,6 +1,8 @@
 """The feature-mask op under torch.func transforms (vmap, grad, jacrev: the reference runs there),
 torch.compile(fullgraph=True) of a backend that falls back, a bool mask for spatial_mix, and the
 dtype check of the global features."""
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -94,3 +96,16 @@ def test_global_features_of_another_dtype_are_one_clear_error():
         assert m(f, torch.randn(2, 6, dtype=torch.bfloat16)).dtype == f.dtype
         with pytest.raises(TypeError, match="global features are torch.float64"):
             m(f, torch.randn(2, 6, dtype=torch.float64))
+
+
+def test_constant_marker_is_torchs_and_import_leaves_dynamo_out():
+    # backend marks has_compiled_kernel as torch.compiler.assume_constant_result does, without
+    # importing torch._dynamo (about 150 MB per process); the marker must stay torch's.
+    def probe():
+        return True
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert vars(marked) and set(vars(marked).items()) <= set(vars(B.has_compiled_kernel).items())
+    code = "import sys, fmn_kernels, fmn; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
