@@ -127,7 +127,9 @@ def _add_rerank(sub) -> None:
                        "memory-mapped. Under torchrun --nproc_per_node=P (gloo) each process reads only its "
                        "contiguous slice of the query and gallery rows and the processes re-rank together, "
                        "exchanging feature chunks and neighbour lists, never a q x g or N x N matrix; rank 0 "
-                       "writes the result, the same as one process gives, a chunk of rows at a time.")
+                       "writes the result, the same as one process gives, a chunk of rows at a time. With "
+                       "--query-ids and --gallery-ids it also prints CMC rank-1/5/10 and mAP of the features and "
+                       "of the re-ranked rows (sharded the same way under torchrun).")
     p.add_argument("--query", required=True, help="query features (q, d): .pt or .npy")
     p.add_argument("--gallery", required=True, help="gallery features (g, d): .pt or .npy")
     p.add_argument("--out", required=True, help="output .pt, .npy or .npz (written atomically; missing folders "
@@ -138,6 +140,10 @@ def _add_rerank(sub) -> None:
                    help="weight of the original distance in the final one, in [0, 1] (default 0.3)")
     p.add_argument("--topk", type=int, help="keep only the k smallest distances per query (a .npy --out "
                    "becomes .npz)")
+    p.add_argument("--query-ids", help="identity and camera of each query row: an (q, 2) integer array "
+                   "(pid, camid) per row, .npy or .pt; with --gallery-ids, evaluate CMC and mAP")
+    p.add_argument("--gallery-ids", help="the gallery's (g, 2) integer (pid, camid) rows, .npy or .pt "
+                   "(pid -1: junk, left out of every ranking)")
 
 
 def _add_visualize(sub) -> None:
@@ -337,8 +343,11 @@ def cmd_rerank(args) -> int:
     out = args.out
     if args.topk and out.endswith(".npy"):
         out = out[:-4] + ".npz"   # values and indices: two arrays
+    if (args.query_ids is None) != (args.gallery_ids is None):
+        raise UsageError("--query-ids and --gallery-ids go together: give both to evaluate, or neither")
     _check_output_file(out, "--out")
-    run_rerank(args.query, args.gallery, out, args.k1, args.k2, args.lambda_value, args.topk, _log)
+    run_rerank(args.query, args.gallery, out, args.k1, args.k2, args.lambda_value, args.topk, _log,
+               query_ids=args.query_ids, gallery_ids=args.gallery_ids)
     return 0
 
 

@@ -18,7 +18,9 @@ Entry points: :func:`evaluate` (a dense (q, g) distance matrix), :func:`evaluate
 (query and gallery features: distances computed one block of query rows at a time, no (q, g)
 matrix is ever held, the numbers those of ``evaluate(euclidean_distance(qf, gf), ...)`` bit for
 bit) and :func:`evaluate_topk` (each query's m nearest gallery items, e.g. from
-``fmn.rerank(..., topk=m)``).
+``fmn.rerank(..., topk=m)``). The last two take ``process_group=group`` to run sharded over
+torch.distributed ranks, each holding its slice of the queries and of the gallery
+(fmn.metrics_sharded).
 
 How it is computed without a per-query loop or a full argsort. Let the positives of a query
 be sorted by (distance, gallery index) with distances ``t_1 <= ... <= t_P`` at gallery
@@ -176,7 +178,8 @@ def evaluate(dist, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
 
 
 def evaluate_from_features(query_feats, gallery_feats, q_pids, g_pids, q_camids, g_camids,
-                           max_rank: int = 50, chunk_size: int | None = None) -> Tuple[torch.Tensor, float, int]:
+                           max_rank: int = 50, chunk_size: int | None = None,
+                           process_group=None) -> Tuple[torch.Tensor, float, int]:
     """CMC and mAP straight from features: :func:`evaluate` on the Euclidean distances, without a
     (q, g) matrix.
 
@@ -199,6 +202,11 @@ def evaluate_from_features(query_feats, gallery_feats, q_pids, g_pids, q_camids,
             ranking's for the chunks in flight: memory is O(chunk_size * g + 8M entries)
             whatever q is (at 3,368 x 15,913 fp32: 72 MB at the peak against 245 MB for the
             dense path). The result does not depend on it.
+        process_group: a torch.distributed group: every rank passes its contiguous slice of the
+            queries and of the gallery (features and ids, slices in rank order, any sizes, an
+            empty slice a (0, d) tensor) and every rank gets the result of one process on the
+            concatenation, without a q x g matrix anywhere (fmn.metrics_sharded: the guarantee,
+            bit for bit where the per-pair distances are, and the memory).
 
     Returns:
         ``(cmc, mAP, num_valid)`` as :func:`evaluate`.
@@ -209,6 +217,11 @@ def evaluate_from_features(query_feats, gallery_feats, q_pids, g_pids, q_camids,
             features, or features too large for their dtype), no query with a true match.
         TypeError: features or ids that are not numeric.
     """
+    if process_group is not None:
+        from fmn.metrics_sharded import evaluate_from_features_sharded
+
+        return evaluate_from_features_sharded(query_feats, gallery_feats, q_pids, g_pids, q_camids, g_camids,
+                                              max_rank, chunk_size, process_group)
     fn = "evaluate_from_features"
     if max_rank < 1:
         raise ValueError(f"max_rank must be >= 1, got {max_rank}")
@@ -251,7 +264,7 @@ def evaluate_from_features(query_feats, gallery_feats, q_pids, g_pids, q_camids,
     return ranking.result(max_rank, fn)
 
 
-def evaluate_topk(values, indices, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50):
+def evaluate_topk(values, indices, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50, process_group=None):
     """CMC and mAP from each query's m nearest gallery items, e.g. the ``(values, indices)`` of
     ``fmn.rerank(query_feats, gallery_feats, topk=m)``.
 
@@ -279,6 +292,11 @@ def evaluate_topk(values, indices, q_pids, g_pids, q_camids, g_camids, max_rank:
         q_pids, g_pids, q_camids, g_camids: as in :func:`evaluate`; g_pids and g_camids cover
             the whole gallery the indices point into.
         max_rank: CMC length (capped at m).
+        process_group: a torch.distributed group: every rank passes its queries' rows (values and
+            GLOBAL gallery indices, e.g. from ``fmn.rerank(..., topk=m, process_group=group)``; a
+            rank without queries passes (0, m) tensors) with their q_pids/q_camids, and its
+            contiguous slice of the gallery's g_pids/g_camids (slices in rank order); every rank
+            gets the result of one process on the concatenation, bit for bit.
 
     Returns:
         ``(cmc, mAP, num_valid, num_complete)``.
@@ -288,19 +306,17 @@ def evaluate_topk(values, indices, q_pids, g_pids, q_camids, g_camids, max_rank:
             range or repeated in a row, non-finite values, no query with a true match.
         TypeError: inputs that are not numeric.
     """
+    if process_group is not None:
+        from fmn.metrics_sharded import evaluate_topk_sharded
+
+        return evaluate_topk_sharded(values, indices, q_pids, g_pids, q_camids, g_camids, max_rank, process_group)
     fn = "evaluate_topk"
     if max_rank < 1:
         raise ValueError(f"max_rank must be >= 1, got {max_rank}")
-    values = _as_tensor(values, "values")
-    if values.dim() != 2:
-        raise ValueError(f"{fn}: values must be a (num_query, m) matrix, got shape {tuple(values.shape)}")
-    dev = values.device
-    indices = _as_tensor(indices, "indices", torch.int64, dev)
-    if indices.shape != values.shape:
-        raise ValueError(f"{fn}: indices has shape {tuple(indices.shape)} but values {tuple(values.shape)}")
+    values, indices = _topk_lists(values, indices, fn)
     nq, m = values.shape
     ng = _as_tensor(g_pids, "g_pids").reshape(-1).shape[0]
-    q_pids, g_pids, q_camids, g_camids = _check_ids(q_pids, g_pids, q_camids, g_camids, nq, ng, dev,
+    q_pids, g_pids, q_camids, g_camids = _check_ids(q_pids, g_pids, q_camids, g_camids, nq, ng, values.device,
                                                     f"values has {nq} rows and g_pids {ng} entries")
     if nq == 0:
         raise ValueError(f"{fn}: the query set is empty (values has 0 rows)")
@@ -308,19 +324,46 @@ def evaluate_topk(values, indices, q_pids, g_pids, q_camids, g_camids, max_rank:
         raise ValueError(f"{fn}: the gallery is empty (g_pids has 0 entries)")
     if not 1 <= m <= ng:
         raise ValueError(f"{fn}: lists of {m} items from a gallery of {ng}: m must lie in 1..{ng}")
-    if values.dtype in (torch.float16, torch.bfloat16):
-        values = values.float()
-    elif not values.is_floating_point():
-        values = values.double()
-    finite = torch.isfinite(values.amax(1)) & torch.isfinite(values.amin(1))
-    if not bool(finite.all()):
-        r = int((~finite).nonzero()[0, 0])
-        raise ValueError(f"{fn}: values has a non-finite entry (NaN or inf) in row {r}")
+    _check_finite_values(values, fn)
     lo, hi = torch.aminmax(indices)
     if int(lo) < 0 or int(hi) >= ng:
         raise ValueError(f"{fn}: indices must lie in 0..{ng - 1} (the gallery), got {int(lo)}..{int(hi)}")
     _kept_columns(g_pids, fn)                                  # a gallery of junk only is an error
+    first_hit, ap, valid, complete = _topk_rows(values, indices, q_pids, g_pids, q_camids, g_camids, fn)
+    cmc, mAP, num_valid = _cmc_map(first_hit, ap, valid, max_rank if m == ng else min(max_rank, m), fn)
+    return cmc, mAP, num_valid, int(complete.sum())
 
+
+def _topk_lists(values, indices, fn: str):
+    """``values`` (q, m) as a float tensor (fp16/bf16 widened to fp32, integers to fp64) and
+    ``indices`` as int64 of the same shape, on values' device."""
+    values = _as_tensor(values, "values")
+    if values.dim() != 2:
+        raise ValueError(f"{fn}: values must be a (num_query, m) matrix, got shape {tuple(values.shape)}")
+    indices = _as_tensor(indices, "indices", torch.int64, values.device)
+    if indices.shape != values.shape:
+        raise ValueError(f"{fn}: indices has shape {tuple(indices.shape)} but values {tuple(values.shape)}")
+    if values.dtype in (torch.float16, torch.bfloat16):
+        values = values.float()
+    elif not values.is_floating_point():
+        values = values.double()
+    return values, indices
+
+
+def _check_finite_values(values, fn: str) -> None:
+    """``values`` (q, m >= 1) must be finite."""
+    finite = torch.isfinite(values.amax(1)) & torch.isfinite(values.amin(1))
+    if not bool(finite.all()):
+        r = int((~finite).nonzero()[0, 0])
+        raise ValueError(f"{fn}: values has a non-finite entry (NaN or inf) in row {r}")
+
+
+def _topk_rows(values, indices, q_pids, g_pids, q_camids, g_camids, fn: str):
+    """Per query of the lists (values, indices) over the gallery (g_pids, g_camids): the 0-based
+    rank of the first true match in its filtered list (-1: none), the AP over the list, whether it
+    is valid (a true match anywhere in the gallery) and complete (all its true matches in the list)."""
+    dev = values.device
+    nq, m = values.shape
     # Rank each list by (value, gallery index): sort by index, then stably by value.
     idx, order = torch.sort(indices, dim=1)
     repeated = (idx[:, 1:] == idx[:, :-1]).any(1)
@@ -345,9 +388,7 @@ def evaluate_topk(values, indices, q_pids, g_pids, q_camids, g_camids, max_rank:
                      torch.zeros((), dtype=torch.float64, device=dev))
     first = rank.gather(1, match.to(torch.uint8).argmax(1, keepdim=True)).squeeze(1) - 1
     first_hit = torch.where(match.any(1), first, torch.full_like(first, -1))
-    num_complete = int((valid & (nhit[:, -1] == npos)).sum())
-    cmc, mAP, num_valid = _cmc_map(first_hit, ap, valid, max_rank if m == ng else min(max_rank, m), fn)
-    return cmc, mAP, num_valid, num_complete
+    return first_hit, ap, valid, valid & (nhit[:, -1] == npos)
 
 
 def _true_match_counts(q_pids, g_pids, q_camids, g_camids) -> torch.Tensor:
@@ -439,47 +480,41 @@ class _Ranking:
 
     def _rank_rows(self, block: torch.Tensor, s: int, numpy_sort: bool) -> None:
         """Fill ``first_hit`` and ``ap`` of queries ``s .. s + len(block)``."""
-        dev = block.device
-        c, ng = block.shape
-        e = s + c
-        # Same-identity gallery items of each query, padded to the widest group in the chunk.
-        cnt = self.q_count[s:e]
-        width = int(cnt.max())
-        if width == 0:
+        group = self.group(s, s + block.shape[0])
+        if group is None:
             return
-        ar = torch.arange(width, device=dev)
+        gi, slot_ok, is_pos, npos = group
+        t, is_pos, gi_s = _sort_positives(block.gather(1, gi), is_pos, gi)
+        rows = torch.arange(block.shape[0], device=block.device)[:, None].expand_as(gi)
+        n_before = _negatives_before(block, rows[slot_ok], gi[slot_ok], t, is_pos, gi_s, self.g_pids,
+                                     self.q_pids[s:s + block.shape[0]], numpy_sort)
+        self.store(s, n_before, is_pos, npos)
+
+    def group(self, s: int, e: int):
+        """Queries ``s .. e``: the gallery items of each one's identity (``gi`` (c, w), gallery
+        index ascending, padded to the widest group), which slots are real (``slot_ok``) and true
+        matches (``is_pos``, another camera), and the number of true matches; None when no query
+        of the range has one."""
+        cnt = self.q_count[s:e]
+        width = int(cnt.max()) if cnt.numel() else 0
+        if width == 0:
+            return None
+        ng = self.g_pids.numel()
+        ar = torch.arange(width, device=cnt.device)
         slot_ok = ar[None, :] < cnt[:, None]
         gi = self.g_order[(self.q_start[s:e, None] + ar[None, :]).clamp_(max=ng - 1)]
         is_pos = slot_ok & (self.g_camids[gi] != self.q_camids[s:e, None])
         npos = is_pos.sum(1)
         if int(npos.max()) == 0:
-            return
-        t_all = block.gather(1, gi)
-        t = torch.where(is_pos, t_all, torch.full_like(t_all, float("inf")))
-        # Order positives by (distance, gallery index): gi is ascending, a stable sort keeps it.
-        t, perm = torch.sort(t, dim=1, stable=True)
-        is_pos, gi_s = is_pos.gather(1, perm), gi.gather(1, perm)
-        # Positives first (their order kept), so slot k holds the (k+1)-th positive.
-        perm = torch.sort((~is_pos).to(torch.uint8), dim=1, stable=True).indices
-        t, is_pos, gi_s = t.gather(1, perm), is_pos.gather(1, perm), gi_s.gather(1, perm)
+            return None
+        return gi, slot_ok, is_pos, npos
 
-        # Negatives only: same-identity entries become +inf, then each row is sorted by value.
-        w = block.clone(memory_format=torch.contiguous_format)
-        rows = torch.arange(c, device=dev)[:, None].expand(c, width)
-        w[rows[slot_ok], gi[slot_ok]] = float("inf")
-        if numpy_sort:
-            w.numpy().sort(axis=1)
-        else:
-            w = torch.sort(w, dim=1).values
-        t = t.contiguous()
-        n_before = torch.searchsorted(w, t, right=False)
-        hi = torch.searchsorted(w, t, right=True)
-        tie = is_pos & (hi > n_before)
-        if bool(tie.any()):
-            r_idx, p_idx = tie.nonzero(as_tuple=True)
-            n_before[r_idx, p_idx] += _count_ties(block, self.g_pids, self.q_pids[s:e], r_idx,
-                                                  t[r_idx, p_idx], gi_s[r_idx, p_idx])
-        k = ar[None, :].expand(c, width)
+    def store(self, s: int, n_before: torch.Tensor, is_pos: torch.Tensor, npos: torch.Tensor) -> None:
+        """AP and first hit of queries ``s .. s + len(n_before)`` from the negatives before each
+        positive (slot k: the (k+1)-th positive, ``r_k = n_k + k + 1``)."""
+        c, width = n_before.shape
+        e = s + c
+        k = torch.arange(width, device=n_before.device)[None, :].expand(c, width)
         rank0 = n_before + k                       # 0-based rank among the kept gallery items
         prec = (k + 1).double() / (rank0 + 1).double()
         prec = torch.where(is_pos, prec, torch.zeros_like(prec))
@@ -487,6 +522,41 @@ class _Ranking:
         self.ap[s:e] = torch.where(valid, _pairwise_row_sum(prec) / npos.clamp(min=1).double(),
                                    torch.zeros_like(self.ap[s:e]))
         self.first_hit[s:e] = torch.where(valid, rank0[:, 0], torch.full_like(self.first_hit[s:e], -1))
+
+
+def _sort_positives(t_all: torch.Tensor, is_pos: torch.Tensor, gi: torch.Tensor):
+    """The distances ``t_all`` of each query's identity group (``gi`` ascending), the true matches
+    ordered by (distance, gallery index) and moved to the front: slot k holds the (k+1)-th
+    positive (other slots +inf). Returns (t, is_pos, gallery index) in that order."""
+    t = torch.where(is_pos, t_all, torch.full_like(t_all, float("inf")))
+    # Order positives by (distance, gallery index): gi is ascending, a stable sort keeps it.
+    t, perm = torch.sort(t, dim=1, stable=True)
+    is_pos, gi_s = is_pos.gather(1, perm), gi.gather(1, perm)
+    # Positives first (their order kept), so slot k holds the (k+1)-th positive.
+    perm = torch.sort((~is_pos).to(torch.uint8), dim=1, stable=True).indices
+    return t.gather(1, perm), is_pos.gather(1, perm), gi_s.gather(1, perm)
+
+
+def _negatives_before(block, same_rows, same_cols, t, is_pos, limit, g_pids, q_pids, numpy_sort: bool):
+    """Per (row r, slot k) with ``is_pos``: the negatives of ``block`` (columns of another identity
+    than the row's query) before (t[r, k], limit[r, k]) in (distance, column) order, i.e.
+    ``#{j : d[r, j] < t} + #{j : d[r, j] == t, j < limit}``. ``(same_rows, same_cols)`` lists the
+    entries of the query's identity, which are no negatives; ``g_pids`` are the columns' ids."""
+    # Negatives only: same-identity entries become +inf, then each row is sorted by value.
+    w = block.clone(memory_format=torch.contiguous_format)
+    w[same_rows, same_cols] = float("inf")
+    if numpy_sort:
+        w.numpy().sort(axis=1)
+    else:
+        w = torch.sort(w, dim=1).values
+    t = t.contiguous()
+    n_before = torch.searchsorted(w, t, right=False)
+    hi = torch.searchsorted(w, t, right=True)
+    tie = is_pos & (hi > n_before)
+    if bool(tie.any()):
+        r_idx, p_idx = tie.nonzero(as_tuple=True)
+        n_before[r_idx, p_idx] += _count_ties(block, g_pids, q_pids, r_idx, t[r_idx, p_idx], limit[r_idx, p_idx])
+    return n_before
 
 
 def _pairwise_row_sum(x: torch.Tensor) -> torch.Tensor:

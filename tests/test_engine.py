@@ -28,7 +28,7 @@ TINY = ["--set", "model.base_width=8", "--set", "data.height=64", "--set", "data
 
 # ------------------------------------------------------------------------------------- layers
 LAYERS = {"config": 0, "data": 1, "models": 2, "engine": 3, "cli": 4}
-LEAVES = {"atomic", "checkpoint", "distributed", "losses", "metrics", "rerank"}
+LEAVES = {"atomic", "checkpoint", "distributed", "losses", "metrics", "metrics_sharded", "rerank"}
 
 
 def _layer(module: str):

@@ -247,12 +247,14 @@ def draw(model: nn.Module, ev: dict, probe: dict, cfg: dict, out_dir: str, queri
 
 
 def run_rerank(query: str, gallery: str, out: str, k1: int, k2: int, lambda_value: float, topk: int | None,
-               log: Log) -> str:
+               log: Log, query_ids: str | None = None, gallery_ids: str | None = None) -> str:
     """``fmn rerank``: k-reciprocal re-ranking of two feature files into ``out``.
 
     Under torchrun (WORLD_SIZE > 1) every process joins a gloo group, reads only its contiguous
     slice of each file (memory-mapped) and re-ranks it with ``process_group``; rank 0 writes the
-    rows of every rank into ``out``, a chunk at a time (fmn.rerank.write_result)."""
+    rows of every rank into ``out``, a chunk at a time (fmn.rerank.write_result). With
+    ``query_ids`` and ``gallery_ids`` ((n, 2) integer (pid, camid) files, see read_ids) it then
+    logs CMC and mAP of the features and of the re-ranked rows (evaluate_rerank)."""
     import torch.distributed as dist
 
     from fmn import distributed
@@ -268,6 +270,10 @@ def run_rerank(query: str, gallery: str, out: str, k1: int, k2: int, lambda_valu
             raise ValueError(f"{path} holds no features (shape {tuple(feats.shape)})")
     if topk is not None and not 1 <= topk <= g.shape[0]:
         raise ValueError(f"--topk must lie in 1..{g.shape[0]} (the gallery size), got {topk}")
+    ids = None
+    if query_ids is not None and gallery_ids is not None:
+        ids = (read_ids(query_ids, q.shape[0], "--query-ids", "--query", mmap=True),
+               read_ids(gallery_ids, g.shape[0], "--gallery-ids", "--gallery", mmap=True))
     info = distributed.init_distributed("cpu")
     try:
         group = dist.group.WORLD if info.enabled else None
@@ -279,18 +285,76 @@ def run_rerank(query: str, gallery: str, out: str, k1: int, k2: int, lambda_valu
         seconds = time.time() - t0
         counts = [shard_bounds(q.shape[0], r, info.world_size) for r in range(info.world_size)]
         write_result(out, res, [b - a for a, b in counts], g.shape[0], topk, group)
+        lines = []
+        if ids is not None:
+            lines = evaluate_rerank(q[qa:qb], g[ga:gb], res, ids[0][qa:qb], ids[1][ga:gb], g.shape[0], group)
     finally:
         distributed.cleanup()
     if info.is_main:
         procs = f" on {info.world_size} processes" if info.enabled else ""
         log(f"re-ranked {q.shape[0]} x {g.shape[0]} in {seconds:.2f}s{procs} -> {out}")
+        for line in lines:
+            log(line)
     return out
+
+
+def evaluate_rerank(q, g, res, q_ids, g_ids, num_gallery: int, group=None) -> list[str]:
+    """CMC rank-1/5/10 and mAP (percent) of the features ``q``, ``g`` and of the re-ranked rows
+    ``res`` (dense (q, g) distances, or (values, indices) of the top-m lists) under DESIGN section
+    4, as lines to print. With ``group`` the arguments are this rank's slices (rows of its queries,
+    its gallery slice) and the evaluation is sharded (fmn.metrics, process_group). Top-m lists give
+    mAP over the lists (exact for the queries whose true matches all lie inside them)."""
+    from fmn.metrics import evaluate, evaluate_from_features, evaluate_topk
+
+    qp, qc, gp, gc = q_ids[:, 0], q_ids[:, 1], g_ids[:, 0], g_ids[:, 1]
+    cmc, mAP, valid = evaluate_from_features(q, g, qp, gp, qc, gc, max_rank=10, process_group=group)
+    lines = [f"evaluation: {valid} queries with a true match", _cmc_line("features", cmc, mAP)]
+    if isinstance(res, tuple):
+        cmc, mAP, valid, complete = evaluate_topk(res[0], res[1], qp, gp, qc, gc, max_rank=10, process_group=group)
+        note = f"  (top-{res[0].shape[1]} lists; all true matches inside for {complete} of {valid} queries)"
+    elif group is None:
+        (cmc, mAP, valid), note = evaluate(res, qp, gp, qc, gc, max_rank=10), ""
+    else:   # dense rows: the lists of the whole gallery, which evaluate_topk ranks as evaluate does
+        every = torch.arange(num_gallery).expand(res.shape[0], num_gallery)
+        cmc, mAP, valid, _ = evaluate_topk(res, every, qp, gp, qc, gc, max_rank=10, process_group=group)
+        note = ""
+    lines.append(_cmc_line("re-ranked", cmc, mAP) + note)
+    return lines
+
+
+def _cmc_line(name: str, cmc, mAP: float) -> str:
+    ranks = "  ".join(f"rank-{k} {100 * float(cmc[k - 1]):6.2f}" if k <= len(cmc) else f"rank-{k}      -"
+                      for k in (1, 5, 10))
+    return f"  {name:<10} {ranks}  mAP {100 * mAP:6.2f}"
 
 
 def read_features(path: str, mmap: bool = False) -> torch.Tensor:
     """One (n, d) real-valued tensor from a .pt or .npy file; one clear error otherwise. With
     ``mmap`` the file is memory-mapped (numpy.load(mmap_mode="c"), torch.load(mmap=True); a .pt
     file in torch's old non-zip format is read whole): rows are read when they are used."""
+    obj = _read_tensor(path, mmap, "feature file", "features", "(n, d)")
+    if not (obj.dtype.is_floating_point or obj.dtype in _INT_DTYPES):
+        raise ValueError(f"{path}: expected real-valued features, got dtype {obj.dtype}")
+    return obj
+
+
+def read_ids(path: str, rows: int, flag: str, of: str, mmap: bool = False) -> torch.Tensor:
+    """The (rows, 2) integer (pid, camid) array of ``path`` (.npy or .pt), one row per feature row
+    of ``of``; one clear error otherwise (read as read_features reads)."""
+    obj = _read_tensor(path, mmap, "id file", "ids", "(n, 2) of (pid, camid)")
+    if obj.dim() != 2 or obj.shape[1] != 2 or obj.dtype not in _INT_DTYPES:
+        raise ValueError(f"{flag} {path}: expected an (n, 2) integer array of (pid, camid) rows, "
+                         f"got shape {tuple(obj.shape)} and dtype {obj.dtype}")
+    if obj.shape[0] != rows:
+        raise ValueError(f"{flag} {path} has {obj.shape[0]} rows but {of} has {rows}: one (pid, camid) row per "
+                         "feature row")
+    return obj
+
+
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _read_tensor(path: str, mmap: bool, file_kind: str, content: str, shape: str) -> torch.Tensor:
     import zipfile
 
     import numpy as np
@@ -298,7 +362,7 @@ def read_features(path: str, mmap: bool = False) -> torch.Tensor:
     from fmn.checkpoint import load_failure
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"feature file not found: {path}")
+        raise FileNotFoundError(f"{file_kind} not found: {path}")
     try:
         if path.endswith(".npy"):
             obj = torch.from_numpy(np.load(path, allow_pickle=False, mmap_mode="c" if mmap else None))
@@ -309,13 +373,10 @@ def read_features(path: str, mmap: bool = False) -> torch.Tensor:
     except Exception as exc:   # not a .npy array / a torch file of tensors: say so in one line
         reason = (f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
                   if path.endswith(".npy") else load_failure(path, exc))
-        raise ValueError(f"cannot read features from {path} (expected a .pt tensor or a .npy array; "
+        raise ValueError(f"cannot read {content} from {path} (expected a .pt tensor or a .npy array; "
                          f"{reason})") from None
     if not torch.is_tensor(obj):
-        raise ValueError(f"{path} must hold one tensor (n, d), got {type(obj).__name__}")
-    if not (obj.dtype.is_floating_point or obj.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32,
-                                                          torch.int64)):
-        raise ValueError(f"{path}: expected real-valued features, got dtype {obj.dtype}")
+        raise ValueError(f"{path} must hold one tensor {shape}, got {type(obj).__name__}")
     return obj
 
 
