@@ -36,7 +36,8 @@ TORCH_LIBRARY(fmn, m) {
       "Tensor cols_f, Tensor cols_sq, int col0, int cap, Tensor(a!) cand_val, Tensor(b!) cand_exact, "
       "Tensor(c!) cand_idx, Tensor(d!) cand_count, Tensor(e!) rowmax) -> ()");
   m.def("rerank_sqdist_pairs(Tensor a, Tensor a_idx, Tensor b, Tensor b_idx) -> Tensor");
-  m.def("rerank_overlap(Tensor qcols, Tensor qvals, Tensor col_ptr, Tensor inv_item, Tensor inv_val, int g) -> Tensor");
+  m.def("rerank_overlap(Tensor qcols, Tensor qvals, Tensor col_ptr, Tensor inv_item, Tensor inv_val, int item0, "
+        "int item1, Tensor(a!) out) -> ()");
   // o = f * act(logits)                          (f_other absent)
   // o = f * (1 - act(logits)) + f_other * act(logits)  (f_other present: spatial_mix)
   // f, f_other: (B, C, H, W); logits: (B, H*W); act in {exp_relu, sigmoid, identity};

@@ -12,8 +12,8 @@ afterwards, summed in other orders in places; the values agree with the single-p
 float32 rounding (a few 1e-7) and the rankings are identical under the near-tie rule.
 
 No rank ever holds an N x N or q x g matrix (with topk), nor the features of other ranks beyond one
-streamed chunk: memory per rank is O(N L) for the neighbour lists plus O(n_r k) for its own rows
-plus the chunk buffers. Features only (no distance blocks); knn_precision fp32. FMN_RERANK_PROFILE=1
+streamed chunk, nor a centred copy of its own features: memory per rank is O(N L) for the
+neighbour lists plus O(n_r k) for its own rows plus fixed chunk and tile buffers, reused. Features only (no distance blocks); knn_precision fp32. FMN_RERANK_PROFILE=1
 prints each rank's stage times and resident memory.
 """
 from __future__ import annotations
@@ -37,6 +37,9 @@ __all__ = ["rerank_sharded"]
 STREAM_BYTES = 1 << 22
 # Candidates kept per row beyond the L needed (as the single-process kernels keep).
 _EXTRA_CANDIDATES = 16
+# Owned rows centred at a time in the kNN (a multiple of the C++ kernel's 512-row blocks, so its
+# tiles and their GEMMs are those of one call over all the rows).
+_CENTRED_ROWS = 8192
 # Staging slots per row of the C++ candidate lists (entries wait there until a compaction).
 _STAGING = 16
 _PAIRS_PER_CALL = 1 << 20
@@ -44,7 +47,24 @@ _PAIRS_PER_CALL = 1 << 20
 # of rows in the sparse stages (the single-process torch pipeline uses more: one rank's memory is
 # meant to stay a fraction of one process's).
 _OUTPUT_ELEMENTS = 1 << 21
+# Owned gallery items per output tile on the cpu engine (their centred features are formed per
+# tile and query chunk: 2 MB at d = 256).
+_OUTPUT_TILE = 2048
 _SPARSE_ELEMENTS = 1 << 18
+
+
+def _register_fakes() -> None:
+    """Fake (meta) kernels of the C++ building blocks (shapes only), for torch.library.opcheck
+    and tracing; registered once, when the extension is there."""
+    if not (_backend.extension_loaded() and hasattr(torch.ops.fmn, "rerank_overlap")):
+        return
+    torch.library.register_fake("fmn::rerank_overlap")(lambda qcols, qvals, col_ptr, inv_item, inv_val, item0, item1,
+                                                        out: None)
+    torch.library.register_fake("fmn::rerank_sqdist_pairs")(lambda a, a_idx, b, b_idx: a.new_empty(a_idx.numel()))
+    torch.library.register_fake("fmn::rerank_knn_update")(lambda *args: None)
+
+
+_register_fakes()
 
 
 class ShardError(ValueError):
@@ -156,22 +176,36 @@ class _Comm:
         """Yields (entry, tensors) for every entry, on every rank in the same order: the tensors
         ``make(entry)`` of the entry's owner (entry.src), broadcast to all; ``shapes(entry)`` gives
         their (shape, dtype) for the others. The next entry's broadcast is posted before the current
-        one is handed out, so communication overlaps the caller's work; two entries are in memory."""
+        one is handed out, so communication overlaps the caller's work; two entries are in memory.
+        The tensors handed out are valid until the next entry is asked for: receive buffers are
+        reused then (a steady pair of buffers rather than a fresh allocation per chunk)."""
+        pool: dict = {}
+
         def post(e):
             if e.src == self.rank:
-                bufs = [t.to(self.wire).contiguous() for t in make(e)]
+                bufs, mine = [t.to(self.wire).contiguous() for t in make(e)], []
             else:
-                bufs = [torch.empty(shape, dtype=dtype, device=self.wire) for shape, dtype in shapes(e)]
+                bufs = [_take(pool, shape, dtype, self.wire) for shape, dtype in shapes(e)]
+                mine = bufs
             works = [dist.broadcast(b, group=self.group, group_src=e.src, async_op=True) for b in bufs]
-            return bufs, works
+            return bufs, works, mine
 
         pending = post(entries[0]) if entries else None
+        done: list = []
         for i, e in enumerate(entries):
-            bufs, works = pending
+            bufs, works, mine = pending
             for w in works:
                 w.wait()
+            for b in done:
+                pool.setdefault((tuple(b.shape), b.dtype), []).append(b)
+            done = mine
             pending = post(entries[i + 1]) if i + 1 < len(entries) else None
             yield e, [b.to(self.device) for b in bufs]
+
+
+def _take(pool: dict, shape, dtype, device) -> torch.Tensor:
+    free = pool.get((tuple(shape), dtype))
+    return free.pop() if free else torch.empty(shape, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)
@@ -216,7 +250,7 @@ class _Layout:
 
     def owner(self, gids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(owning rank, row in the owner's items) of global ids."""
-        dev = gids.device
+        dev, gids = gids.device, gids.long()
         q_end = torch.tensor(self.q_sizes, device=dev).cumsum(0)
         g_end = torch.tensor(self.g_sizes, device=dev).cumsum(0) + self.q
         is_q = gids < self.q
@@ -334,29 +368,33 @@ class _Candidates:
 
 class _Own:
     """This rank's items: the raw float32 features of its query slice and of its gallery slice
-    (the inputs themselves where they are float32 already: no copy), the centred x, s = |x|^2, and
-    the global ids. Local rows number the queries first, then the gallery."""
+    (the inputs themselves where they are float32 already: no copy), s = |x|^2 of the centred
+    x = f - m, and the global ids. Local rows number the queries first, then the gallery. The
+    centred features are never held whole: ``centred`` forms a block of rows when it is used
+    (f - m elementwise, the same values every time)."""
 
     def __init__(self, fq: torch.Tensor, fg: torch.Tensor, mean: torch.Tensor, ids: torch.Tensor):
         self.parts = (fq.contiguous(), fg.contiguous())
         self.q_r, self.n_r, self.d = fq.shape[0], fq.shape[0] + fg.shape[0], fq.shape[1]
-        self.x = torch.empty(self.n_r, self.d, dtype=torch.float32, device=fq.device)
-        torch.sub(self.parts[0], mean, out=self.x[:self.q_r])
-        torch.sub(self.parts[1], mean, out=self.x[self.q_r:])
+        self.mean = mean
         self.sq = torch.empty(self.n_r, dtype=torch.float32, device=fq.device)
-        step = max(1, (1 << 20) // max(1, self.d))
-        for r0 in range(0, self.n_r, step):
-            xr = self.x[r0:r0 + step]
-            self.sq[r0:r0 + step] = (xr * xr).sum(dim=1)
+        for r0, r1 in self.blocks(0, self.n_r):
+            xr = self.centred(r0, r1)
+            self.sq[r0:r1] = (xr * xr).sum(dim=1)
         self.ids = ids
 
-    def drop_centred(self) -> None:
-        """Frees x between the kNN and the output stages (gallery_x() recomputes that part)."""
-        self.x = None
+    def blocks(self, lo: int, hi: int):
+        """Local rows [lo, hi) in blocks of ``_CENTRED_ROWS`` that never straddle the two parts."""
+        for a, b in ((lo, min(hi, self.q_r)), (max(lo, self.q_r), hi)):
+            for r0 in range(a, b, _CENTRED_ROWS):
+                yield r0, min(b, r0 + _CENTRED_ROWS)
 
-    def gallery_x(self, mean: torch.Tensor) -> torch.Tensor:
-        """Centred features of the owned gallery rows: f - m, elementwise, as x was."""
-        return self.parts[1] - mean
+    def centred(self, r0: int, r1: int, buf: torch.Tensor | None = None) -> torch.Tensor:
+        """x = f - m of local rows [r0, r1) (within one part), into the front of ``buf`` if given."""
+        f = self.rows(r0, r1 - r0)
+        if buf is None:
+            return f - self.mean
+        return torch.sub(f, self.mean, out=_front(buf, f.shape))
 
     def spans(self):
         """(raw features, first local row) of the query part and of the gallery part."""
@@ -375,6 +413,11 @@ class _Own:
             if sel.numel():
                 out[sel] = _exact_pairs(engine, part, rows[sel] - start, other, other_idx[sel])
         return out
+
+
+def _front(buf: torch.Tensor, shape) -> torch.Tensor:
+    """The first elements of a flat buffer as a contiguous tensor of ``shape``."""
+    return buf[:math.prod(shape)].view(shape)
 
 
 def _exact_pairs(engine: str, a: torch.Tensor, ai: torch.Tensor, b: torch.Tensor, bi: torch.Tensor) -> torch.Tensor:
@@ -403,21 +446,23 @@ def _update_torch(cand: _Candidates, own: _Own, xc, fc, sqc, gid0: int) -> None:
     cap, c = cand.cap, xc.shape[0]
     k = min(cap, c)
     step = _sparse._rows_per_chunk(c, xc.device)
-    for r0 in range(0, own.x.shape[0], step):
-        r1 = min(own.x.shape[0], r0 + step)
-        with _sparse._ieee_fp32(xc.device):
-            d = own.x[r0:r1] @ xc.t()
-        d.mul_(-2.0).add_(own.sq[r0:r1, None] + sqc[None, :]).clamp_min_(0.0)
-        rel = own.ids[r0:r1] - gid0
-        hit = ((rel >= 0) & (rel < c)).nonzero().squeeze(1)
-        d[hit, rel[hit]] = 0.0
-        cand.rowmax[r0:r1] = torch.maximum(cand.rowmax[r0:r1], d.amax(dim=1))
-        v, j = _sparse.smallest_stable(d, k)
-        rows = torch.arange(r0, r1, device=xc.device)[:, None].expand_as(j)
-        e = own.pairs("torch", rows.reshape(-1), fc, j.reshape(-1)).view_as(v)
-        a, i, x = _keep_smallest(torch.cat([cand.approx[r0:r1], v], 1), torch.cat([cand.idx[r0:r1], j + gid0], 1),
-                                 torch.cat([cand.exact[r0:r1], e], 1), cap)
-        cand.approx[r0:r1], cand.idx[r0:r1], cand.exact[r0:r1] = a, i, x
+    for b0, b1 in own.blocks(0, own.n_r):
+        for r0 in range(b0, b1, step):
+            r1 = min(b1, r0 + step)
+            with _sparse._ieee_fp32(xc.device):
+                d = own.centred(r0, r1) @ xc.t()
+            d.mul_(-2.0).add_(own.sq[r0:r1, None] + sqc[None, :]).clamp_min_(0.0)
+            rel = own.ids[r0:r1] - gid0
+            hit = ((rel >= 0) & (rel < c)).nonzero().squeeze(1)
+            d[hit, rel[hit]] = 0.0
+            cand.rowmax[r0:r1] = torch.maximum(cand.rowmax[r0:r1], d.amax(dim=1))
+            v, j = _sparse.smallest_stable(d, k)
+            rows = torch.arange(r0, r1, device=xc.device)[:, None].expand_as(j)
+            e = own.pairs("torch", rows.reshape(-1), fc, j.reshape(-1)).view_as(v)
+            a, i, x = _keep_smallest(torch.cat([cand.approx[r0:r1], v], 1),
+                                     torch.cat([cand.idx[r0:r1], j + gid0], 1),
+                                     torch.cat([cand.exact[r0:r1], e], 1), cap)
+            cand.approx[r0:r1], cand.idx[r0:r1], cand.exact[r0:r1] = a, i, x
 
 
 def _knn_stream(comm: _Comm, lay: _Layout, own: _Own, mean, cap: int, engine: str) -> _Candidates:
@@ -428,17 +473,17 @@ def _knn_stream(comm: _Comm, lay: _Layout, own: _Own, mean, cap: int, engine: st
     rows = max(1, STREAM_BYTES // (4 * d))
     make = lambda e: [own.rows(e.local0, e.rows), own.sq[e.local0:e.local0 + e.rows]]  # noqa: E731
     shapes = lambda e: [((e.rows, d), torch.float32), ((e.rows,), torch.float32)]  # noqa: E731
+    xc_buf = torch.empty(rows * d, device=comm.device)
+    x_buf = torch.empty(min(own.n_r, _CENTRED_ROWS) * d, device=comm.device)
     for e, (fc, sqc) in comm.stream(lay.chunks(rows), make, shapes):
-        xc = fc - mean
+        xc = torch.sub(fc, mean, out=_front(xc_buf, fc.shape))
         if engine != "cpu":
             _update_torch(cand, own, xc, fc, sqc, e.gid0)
             continue
-        for part, lo in own.spans():
-            hi = lo + part.shape[0]
-            if hi > lo:
-                torch.ops.fmn.rerank_knn_update(own.x[lo:hi], part, own.sq[lo:hi], own.ids[lo:hi], xc, fc, sqc, e.gid0,
-                                                cap, cand.approx[lo:hi], cand.exact[lo:hi], cand.idx[lo:hi],
-                                                cand.count[lo:hi], cand.rowmax[lo:hi])
+        for lo, hi in own.blocks(0, own.n_r):
+            torch.ops.fmn.rerank_knn_update(own.centred(lo, hi, x_buf), own.rows(lo, hi - lo), own.sq[lo:hi],
+                                            own.ids[lo:hi], xc, fc, sqc, e.gid0, cap, cand.approx[lo:hi],
+                                            cand.exact[lo:hi], cand.idx[lo:hi], cand.count[lo:hi], cand.rowmax[lo:hi])
     cand.kept()
     return cand
 
@@ -544,11 +589,12 @@ def _member_distances(comm: _Comm, lay: _Layout, own: _Own, cand_idx: torch.Tens
     return value[valid]
 
 
-def _fetch_rows(comm: _Comm, lay: _Layout, gids: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor):
+def _fetch_rows(comm: _Comm, lay: _Layout, gids: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
+                out_cols: torch.Tensor, out_vals: torch.Tensor) -> None:
     """Rows ``gids`` (other ranks' items) of the padded sparse rows (cols, vals) that every rank
-    holds for its own items: requests and rows exchanged with all_to_all_single. Rows are padded to
-    the widest on any rank."""
-    width = int(comm.all_reduce(torch.tensor([float(cols.shape[1])]), dist.ReduceOp.MAX).item())
+    holds for its own items, into (out_cols, out_vals) (as wide as the widest rows on any rank):
+    requests and rows exchanged with all_to_all_single."""
+    width = out_cols.shape[1]
     owner, local = lay.owner(gids)
     owner, order = torch.sort(owner, stable=True)
     local = local[order]
@@ -556,26 +602,25 @@ def _fetch_rows(comm: _Comm, lay: _Layout, gids: torch.Tensor, cols: torch.Tenso
     recv = comm.counts(send)
     asked = comm.all_to_all_rows(local, send, recv)
     pad = width - cols.shape[1]
-    got_c = comm.all_to_all_rows(torch.nn.functional.pad(cols[asked], (0, pad), value=lay.n), recv, send)
-    got_v = comm.all_to_all_rows(torch.nn.functional.pad(vals[asked], (0, pad), value=0.0), recv, send)
-    out_c, out_v = torch.empty_like(got_c), torch.empty_like(got_v)
-    out_c[order], out_v[order] = got_c, got_v
-    return out_c, out_v
+    out_cols[order] = comm.all_to_all_rows(torch.nn.functional.pad(cols[asked], (0, pad), value=lay.n), recv, send)
+    out_vals[order] = comm.all_to_all_rows(torch.nn.functional.pad(vals[asked], (0, pad), value=0.0), recv, send)
 
 
 def _expansion_table(comm: _Comm, lay: _Layout, own: _Own, first: torch.Tensor, members, v):
     """The V rows the query expansion of the owned rows reads: the owned rows, then the other
-    ranks' rows among ``first`` (fetched); returns (cols, vals, first as rows of the table)."""
+    ranks' rows among ``first`` (fetched), in one table as wide as the widest rows on any rank;
+    returns (cols, vals, first as rows of the table)."""
     remote = torch.unique(first)
     remote = remote[~torch.isin(remote, own.ids)]
-    got_c, got_v = _fetch_rows(comm, lay, remote, members, v)
-    width = max(members.shape[1], got_c.shape[1])
-    pad = lambda t, fill: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)  # noqa: E731
-    cols = torch.cat([pad(members, lay.n), pad(got_c, lay.n)])
-    vals = torch.cat([pad(v, 0.0), pad(got_v, 0.0)])
-    ids = torch.cat([own.ids, remote])
+    width = int(comm.all_reduce(torch.tensor([float(members.shape[1])]), dist.ReduceOp.MAX).item())
+    rows = own.n_r + remote.numel()
+    cols = torch.full((rows, width), lay.n, dtype=members.dtype, device=members.device)
+    vals = torch.zeros(rows, width, dtype=v.dtype, device=v.device)
+    cols[:own.n_r, :members.shape[1]], vals[:own.n_r, :v.shape[1]] = members, v
+    _fetch_rows(comm, lay, remote, members, v, cols[own.n_r:], vals[own.n_r:])
+    ids = torch.cat([own.ids, remote.long()])
     ids, order = torch.sort(ids)
-    return cols, vals, order[torch.searchsorted(ids, first)]
+    return cols, vals, order[torch.searchsorted(ids, first.long())]
 
 
 def _members(lists: torch.Tensor, own: _Own, cfg: _sparse.Config, n: int) -> torch.Tensor:
@@ -612,50 +657,78 @@ def _padded(ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, r0: int, 
     keep = slot[None, :] < lengths[:, None]
     pc = torch.full((r1 - r0, width), n, dtype=torch.long, device=cols.device)
     pv = torch.zeros(r1 - r0, width, dtype=torch.float32, device=cols.device)
-    pc[keep], pv[keep] = cols[ptr[r0]:ptr[r1]], vals[ptr[r0]:ptr[r1]]
+    pc[keep], pv[keep] = cols[ptr[r0]:ptr[r1]].long(), vals[ptr[r0]:ptr[r1]]
     return pc, pv
 
 
-def _query_expansion(table_cols, table_vals, first: torch.Tensor, n: int):
-    """Vqe of the owned rows (CSR) from the V rows of ``table`` (first: rows of the table), a chunk
-    of rows at a time."""
-    parts = []
+def _query_expansion(table_cols, table_vals, first: torch.Tensor, q_r: int, n: int):
+    """Vqe of the owned rows from the V rows of ``table`` (first: rows of the table), a block of
+    rows at a time: (query parts, gallery parts), each a list of CSR blocks in row order, the
+    query rows' blocks and the gallery rows' apart (no block straddles the two)."""
     step = max(1, _SPARSE_ELEMENTS // max(1, first.shape[1] * table_cols.shape[1]))
-    for r0 in range(0, first.shape[0], step):
-        c, v = _sparse._query_expand(table_cols, table_vals, first[r0:r0 + step], n, _SPARSE_ELEMENTS)
-        parts.append(_csr(c, v, n))
+    halves = ([], [])
+    for half, (lo, hi) in enumerate(((0, q_r), (q_r, first.shape[0]))):
+        for r0 in range(lo, hi, step):
+            c, v = _sparse._query_expand(table_cols, table_vals, first[r0:min(hi, r0 + step)], n, _SPARSE_ELEMENTS)
+            halves[half].append(_csr(c, v, n))
+    return halves
+
+
+def _concat_csr(parts: list, n: int, device):
+    """CSR blocks in row order -> one CSR (row pointers, cols, vals)."""
     if not parts:
-        return torch.zeros(1, dtype=torch.long, device=first.device), first.new_empty(0), torch.empty(0, device=first.device)
-    ptrs = [parts[0][0]] + [p[0][1:] for p in parts[1:]]
-    offsets = torch.tensor([0] + [int(p[0][-1]) for p in parts[:-1]], device=first.device).cumsum(0)
-    ptr = torch.cat([p + o for p, o in zip(ptrs, offsets)])
+        return (torch.zeros(1, dtype=torch.long, device=device), torch.empty(0, dtype=_id_dtype(n), device=device),
+                torch.empty(0, device=device))
+    offsets = [0]
+    for ptr, _, _ in parts[:-1]:
+        offsets.append(offsets[-1] + int(ptr[-1]))
+    ptr = torch.cat([parts[0][0][:1]] + [p[0][1:] + o for p, o in zip(parts, offsets)])
     return ptr, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
 
 
-def _inverted_index_csr(ptr, cols, vals, q_r: int, n: int):
-    """Column -> (owned gallery item, Vqe value) lists over the owned gallery rows (rows q_r: of
-    the CSR Vqe), CSR by column over n columns: (col_ptr, count, item, val)."""
-    start = int(ptr[q_r])
-    rows = torch.repeat_interleave(torch.arange(ptr.numel() - 1 - q_r, device=cols.device), ptr[q_r + 1:] - ptr[q_r:-1])
-    col, order = torch.sort(cols[start:], stable=True)
-    item, val = rows[order], vals[start:][order]
-    count = torch.bincount(col, minlength=n)
-    col_ptr = torch.zeros(n + 1, dtype=torch.long, device=cols.device)
-    col_ptr[1:] = count.cumsum(0)
-    return col_ptr, count, item, val
+def _inverted_index(parts: list, n: int, device):
+    """Column -> (owned gallery item, Vqe value) over the gallery rows' Vqe (CSR blocks in row
+    order, consumed: each block is freed once placed): (col_ptr (n + 1) int64, item int32, val),
+    the items of a column ascending. A stable counting sort by column, one block at a time: an
+    entry of column c goes to col_ptr[c] + (entries of c in earlier blocks) + (its rank among
+    the entries of c in its block, rows ascending)."""
+    fill = torch.zeros(n, dtype=torch.long, device=device)
+    for _, cols, _ in parts:
+        fill.index_add_(0, cols, torch.ones_like(cols, dtype=torch.long))
+    col_ptr = torch.zeros(n + 1, dtype=torch.long, device=device)
+    col_ptr[1:] = fill.cumsum(0)
+    item = torch.empty(int(col_ptr[-1]), dtype=torch.int32, device=device)
+    val = torch.empty(int(col_ptr[-1]), dtype=torch.float32, device=device)
+    fill.copy_(col_ptr[:-1])
+    row0 = 0
+    while parts:
+        ptr, cols, vals = parts.pop(0)
+        rows = torch.repeat_interleave(torch.arange(row0, row0 + ptr.numel() - 1, dtype=torch.int32, device=device),
+                                       ptr[1:] - ptr[:-1])
+        c, order = torch.sort(cols, stable=True)
+        pos = fill[c] + torch.arange(c.numel(), device=device) - torch.searchsorted(c, c)
+        item[pos], val[pos] = rows[order], vals[order]
+        fill.index_add_(0, c, torch.ones_like(c, dtype=torch.long))
+        row0 += ptr.numel() - 1
+    return col_ptr, item, val
 
 
 # --------------------------------------------------------------------------------------------
 # stage 7: output from the query stream
 # --------------------------------------------------------------------------------------------
 
-def _overlap(qcols, qvals, index, g_r: int, n: int, engine: str, use_triton: bool) -> torch.Tensor:
-    """S (rows, g_r) of a chunk of query rows against the owned gallery: the C++ loop of the single
-    process on the cpu engine; else in pieces of at most the pair budget (pairs = query entries
-    times index entries sharing a column)."""
-    ptr, count, item, val = index
+def _overlap(qcols, qvals, index, t0: int, t1: int, n: int, engine: str, use_triton: bool, out: torch.Tensor):
+    """S (rows, t1 - t0) of a chunk of query rows against the owned gallery items [t0, t1): the
+    C++ loop of the single process on the cpu engine (any item range), written into ``out``; else
+    over the whole owned gallery (t0 = 0, t1 = g_r) in pieces of at most the pair budget (pairs =
+    query entries times index entries sharing a column), a new tensor."""
+    col_ptr, item, val = index
     if engine == "cpu":
-        return torch.ops.fmn.rerank_overlap(qcols, qvals, ptr, item, val, g_r)
+        torch.ops.fmn.rerank_overlap(qcols, qvals, col_ptr, item, val, t0, t1, out)
+        return out
+    g_r = t1
+    count = col_ptr[1:] - col_ptr[:-1]
+    full = (col_ptr, count, item.long(), val)
     pairs = torch.where(qcols < n, count[qcols.clamp_max(n - 1)], torch.zeros_like(qcols)).sum(dim=1).tolist()
     s = torch.empty(qcols.shape[0], g_r, dtype=torch.float32, device=qcols.device)
     budget = _sparse._pair_budget(qcols.device)
@@ -668,48 +741,120 @@ def _overlap(qcols, qvals, index, g_r: int, n: int, engine: str, use_triton: boo
         if use_triton:
             from fmn_kernels.triton.rerank import jaccard_overlap
 
-            s[r0:r1] = jaccard_overlap(qcols, qvals, r0, r1, index, g_r, n)
+            s[r0:r1] = jaccard_overlap(qcols, qvals, r0, r1, full, g_r, n)
         else:
-            s[r0:r1] = _sparse._overlap_chunk(qcols, qvals, r0, r1, index, g_r, n)
+            s[r0:r1] = _sparse._overlap_chunk(qcols, qvals, r0, r1, full, g_r, n)
         r0 = r1
     return s
 
 
-def _final_block(own: _Own, gal: slice, x_gal, xc, sqc, scale, qcols, qvals, index, n: int, cfg: _sparse.Config,
-                 engine: str, use_triton: bool) -> torch.Tensor:
-    """(1 - lambda) J + lambda dn of a chunk of queries against the owned gallery; dn from the
-    d2~ of the single-process output (s_i + s_j - 2 x_i.x_j, clamped at 0) over the row max.
-    In place on the GEMM block (three blocks live at most)."""
-    with _sparse._ieee_fp32(xc.device):
-        d = xc @ x_gal.t()
-    d.mul_(-2.0).add_(sqc[:, None] + own.sq[gal][None, :]).clamp_min_(0.0)
+class _Blocks:
+    """Buffers reused for every (query chunk, gallery tile) of the output: the tile's centred
+    features, the GEMM block, S and one temporary of their size."""
+
+    def __init__(self, rows: int, tile: int, d: int, device):
+        self.x = torch.empty(tile * d, device=device)
+        self.d = torch.empty(rows * tile, device=device)
+        self.s = torch.empty(rows * tile, device=device)
+        self.tmp = torch.empty(rows * tile, device=device)
+
+
+def _final_block(own: _Own, t0: int, t1: int, xq, sqc, scale, qcols, qvals, index, n: int, cfg: _sparse.Config,
+                 engine: str, use_triton: bool, bufs: _Blocks) -> torch.Tensor:
+    """(1 - lambda) J + lambda dn of a chunk of queries (centred xq, s, row max) against the owned
+    gallery items [t0, t1); dn from the d2~ of the single-process output (s_i + s_j - 2 x_i.x_j,
+    clamped at 0) over the row max. The result is in the S tensor (bufs.s on the cpu engine: valid
+    until the next call); the GEMM block and the temporaries live in ``bufs``."""
+    a, b = own.q_r + t0, own.q_r + t1
+    shape = (xq.shape[0], b - a)
+    with _sparse._ieee_fp32(xq.device):
+        d = torch.mm(xq, own.centred(a, b, bufs.x).t(), out=_front(bufs.d, shape))
+    tmp = torch.add(sqc[:, None], own.sq[a:b][None, :], out=_front(bufs.tmp, shape))
+    d.mul_(-2.0).add_(tmp).clamp_min_(0.0)
     if cfg.square_twice:
         d.mul_(d)
     scale = scale[:, None]
     d.div_(torch.where(scale > 0, scale, torch.ones_like(scale))).mul_(scale > 0)
-    s = _overlap(qcols, qvals, index, d.shape[1], n, engine, use_triton)
-    s.div_(2.0 - s).neg_().add_(1.0)
+    s = _overlap(qcols, qvals, index, t0, t1, n, engine, use_triton, _front(bufs.s, shape))
+    s.div_(torch.neg(s, out=tmp).add_(2.0)).neg_().add_(1.0)       # 1 - S / (2 - S)
     if cfg.clamp_jaccard:
         s.clamp_min_(0.0)
     return s.mul_(1.0 - cfg.lambda_value).add_(d, alpha=cfg.lambda_value)
 
 
-def _output_stream(comm: _Comm, lay: _Layout, own: _Own, rowmax, vqe, mean, cfg: _sparse.Config,
+def _output_rows(lay: _Layout, d: int, topk, engine: str) -> tuple[int, int]:
+    """(query rows per streamed chunk, gallery items per tile), the same on every rank. The cpu
+    engine works on tiles of _OUTPUT_TILE owned gallery items, each tile's m best merged into the
+    chunk's; the torch engine (and the dense output) on all the owned gallery at once."""
+    g_max = max(lay.g_sizes)
+    tile = min(g_max, _OUTPUT_TILE) if engine == "cpu" and topk is not None else g_max
+    return max(1, min(STREAM_BYTES // (4 * (d + 2)), _OUTPUT_ELEMENTS // max(1, tile))), max(1, tile)
+
+
+def _chunk_rows_out(own: _Own, tile: int, xq, buf, qc, qv, index, n: int, cfg, topk, g_off: int, g_max: int,
+                    engine: str, use_triton: bool, bufs: _Blocks):
+    """This rank's part of a query chunk's output: the (rows, g_max) dense piece (owned gallery
+    columns first, zero padding after), or with topk the m smallest (value, global gallery index)
+    pairs over the owned gallery (inf / index g where it has fewer than m items)."""
+    g_r, rows = own.n_r - own.q_r, xq.shape[0]
+    sqc, scale = buf[:, 0].contiguous(), buf[:, 1].contiguous()
+    if topk is None:
+        piece = torch.zeros(rows, g_max, device=xq.device)
+        if g_r:
+            piece[:, :g_r] = _final_block(own, 0, g_r, xq, sqc, scale, qc, qv, index, n, cfg, engine, use_triton, bufs)
+        return piece
+    pv = torch.full((rows, topk), float("inf"), device=xq.device)
+    pi = torch.full((rows, topk), n, dtype=torch.long, device=xq.device)
+    for t0 in range(0, g_r, tile):
+        t1 = min(g_r, t0 + tile)
+        block = _final_block(own, t0, t1, xq, sqc, scale, qc, qv, index, n, cfg, engine, use_triton, bufs)
+        pv, pi = _merge_tile(pv, pi, block, g_off + t0, topk)
+    return pv, pi
+
+
+def _merge_tile(pv, pi, block, first_index: int, m: int):
+    """The m smallest (value, global index) pairs per row of the running best (pv, pi), sorted so,
+    and of a tile whose items come after every item seen so far (global indices first_index +
+    column). While the running lists are not full, the tile's m smallest join them. Once they are,
+    only values below a row's m-th can enter, each after any equal value already kept: those few
+    are picked by a mask, ordered by (row, value, column) and merged by one stable sort."""
+    rows = block.shape[0]
+    if rows == 0:
+        return pv, pi
+    if not bool(torch.isfinite(pv[:, -1]).all()):
+        v, j = _sparse.smallest_stable(block, min(m, block.shape[1]))
+    else:
+        r, c = (block < pv[:, -1:]).nonzero(as_tuple=True)
+        if r.numel() == 0:
+            return pv, pi
+        val, p = torch.sort(block[r, c], stable=True)
+        r, p2 = torch.sort(r[p], stable=True)
+        val, c = val[p2], c[p][p2]
+        counts = torch.bincount(r, minlength=rows)
+        pos = torch.arange(r.numel(), device=r.device) - (counts.cumsum(0) - counts)[r]
+        k = min(m, int(counts.max()))
+        keep = pos < k
+        v = torch.full((rows, k), float("inf"), device=block.device)
+        j = torch.zeros((rows, k), dtype=torch.long, device=block.device)
+        v[r[keep], pos[keep]], j[r[keep], pos[keep]] = val[keep], c[keep]
+    vals, p = torch.sort(torch.cat([pv, v], 1), dim=1, stable=True)
+    idx = torch.cat([pi, j + first_index], 1).gather(1, p)
+    return vals[:, :m].contiguous(), idx[:, :m].contiguous()
+
+
+def _output_stream(comm: _Comm, lay: _Layout, own: _Own, rowmax, qrows, index, mean, cfg: _sparse.Config,
                    topk: int | None, engine: str, use_triton: bool):
     """Every query chunk's features, [s | rowmax] and Vqe rows (CSR; the row lengths of every query
-    all_gathered first) from its owner; each rank computes the chunk against its own gallery; the
-    owner gathers the pieces."""
+    all_gathered first) from its owner; each rank computes the chunk against its own gallery (a
+    tile at a time on the cpu engine); the owner gathers the pieces."""
     n, d, dev = lay.n, own.d, comm.device
-    q_r, g_r = own.q_r, own.n_r - own.q_r
-    gal = slice(q_r, q_r + g_r)
-    ptr, vcols, vvals = vqe
-    index = _inverted_index_csr(ptr, vcols, vvals, q_r, n)
-    lengths = comm.all_gather_rows(ptr[1:q_r + 1] - ptr[:q_r], lay.q_sizes)
+    q_r = own.q_r
+    ptr, vcols, vvals = qrows
+    lengths = comm.all_gather_rows(ptr[1:] - ptr[:-1], lay.q_sizes)
     starts = torch.zeros(lay.q + 1, dtype=torch.long)
     starts[1:] = lengths.cpu().cumsum(0)
-    g_max = max(lay.g_sizes)
-    rows = max(1, min(STREAM_BYTES // (4 * (d + 2)), _OUTPUT_ELEMENTS // max(1, g_max)))
-    m = topk
+    g_max, m = max(lay.g_sizes), topk
+    rows, tile = _output_rows(lay, d, topk, engine)
     out = (torch.empty(q_r, lay.g, device=dev) if m is None
            else (torch.empty(q_r, m, device=dev), torch.empty(q_r, m, dtype=torch.long, device=dev)))
 
@@ -723,33 +868,21 @@ def _output_stream(comm: _Comm, lay: _Layout, own: _Own, rowmax, vqe, mean, cfg:
         return [own.rows(e.local0, e.rows), torch.stack([own.sq[sl], rowmax[sl]], 1), vcols[a:b], vvals[a:b]]
 
     shapes = lambda e: [((e.rows, d), torch.float32), ((e.rows, 2), torch.float32),  # noqa: E731
-                        ((nnz(e),), torch.long), ((nnz(e),), torch.float32)]
+                        ((nnz(e),), _id_dtype(n)), ((nnz(e),), torch.float32)]
     g_off = lay.g_off(comm.rank)
-    x_gal = own.gallery_x(mean)
+    bufs = _Blocks(rows, tile, d, dev)
     for e, (fc, buf, ccols, cvals) in comm.stream(lay.chunks(rows, queries_only=True), make, shapes):
         q0 = lay.q_off(e.src) + e.local0
-        cptr = (starts[q0:q0 + e.rows + 1] - starts[q0]).to(dev)
-        block = None
-        if g_r:
-            qc, qv = _padded(cptr, ccols, cvals, 0, e.rows, n)
-            block = _final_block(own, gal, x_gal, fc - mean, buf[:, 0].contiguous(), buf[:, 1].contiguous(), qc, qv,
-                                 index, n, cfg, engine, use_triton)
+        qc, qv = _padded((starts[q0:q0 + e.rows + 1] - starts[q0]).to(dev), ccols, cvals, 0, e.rows, n)
+        res = _chunk_rows_out(own, tile, fc - mean, buf, qc, qv, index, n, cfg, m, g_off, g_max, engine, use_triton,
+                              bufs)
         sl = slice(e.local0, e.local0 + e.rows)
         if m is None:
-            piece = torch.zeros(e.rows, g_max, device=dev)
-            if block is not None:
-                piece[:, :g_r] = block
-            parts = comm.gather_to(piece, e.src)
+            parts = comm.gather_to(res, e.src)
             if parts is not None:
                 out[sl] = torch.cat([p[:, :gs] for p, gs in zip(parts, lay.g_sizes)], 1)
             continue
-        pv = torch.full((e.rows, m), float("inf"), device=dev)
-        pi = torch.full((e.rows, m), lay.g, dtype=torch.long, device=dev)
-        if block is not None:
-            k = min(m, g_r)
-            pv[:, :k], j = _sparse.smallest_stable(block, k)
-            pi[:, :k] = j + g_off
-        parts_v, parts_i = comm.gather_to(pv, e.src), comm.gather_to(pi, e.src)
+        parts_v, parts_i = comm.gather_to(res[0], e.src), comm.gather_to(res[1], e.src)
         if parts_v is not None:
             v, i, _ = _keep_smallest(torch.cat(parts_v, 1), torch.cat(parts_i, 1), torch.cat(parts_v, 1), m)
             out[0][sl], out[1][sl] = v, i
@@ -772,24 +905,29 @@ def _output_stream(comm: _Comm, lay: _Layout, own: _Own, rowmax, vqe, mean, cfg:
 #     the chunk into the candidates of its rows: the LC = L + 16 smallest (d2~, id) pairs,
 #     d2~(i, j) = max(s_i + s_j - 2 x_i.x_j, 0) (0 on the diagonal), each with its exact
 #     d2 = sum_k (f_ik - f_jk)^2; rowmax_i = max_j d2~(i, j) over all N. L = max(k1 + 1, k2).
+#     The owned rows are centred a block of 8192 at a time into one reused buffer.
 #  2. certification, as in one process: the L-th exact candidate below (largest candidate d2~ -
 #     delta_i) proves row i's list (the L smallest (d2, id)). Unproven rows (rare) are
 #     all_gathered with their features; each rank scans them exactly against its own items; the
 #     per-rank L best are all_gathered and merged by their owners.
 #  3. lists: all_gather of the fixed-width (n_r, L) lists -> (N, L) on every rank, O(N L). R(i),
-#     Rh(c) and R*(i) of the owned rows follow locally.
+#     Rh(c) and R*(i) of the owned rows follow locally. Ids are int32 from here on while N fits.
 #  4. V of the owned rows: exact d2 of each member of R*(i) from the candidates where it is one;
 #     members further down the row from a second feature stream (only if any rank has some:
 #     all_reduce of the count). V[i, j] = exp(-w / rowmax_i) / sum over R*(i).
 #  5. query expansion: Vqe[i] = mean of V[j] over the first k2 of row i; the V rows of those j
 #     are requested from their owners and returned with all_to_all_single (O(n_r k2 W)).
-#  6. inverted index over the owned gallery rows' Vqe (columns: all N items).
+#  6. inverted index over the owned gallery rows' Vqe (columns: all N items), built by a stable
+#     counting sort from the Vqe blocks as they are made (items int32, ascending per column).
 #  7. output (query stream): each query chunk's owner broadcasts [f | s | rowmax | Vqe]; every
 #     rank computes S, J = 1 - S / (2 - S) and dn = d2~ / rowmax against its own gallery, a
-#     (chunk, g_r) block, and the owner gathers the pieces: the dense rows in global gallery order,
-#     or every rank's m smallest merged into the m smallest in (value, global index) order.
-# Memory per rank: O(N L) lists, O(n_r (LC + k2 W)) own rows, two stream chunks, one (chunk, g_r)
-# output block; never an N x N or (with topk) a q x g matrix.
+#     (chunk, g_r) block (with topk on the cpu engine: a tile of owned gallery items at a time, each
+#     tile's values below the running m-th merged in), and the owner gathers the pieces: the dense
+#     rows in global gallery order, or every rank's m smallest merged into the m smallest in
+#     (value, global index) order.
+# Memory per rank: O(N L) lists, O(n_r (LC + k2 W)) own rows, two stream chunks, the output's
+# (chunk, tile) blocks; never an N x N or (with topk) a q x g matrix. Measured at q = 10^4,
+# g = 10^5, d = 256 on 2 ranks: 0.58x the peak of one process (bench/RESULTS.md).
 def rerank_sharded(query, gallery, *, k1, k2, lambda_value, topk, backend, squared_input, faiss_compat,
                    knn_precision, process_group):
     """fmn.rerank with ``process_group``: see the module docstring and the protocol above."""
@@ -830,37 +968,50 @@ def _run(comm: _Comm, lay: _Layout, own: _Own, mean, cfg: _sparse.Config, topk, 
     length = max(min(cfg.k_forward, n), min(cfg.k_qe, n))
     cand = _knn_stream(comm, lay, own, mean, min(n, length + _EXTRA_CANDIDATES), engine)
     clock.mark("knn")
-    own.drop_centred()
     ok = _certify(comm, own, cand, n, length)
     _rescan(comm, lay, own, cand, (~ok).nonzero().squeeze(1), length, engine)
     clock.mark("exact lists")
     rowmax = cand.rowmax * cand.rowmax if cfg.square_twice else cand.rowmax
     cand_idx, cand_exact = cand.idx, cand.exact
     del cand
-    mine = cand_idx[:, :length]
+    mine = cand_idx[:, :length].to(_id_dtype(n))
     lists = torch.cat([comm.all_gather_rows(mine[:own.q_r], lay.q_sizes),
                        comm.all_gather_rows(mine[own.q_r:], lay.g_sizes)])
     clock.mark("gather lists")
     members = _members(lists, own, cfg, n)
+    _release_free_memory()
     d2 = _member_distances(comm, lay, own, cand_idx, cand_exact, members, engine)
     del cand_idx, cand_exact, mine
+    _release_free_memory()
     v = _weights(members, d2, rowmax, cfg, n)
     del d2
+    _release_free_memory()
     k_qe = min(cfg.k_qe, n)
     if k_qe == 1:
-        vqe = _csr(members, v, n)
+        q_parts, g_parts = [_csr(members[:own.q_r], v[:own.q_r], n)], [_csr(members[own.q_r:], v[own.q_r:], n)]
         del members, v, lists
     else:
         first = lists[own.ids, :k_qe]
         del lists
         t_cols, t_vals, rows = _expansion_table(comm, lay, own, first, members, v)
         del members, v
-        vqe = _query_expansion(t_cols, t_vals, rows, n)
+        _release_free_memory()
+        q_parts, g_parts = _query_expansion(t_cols, t_vals, rows, own.q_r, n)
         del t_cols, t_vals
+    _release_free_memory()
+    qrows = _concat_csr(q_parts, n, comm.device)
+    del q_parts
+    index = _inverted_index(g_parts, n, comm.device)
     clock.mark("V and QE")
-    out = _output_stream(comm, lay, own, rowmax, vqe, mean, cfg, topk, engine, use_triton)
+    out = _output_stream(comm, lay, own, rowmax, qrows, index, mean, cfg, topk, engine, use_triton)
     clock.mark("output")
     return out
+
+
+def _id_dtype(n: int) -> torch.dtype:
+    """Global item ids (and the sentinel n) in the lists, R*, V, Vqe and the index: int32 while
+    they fit, which halves those stages' memory."""
+    return torch.int32 if n < 2**31 - 1 else torch.long
 
 
 def _sum64(f: torch.Tensor) -> torch.Tensor:

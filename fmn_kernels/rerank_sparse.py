@@ -409,9 +409,9 @@ def _expand(fwd, recip, half, recip_h, n: int, budget: int | None = None) -> tor
         )
         s = _dedup_sorted(cand, n)
         width = int((s < n).sum(dim=1).max())
-        chunks.append(s[:, :width])
+        chunks.append(s[:, :width].contiguous())   # a view would keep all of s alive
     if not chunks:
-        return torch.full((0, 1), n, dtype=torch.long, device=fwd.device)
+        return torch.full((0, 1), n, dtype=fwd.dtype, device=fwd.device)
     return _pad_cat(chunks, n)
 
 
@@ -443,7 +443,7 @@ def _query_expand(members, v, first, n: int, budget: int | None = None) -> tuple
     step = max(1, (budget or _element_budget(members.device)) // (4 * qn * members.shape[1]))
     col_chunks, val_chunks = [], []
     if first.shape[0] == 0:
-        return (torch.full((0, 1), n, dtype=torch.long, device=members.device),
+        return (torch.full((0, 1), n, dtype=members.dtype, device=members.device),
                 torch.zeros(0, 1, dtype=torch.float32, device=members.device))
     for r0 in range(0, first.shape[0], step):
         r1 = min(first.shape[0], r0 + step)
@@ -462,8 +462,8 @@ def _query_expand(members, v, first, n: int, budget: int | None = None) -> tuple
         c2, p2 = torch.sort(c.masked_fill(~keep, n), dim=1, stable=True)
         run = run.gather(1, p2).masked_fill(c2 >= n, 0.0) * (1.0 / qn)
         width = max(1, int((c2 < n).sum(dim=1).max()))
-        col_chunks.append(c2[:, :width])
-        val_chunks.append(run[:, :width])
+        col_chunks.append(c2[:, :width].contiguous())   # views would keep c2 and run whole
+        val_chunks.append(run[:, :width].contiguous())
     return _pad_cat(col_chunks, n), _pad_cat(val_chunks, 0.0)
 
 

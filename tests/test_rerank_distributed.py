@@ -200,7 +200,8 @@ def test_three_ranks_uneven_and_empty_slices_dense_and_topk(tmp_path):
         dict(q=qc, g=gc, q_sizes=[75, 0, 0], g_sizes=[0, 0, 170], kwargs={"lambda_value": 1.0, "k1": 3}),
         dict(q=qt, g=gt, q_sizes=[2, 1, 0], g_sizes=[3, 0, 2], kwargs={}),
         dict(q=qi, g=gi, q_sizes=[10, 10, 10], g_sizes=[50, 60, 40], kwargs={}),
-        dict(q=qi, g=gi, q_sizes=[10, 10, 10], g_sizes=[50, 60, 40], kwargs={"topk": 20}),
+        dict(q=qi, g=gi, q_sizes=[10, 10, 10], g_sizes=[50, 60, 40], kwargs={"topk": 20},
+             patch={("rd", "_OUTPUT_TILE"): 16}),   # ties across tiles, more than a tile's m
         dict(q=qs, g=gs, q_sizes=[7, 7, 6], g_sizes=[30, 30, 30], kwargs={}),
     ]
     records = run_group(tmp_path, 3, cases)
@@ -230,7 +231,7 @@ def test_neighbour_lists_are_the_exact_ones_with_rescans_and_far_members(tmp_pat
     # rank gathers are the exact ones, compared entry by entry, for the C++ building blocks and the
     # torch ones.
     q, g = clustered_feats(57, 300, 16, 4)
-    patch = {("rd", "_EXTRA_CANDIDATES"): 0, ("rd", "STREAM_BYTES"): 200}
+    patch = {("rd", "_EXTRA_CANDIDATES"): 0, ("rd", "STREAM_BYTES"): 200, ("rd", "_OUTPUT_TILE"): 7}
     split = dict(q=q, g=g, q_sizes=[54, 3], g_sizes=[20, 280], patch=patch)
     backends = (["auto"] if fmn_backend.has_compiled_kernel("rerank_knn_update", "cpu") else []) + ["torch"]
     cases = [dict(split, kwargs=dict(kw, backend=b)) for b in backends for kw in ({}, {"topk": 25})]
@@ -311,7 +312,8 @@ def test_topk_memory_is_bounded_by_chunks_not_q_times_g(tmp_path):
     # to catch such a block.
     q, g = clustered_feats(800, 4000, 8, 9)
     patch = {("sparse", "_element_budget"): _small_budget, ("sparse", "_pair_budget"): _small_budget,
-             ("rd", "STREAM_BYTES"): 1 << 14, ("rd", "_OUTPUT_ELEMENTS"): 1 << 15, ("rd", "_SPARSE_ELEMENTS"): 1 << 15}
+             ("rd", "STREAM_BYTES"): 1 << 14, ("rd", "_OUTPUT_ELEMENTS"): 1 << 15, ("rd", "_SPARSE_ELEMENTS"): 1 << 15,
+             ("rd", "_OUTPUT_TILE"): 512}
     split = dict(q=q, g=g, q_sizes=[400, 400], g_sizes=[2000, 2000], patch=patch, profile=True)
     records = run_group(tmp_path, 2, [dict(split, kwargs={"topk": 20}), dict(split, kwargs={})])
     block = 400 * 4000 * 4
@@ -412,3 +414,63 @@ def test_each_rank_reads_its_slice_of_memory_mapped_files(tmp_path):
         assert seen["mapped"] == ["g.pt", "q.npy"]          # both files memory-mapped, not read whole
     res = torch.load(tmp_path / "o.pt", weights_only=True)
     assert_topk_equal([{"result": (res["values"], res["indices"])}], q, g, {"topk": 5})
+
+
+# --------------------------------------------------------------------------------------------
+# the C++ building blocks and the inverted index, in one process
+# --------------------------------------------------------------------------------------------
+
+def _sparse_rows(rows, n, per_row, gen):
+    """Random sparse rows as padded (cols, vals): per_row distinct columns < n, ascending."""
+    cols = torch.stack([torch.randperm(n, generator=gen)[:per_row].sort().values for _ in range(rows)])
+    return cols, torch.rand(rows, per_row, generator=gen)
+
+
+@pytest.mark.skipif(not fmn_backend.has_compiled_kernel("rerank_overlap", "cpu"), reason="needs the C++ extension")
+def test_overlap_on_item_tiles_equals_the_whole_range_and_the_dense_reference():
+    # S(i, j) = sum_c min(Vq[i, c], Vg[j, c]) over the index built from gallery rows given in three
+    # blocks; any item tile gives the columns of the whole range bit for bit.
+    gen = torch.Generator().manual_seed(3)
+    n, g_r = 60, 37
+    gcols, gvals = _sparse_rows(g_r, n, 9, gen)
+    qcols, qvals = _sparse_rows(5, n, 11, gen)
+    qcols[0, -3:] = n                                   # padding is skipped
+    parts = [rd._csr(gcols[a:b], gvals[a:b], n) for a, b in ((0, 10), (10, 11), (11, g_r))]
+    col_ptr, item, val = rd._inverted_index(parts, n, torch.device("cpu"))
+    assert parts == [] and item.dtype == torch.int32
+    for c in range(n):                                  # items ascending within each column
+        seg = item[col_ptr[c]:col_ptr[c + 1]]
+        assert torch.equal(seg, seg.sort().values)
+    dense_q, dense_g = torch.zeros(5, n + 1), torch.zeros(g_r, n)
+    dense_q.scatter_(1, qcols, qvals)
+    dense_g.scatter_(1, gcols, gvals)
+    want = torch.minimum(dense_q[:, None, :n].double(), dense_g[None].double()).sum(-1)
+    def overlap(a, b):
+        out = torch.full((5, b - a), float("nan"))       # written over entirely
+        torch.ops.fmn.rerank_overlap(qcols, qvals, col_ptr, item, val, a, b, out)
+        return out
+
+    whole = overlap(0, g_r)
+    torch.testing.assert_close(whole.double(), want, rtol=1e-6, atol=1e-6)
+    tiles = torch.cat([overlap(a, min(g_r, a + 8)) for a in range(0, g_r, 8)], 1)
+    assert torch.equal(tiles, whole)
+    torch.library.opcheck(torch.ops.fmn.rerank_overlap.default, (qcols, qvals, col_ptr, item, val, 5, 30,
+                                                                torch.empty(5, 25)))
+    a, b = torch.randn(7, 4, generator=gen), torch.randn(9, 4, generator=gen)
+    ai, bi = torch.randint(0, 7, (20,), generator=gen), torch.randint(0, 9, (20,), generator=gen)
+    torch.testing.assert_close(torch.ops.fmn.rerank_sqdist_pairs(a, ai, b, bi), ((a[ai] - b[bi]) ** 2).sum(1))
+    torch.library.opcheck(torch.ops.fmn.rerank_sqdist_pairs.default, (a, ai, b, bi))
+
+
+@pytest.mark.parametrize("rows,tile,g,m", [(9, 64, 700, 20), (7, 30, 200, 100), (5, 50, 60, 60), (4, 7, 30, 5)])
+def test_tile_merges_give_the_smallest_of_the_whole_row(rows, tile, g, m):
+    # The output's running m best over tiles of gallery items equals the m smallest (value,
+    # index) of whole rows, exact ties across tiles and within them included.
+    gen = torch.Generator().manual_seed(rows + g)
+    full = (torch.rand(rows, g, generator=gen) * 10).round() / 10
+    full[:, g // 2:g // 2 + 5] = full[:, 1:6]
+    pv, pi = torch.full((rows, m), float("inf")), torch.full((rows, m), g, dtype=torch.long)
+    for a in range(0, g, tile):
+        pv, pi = rd._merge_tile(pv, pi, full[:, a:a + tile].contiguous(), a, m)
+    v, i = rerank_sparse.smallest_stable(full, m)
+    assert torch.equal(pv, v) and torch.equal(pi, i)

@@ -787,24 +787,33 @@ void rerank_knn_update(
   });
 }
 
-// S of query rows against the gallery items of an inverted index (CSR by column over n columns:
-// col_ptr (n + 1), inv_item, inv_val): out[i, j] = sum over the entries (c, v) of row i (qcols
-// ascending, columns >= n are padding) of min(v, inv_val[p]) for the index entries p of column c
-// whose item is j; summed in the order of stage 7 of rerank above.
-at::Tensor rerank_overlap(const at::Tensor& qcols, const at::Tensor& qvals, const at::Tensor& col_ptr,
-                          const at::Tensor& inv_item, const at::Tensor& inv_val, int64_t g) {
+// S of query rows against the gallery items [item0, item1) of an inverted index (CSR by column
+// over n columns: col_ptr (n + 1); inv_item int32 ascending within each column, inv_val), written
+// over out (rows, item1 - item0):
+//   out[i, j - item0] = sum over the entries (c, v) of row i (qcols ascending, columns >= n are
+//   padding) of min(v, inv_val[p]) for the index entry p of column c whose item is j.
+// An item occurs at most once per column, so each out[i, j] sums over the columns in ascending
+// order whatever the item range: a tile of items gives the values of the whole row bit for bit.
+// Each column's entries in the range are found by binary search.
+void rerank_overlap(const at::Tensor& qcols, const at::Tensor& qvals, const at::Tensor& col_ptr,
+                    const at::Tensor& inv_item, const at::Tensor& inv_val, int64_t item0, int64_t item1, at::Tensor out) {
   TORCH_CHECK(qcols.dim() == 2 && qvals.sizes() == qcols.sizes() && qcols.scalar_type() == at::kLong &&
                   qvals.scalar_type() == at::kFloat && col_ptr.scalar_type() == at::kLong &&
-                  inv_item.scalar_type() == at::kLong && inv_val.scalar_type() == at::kFloat,
-              "fmn::rerank_overlap: (rows, W) int64 columns and float32 values, an int64 / float32 CSR index expected");
+                  inv_item.scalar_type() == at::kInt && inv_val.scalar_type() == at::kFloat &&
+                  inv_item.numel() == inv_val.numel() && 0 <= item0 && item0 <= item1,
+              "fmn::rerank_overlap: (rows, W) int64 columns and float32 values, an int64 column pointer, int32 "
+              "items and float32 values, and 0 <= item0 <= item1 expected");
   const at::Tensor qc = qcols.contiguous(), qv = qvals.contiguous(), ptr = col_ptr.contiguous();
   const at::Tensor item = inv_item.contiguous(), val = inv_val.contiguous();
-  const int64_t rows = qc.size(0), width = qc.size(1), n = ptr.size(0) - 1;
-  at::Tensor out = at::zeros({rows, g}, qv.options());
+  const int64_t rows = qc.size(0), width = qc.size(1), n = ptr.size(0) - 1, g = item1 - item0;
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == rows &&
+                  out.size(1) == g,
+              "fmn::rerank_overlap: out must be a contiguous float32 (rows, item1 - item0) tensor");
+  out.zero_();
   const int64_t* C = qc.data_ptr<int64_t>();
   const float* V = qv.data_ptr<float>();
   const int64_t* P = ptr.data_ptr<int64_t>();
-  const int64_t* I = item.data_ptr<int64_t>();
+  const int32_t* I = item.data_ptr<int32_t>();
   const float* IV = val.data_ptr<float>();
   float* O = out.data_ptr<float>();
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
@@ -814,11 +823,13 @@ at::Tensor rerank_overlap(const at::Tensor& qcols, const at::Tensor& qvals, cons
         const int64_t c = C[i * width + e];
         if (c < 0 || c >= n) continue;
         const float vi = V[i * width + e];
-        for (int64_t p = P[c]; p < P[c + 1]; ++p) s[I[p]] += std::min(vi, IV[p]);
+        const int32_t* end = I + P[c + 1];
+        for (const int32_t* it = std::lower_bound(I + P[c], end, static_cast<int32_t>(item0));
+             it != end && *it < item1; ++it)
+          s[*it - item0] += std::min(vi, IV[it - I]);
       }
     }
   });
-  return out;
 }
 
 // Exact d2 of pairs: out[p] = sum_k (a[ai[p], k] - b[bi[p], k])^2, the function stage 1 rescores with.

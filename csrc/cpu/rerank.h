@@ -35,8 +35,8 @@ void rerank_knn_update(
     const at::Tensor& cols_x, const at::Tensor& cols_f, const at::Tensor& cols_sq, int64_t col0, int64_t cap,
     at::Tensor cand_val, at::Tensor cand_exact, at::Tensor cand_idx, at::Tensor cand_count, at::Tensor rowmax);
 
-at::Tensor rerank_overlap(const at::Tensor& qcols, const at::Tensor& qvals, const at::Tensor& col_ptr,
-                          const at::Tensor& inv_item, const at::Tensor& inv_val, int64_t g);
+void rerank_overlap(const at::Tensor& qcols, const at::Tensor& qvals, const at::Tensor& col_ptr,
+                    const at::Tensor& inv_item, const at::Tensor& inv_val, int64_t item0, int64_t item1, at::Tensor out);
 
 at::Tensor rerank_sqdist_pairs(const at::Tensor& a, const at::Tensor& ai, const at::Tensor& b, const at::Tensor& bi);
 
