@@ -22,7 +22,7 @@ worker of the same run, after the re-ranking. The sharded rows are compared with
 process's: max |values difference|, rows with identical indices, the near-tie rule.
 Each (case, method) runs in a fresh subprocess: wall time (median of --repeat runs after one
 warm-up where the case is small, N <= 6000, for every method, and at every size for the GPU
-backends; otherwise one run), process CPU time, peak host memory (ru_maxrss of the worker,
+backends; otherwise one run), process CPU time, peak host memory (VmHWM of the worker,
 imports included; "host+" is the rise of the resident size over the worker's with the inputs
 built), peak device memory (torch.cuda.max_memory_allocated, inputs included). On a shared CPU the wall time depends on the load (printed); "cpu s" is the
 process CPU time (all threads, OpenMP spin-waits included).
@@ -144,6 +144,13 @@ def host_rss_kb(field: str):
     return None
 
 
+def own_peak_kb() -> int:
+    """This process's resident peak so far in kB: VmHWM on Linux. Not ru_maxrss, which a process
+    started by fork + exec inherits from its parent (the kernel keeps the larger of the two): a
+    worker of a parent holding 500 MB would report 500 MB before doing anything."""
+    return host_rss_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def reset_host_peak() -> bool:
     """Reset this process's resident high-water mark (VmHWM) to its resident size now."""
     try:
@@ -184,8 +191,8 @@ def worker(args) -> None:
             torch.cuda.synchronize()
 
     # The rise is measured from the resident size with the inputs built; the high-water mark is
-    # reset there (Linux clear_refs), else ru_maxrss would still hold the import-time peak.
-    base_peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # reset there (Linux clear_refs), else it would still hold the import-time peak.
+    base_peak_kb = own_peak_kb()
     base_kb, hwm_reset = host_rss_kb("VmRSS"), reset_host_peak()
     if base_kb is None or not hwm_reset:
         base_kb = base_peak_kb
@@ -282,6 +289,7 @@ def scale_worker(cfg: dict) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         group = dist.group.WORLD
         dist.barrier()
+    import_peak_kb = own_peak_kb()
     base_kb, hwm_reset = host_rss_kb("VmRSS"), reset_host_peak()
     t0 = time.perf_counter()
     values, indices = rerank(qf, gf, topk=cfg["topk"], process_group=group)
@@ -289,7 +297,6 @@ def scale_worker(cfg: dict) -> None:
         dist.barrier()
     seconds = time.perf_counter() - t0
     peak_kb = (host_rss_kb("VmHWM") if hwm_reset else None) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    import_peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     np.save(os.path.join(cfg["dir"], f"values_{world}_{rank}.npy"), values.numpy())
     np.save(os.path.join(cfg["dir"], f"indices_{world}_{rank}.npy"), indices.numpy())
     res = dict(time_s=seconds, cpu_threads=torch.get_num_threads(), host_peak_mb=max(peak_kb, import_peak_kb) / 1024.0,
