@@ -46,7 +46,7 @@ _PAIRS_PER_CALL = 1 << 20
 # Elements of one (query chunk, owned gallery) output block, and of the temporaries of one chunk
 # of rows in the sparse stages (the single-process torch pipeline uses more: one rank's memory is
 # meant to stay a fraction of one process's).
-_OUTPUT_ELEMENTS = 1 << 21
+_OUTPUT_ELEMENTS = 1 << 20
 # Owned gallery items per output tile on the cpu engine (their centred features are formed per
 # tile and query chunk: 2 MB at d = 256).
 _OUTPUT_TILE = 2048
@@ -494,11 +494,13 @@ def _certify(comm: _Comm, own: _Own, cand: _Candidates, n: int, length: int) -> 
         |d2~(i, j) - d2(i, j)| <= delta_i = 1.25 (2 gamma + 10 e) (n_i + M)^2
     and every column outside the candidates has d2~ >= t (their largest d2~), so the L-th exact
     candidate below t - delta_i proves the list (the single-process test)."""
-    a, i, x = cand.approx, cand.idx, cand.exact
-    i, p = torch.sort(i, dim=1)
-    x = x.gather(1, p)
-    x, p = torch.sort(x, dim=1, stable=True)
-    cand.idx, cand.exact = i.gather(1, p), x
+    a = cand.approx
+    for r0 in range(0, a.shape[0], _CENTRED_ROWS):      # in place, a block of rows at a time
+        rows = slice(r0, r0 + _CENTRED_ROWS)
+        i, p = torch.sort(cand.idx[rows], dim=1)
+        x, p2 = torch.sort(cand.exact[rows].gather(1, p), dim=1, stable=True)
+        cand.idx[rows], cand.exact[rows] = i.gather(1, p2), x
+    x = cand.exact
     ok = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
     if a.shape[1] >= n:  # every item is a candidate: nothing to prove
         return ok
@@ -634,11 +636,19 @@ def _members(lists: torch.Tensor, own: _Own, cfg: _sparse.Config, n: int) -> tor
 
 
 def _weights(members: torch.Tensor, d2: torch.Tensor, rowmax: torch.Tensor, cfg: _sparse.Config, n: int):
-    """V of the owned rows on their padded member lists."""
+    """V of the owned rows on their padded member lists (d2: the valid entries in row-major
+    order), a block of rows at a time."""
     w = d2 * d2 if cfg.square_twice else d2
     valid = members < n
-    rows = torch.arange(members.shape[0], device=members.device)[:, None].expand_as(members)[valid]
-    return _sparse.weights_of(w, valid, rowmax[rows], cfg.raw_weights)
+    ends = valid.sum(dim=1).cumsum(0).tolist()
+    out = torch.empty(members.shape, dtype=torch.float32, device=members.device)
+    for r0 in range(0, members.shape[0], _CENTRED_ROWS):
+        r1 = min(members.shape[0], r0 + _CENTRED_ROWS)
+        e0, e1 = (ends[r0 - 1] if r0 else 0), ends[r1 - 1]
+        vb = valid[r0:r1]
+        rows = torch.arange(r0, r1, device=members.device)[:, None].expand_as(vb)[vb]
+        out[r0:r1] = _sparse.weights_of(w[e0:e1], vb, rowmax[rows], cfg.raw_weights)
+    return out
 
 
 def _csr(cols: torch.Tensor, vals: torch.Tensor, n: int):
@@ -749,10 +759,12 @@ def _overlap(qcols, qvals, index, t0: int, t1: int, n: int, engine: str, use_tri
 
 
 class _Blocks:
-    """Buffers reused for every (query chunk, gallery tile) of the output: the tile's centred
-    features, the GEMM block, S and one temporary of their size."""
+    """Buffers reused for every (query chunk, gallery tile) of the output: the chunk's and the
+    tile's centred features, the GEMM block, S, one temporary of their size and a mask."""
 
     def __init__(self, rows: int, tile: int, d: int, device):
+        self.xq = torch.empty(rows * d, device=device)
+        self.mask = torch.empty(rows * tile, dtype=torch.bool, device=device)
         self.x = torch.empty(tile * d, device=device)
         self.d = torch.empty(rows * tile, device=device)
         self.s = torch.empty(rows * tile, device=device)
@@ -808,23 +820,25 @@ def _chunk_rows_out(own: _Own, tile: int, xq, buf, qc, qv, index, n: int, cfg, t
     for t0 in range(0, g_r, tile):
         t1 = min(g_r, t0 + tile)
         block = _final_block(own, t0, t1, xq, sqc, scale, qc, qv, index, n, cfg, engine, use_triton, bufs)
-        pv, pi = _merge_tile(pv, pi, block, g_off + t0, topk)
+        pv, pi = _merge_tile(pv, pi, block, g_off + t0, topk, bufs.mask)
     return pv, pi
 
 
-def _merge_tile(pv, pi, block, first_index: int, m: int):
+def _merge_tile(pv, pi, block, first_index: int, m: int, mask_buf: torch.Tensor | None = None):
     """The m smallest (value, global index) pairs per row of the running best (pv, pi), sorted so,
     and of a tile whose items come after every item seen so far (global indices first_index +
     column). While the running lists are not full, the tile's m smallest join them. Once they are,
     only values below a row's m-th can enter, each after any equal value already kept: those few
-    are picked by a mask, ordered by (row, value, column) and merged by one stable sort."""
+    are picked by a mask (in ``mask_buf`` if given), ordered by (row, value, column) and merged by
+    one stable sort."""
     rows = block.shape[0]
     if rows == 0:
         return pv, pi
     if not bool(torch.isfinite(pv[:, -1]).all()):
         v, j = _sparse.smallest_stable(block, min(m, block.shape[1]))
     else:
-        r, c = (block < pv[:, -1:]).nonzero(as_tuple=True)
+        below = torch.lt(block, pv[:, -1:], out=None if mask_buf is None else _front(mask_buf, block.shape))
+        r, c = below.nonzero(as_tuple=True)
         if r.numel() == 0:
             return pv, pi
         val, p = torch.sort(block[r, c], stable=True)
@@ -874,8 +888,8 @@ def _output_stream(comm: _Comm, lay: _Layout, own: _Own, rowmax, qrows, index, m
     for e, (fc, buf, ccols, cvals) in comm.stream(lay.chunks(rows, queries_only=True), make, shapes):
         q0 = lay.q_off(e.src) + e.local0
         qc, qv = _padded((starts[q0:q0 + e.rows + 1] - starts[q0]).to(dev), ccols, cvals, 0, e.rows, n)
-        res = _chunk_rows_out(own, tile, fc - mean, buf, qc, qv, index, n, cfg, m, g_off, g_max, engine, use_triton,
-                              bufs)
+        xq = torch.sub(fc, mean, out=_front(bufs.xq, fc.shape))
+        res = _chunk_rows_out(own, tile, xq, buf, qc, qv, index, n, cfg, m, g_off, g_max, engine, use_triton, bufs)
         sl = slice(e.local0, e.local0 + e.rows)
         if m is None:
             parts = comm.gather_to(res, e.src)
