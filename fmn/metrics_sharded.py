@@ -47,10 +47,14 @@ from __future__ import annotations
 
 from contextlib import closing
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
 import fmn.metrics as _metrics
+from fmn_kernels.collectives import Comm as _Comm
+from fmn_kernels.collectives import check_group as _check_group
 from fmn.metrics import (JUNK_PID, _RANK_CHUNK_ELEMS, _as_tensor, _check_finite_values, _check_ids, _cmc_map,
                          _exact_matmul, _kept_columns, _kind, _negatives_before, _Ranking, _sort_positives,
                          _sq_distance_rows, _sq_norms, _topk_lists, _topk_rows)
@@ -61,69 +65,6 @@ __all__ = ["evaluate_from_features_sharded", "evaluate_topk_sharded"]
 # --------------------------------------------------------------------------------------------
 # the group
 # --------------------------------------------------------------------------------------------
-
-class _Comm:
-    """The group, this rank, the compute device and the device collectives run on (CUDA for nccl)."""
-
-    def __init__(self, group, device: torch.device):
-        self.group, self.device = group, device
-        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        nccl = dist.get_backend(group) == "nccl"
-        self.wire = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-
-    def objects(self, obj) -> list:
-        out = [None] * self.world
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        w = t.to(self.wire).clone()
-        dist.all_reduce(w, op=op, group=self.group)
-        return w.to(self.device)
-
-    def all_gather_rows(self, t: torch.Tensor, sizes) -> torch.Tensor:
-        """Every rank's rows (sizes[r] of them) concatenated in rank order, padded on the wire."""
-        pad = torch.zeros((max(sizes),) + tuple(t.shape[1:]), dtype=t.dtype, device=self.wire)
-        pad[:t.shape[0]] = t.to(self.wire)
-        parts = [torch.empty_like(pad) for _ in range(self.world)]
-        dist.all_gather(parts, pad, group=self.group)
-        return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(self.device)
-
-    def stream(self, chunks, rows_of, width: int, dtype):
-        """Yields (chunk, its (rows, width) features) on every rank in the same order, each chunk
-        broadcast by its owner (chunk[0]); the next broadcast is posted before the current chunk is
-        handed out, so that communication overlaps the ranking. Close it (contextlib.closing) to
-        leave early."""
-        def post(ch):
-            src, start, rows = ch
-            if src == self.rank:
-                buf = rows_of(start, rows).to(device=self.wire, dtype=dtype).contiguous()
-            else:
-                buf = torch.empty((rows, width), dtype=dtype, device=self.wire)
-            return buf, dist.broadcast(buf, group=self.group, group_src=src, async_op=True)
-
-        pending = post(chunks[0]) if chunks else None
-        try:
-            for i, ch in enumerate(chunks):
-                buf, work = pending
-                work.wait()
-                pending = post(chunks[i + 1]) if i + 1 < len(chunks) else None
-                yield ch, buf.to(self.device)
-        finally:                          # closed early (an error on every rank): finish the posted broadcast
-            if pending is not None:
-                pending[1].wait()
-
-
-def _check_group(group, fn: str) -> None:
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(f"{fn}: process_group given but torch.distributed is not initialised "
-                         "(call torch.distributed.init_process_group, or run under torchrun)")
-    if not isinstance(group, dist.ProcessGroup):
-        raise ValueError(f"{fn}: process_group must be a torch.distributed ProcessGroup "
-                         f"(e.g. torch.distributed.group.WORLD), got {type(group).__name__}")
-    if dist.get_rank(group) < 0:
-        raise ValueError(f"{fn}: this process is not a member of process_group")
-
 
 def _local(check):
     """``check()``'s dict, or its ValueError / TypeError as {"error", "type"}: every rank then
@@ -212,14 +153,23 @@ def evaluate_from_features_sharded(query_feats, gallery_feats, q_pids, g_pids, q
     ranking = _Ranking(q_pids_all, gallery.kept_pids, q_camids_all, gallery.kept_camids)
     rows = (int(chunk_size) if chunk_size is not None
             else max(1, _RANK_CHUNK_ELEMS[_kind(a)] // max(1, max(g_sizes))))
-    chunks = [(r, s, min(rows, q_sizes[r] - s)) for r in range(comm.world) for s in range(0, q_sizes[r], rows)]
+    chunks = [_QueryChunk(r, s, min(rows, q_sizes[r] - s)) for r in range(comm.world) for s in range(0, q_sizes[r], rows)]
     q_off = [sum(q_sizes[:r]) for r in range(comm.world)]
-    with closing(comm.stream(chunks, lambda s, n: a[s:s + n], a.shape[1], dtype)) as stream:
-        for (src, start, _), feats in stream:
+    make = lambda c: [a[c.start:c.start + c.rows].to(dtype)]  # noqa: E731
+    shapes = lambda c: [((c.rows, a.shape[1]), dtype)]  # noqa: E731
+    with closing(comm.stream(chunks, make, shapes)) as stream:
+        for c, (feats,) in stream:
             block = gallery.distances(feats)
-            _check_finite(comm, block, q_off[src] + start, gallery, fn)
-            _rank_chunk(comm, ranking, gallery, gallery.kept(block), q_off[src] + start)
+            _check_finite(comm, block, q_off[c.src] + c.start, gallery, fn)
+            _rank_chunk(comm, ranking, gallery, gallery.kept(block), q_off[c.src] + c.start)
     return ranking.result(max_rank, fn)
+
+
+@dataclass(frozen=True)
+class _QueryChunk:
+    src: int     # owning rank
+    start: int   # first row in the owner's query slice
+    rows: int
 
 
 class _GallerySlice:

@@ -29,6 +29,8 @@ import torch.distributed as dist
 
 from fmn_kernels import backend as _backend
 from fmn_kernels import rerank_sparse as _sparse
+from fmn_kernels.collectives import Comm as _Comm
+from fmn_kernels.collectives import check_group
 
 __all__ = ["rerank_sharded"]
 
@@ -123,90 +125,6 @@ def _resident() -> str:
 # --------------------------------------------------------------------------------------------
 # communication
 # --------------------------------------------------------------------------------------------
-
-class _Comm:
-    """The process group, this rank, the compute device and the device collectives run on
-    (CUDA for nccl, else the CPU)."""
-
-    def __init__(self, group, device: torch.device):
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
-        self.device = device
-        nccl = dist.get_backend(group) == "nccl"
-        self.wire = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-
-    def objects(self, obj) -> list:
-        out = [None] * self.world
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        w = t.to(self.wire).clone()
-        dist.all_reduce(w, op=op, group=self.group)
-        return w.to(self.device)
-
-    def all_gather_rows(self, t: torch.Tensor, sizes) -> torch.Tensor:
-        """Every rank's rows (sizes[r] of them) concatenated in rank order; shorter ones padded on
-        the wire (gloo all_gather needs equal shapes)."""
-        width = max(sizes)
-        pad = torch.zeros((width,) + tuple(t.shape[1:]), dtype=t.dtype, device=self.wire)
-        pad[: t.shape[0]] = t.to(self.wire)
-        parts = [torch.empty_like(pad) for _ in range(self.world)]
-        dist.all_gather(parts, pad, group=self.group)
-        return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(self.device)
-
-    def all_to_all_rows(self, t: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
-        out = torch.empty((sum(recv_counts),) + tuple(t.shape[1:]), dtype=t.dtype, device=self.wire)
-        dist.all_to_all_single(out, t.to(self.wire).contiguous(), recv_counts, send_counts, group=self.group)
-        return out.to(self.device)
-
-    def counts(self, send_counts: list[int]) -> list[int]:
-        """recv_counts[s] = what rank s sends to this rank, given every rank's send_counts."""
-        got = self.all_to_all_rows(torch.tensor(send_counts, dtype=torch.long), [1] * self.world, [1] * self.world)
-        return got.tolist()
-
-    def gather_to(self, t: torch.Tensor, dst: int) -> list[torch.Tensor] | None:
-        w = t.to(self.wire).contiguous()
-        parts = [torch.empty_like(w) for _ in range(self.world)] if self.rank == dst else None
-        dist.gather(w, parts, group=self.group, group_dst=dst)
-        return None if parts is None else [p.to(self.device) for p in parts]
-
-    def stream(self, entries: list, make, shapes):
-        """Yields (entry, tensors) for every entry, on every rank in the same order: the tensors
-        ``make(entry)`` of the entry's owner (entry.src), broadcast to all; ``shapes(entry)`` gives
-        their (shape, dtype) for the others. The next entry's broadcast is posted before the current
-        one is handed out, so communication overlaps the caller's work; two entries are in memory.
-        The tensors handed out are valid until the next entry is asked for: receive buffers are
-        reused then (a steady pair of buffers rather than a fresh allocation per chunk)."""
-        pool: dict = {}
-
-        def post(e):
-            if e.src == self.rank:
-                bufs, mine = [t.to(self.wire).contiguous() for t in make(e)], []
-            else:
-                bufs = [_take(pool, shape, dtype, self.wire) for shape, dtype in shapes(e)]
-                mine = bufs
-            works = [dist.broadcast(b, group=self.group, group_src=e.src, async_op=True) for b in bufs]
-            return bufs, works, mine
-
-        pending = post(entries[0]) if entries else None
-        done: list = []
-        for i, e in enumerate(entries):
-            bufs, works, mine = pending
-            for w in works:
-                w.wait()
-            for b in done:
-                pool.setdefault((tuple(b.shape), b.dtype), []).append(b)
-            done = mine
-            pending = post(entries[i + 1]) if i + 1 < len(entries) else None
-            yield e, [b.to(self.device) for b in bufs]
-
-
-def _take(pool: dict, shape, dtype, device) -> torch.Tensor:
-    free = pool.get((tuple(shape), dtype))
-    return free.pop() if free else torch.empty(shape, dtype=dtype, device=device)
-
 
 @dataclass(frozen=True)
 class _Chunk:
@@ -947,7 +865,7 @@ def rerank_sharded(query, gallery, *, k1, k2, lambda_value, topk, backend, squar
     """fmn.rerank with ``process_group``: see the module docstring and the protocol above."""
     from fmn_kernels import rerank as _rr
 
-    _check_group(process_group)
+    check_group(process_group, "fmn.rerank")
     dev = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
     comm = _Comm(process_group, dev)
     params = {"k1": k1, "k2": k2, "lambda_value": lambda_value, "topk": topk, "backend": backend,
@@ -1035,14 +953,3 @@ def _sum64(f: torch.Tensor) -> torch.Tensor:
     for r0 in range(0, f.shape[0], step):
         total += f[r0:r0 + step].sum(dim=0, dtype=torch.float64)
     return total
-
-
-def _check_group(group) -> None:
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("fmn.rerank: process_group given but torch.distributed is not initialised "
-                         "(call torch.distributed.init_process_group, or run under torchrun)")
-    if not isinstance(group, dist.ProcessGroup):
-        raise ValueError(f"fmn.rerank: process_group must be a torch.distributed ProcessGroup "
-                         f"(e.g. torch.distributed.group.WORLD), got {type(group).__name__}")
-    if dist.get_rank(group) < 0:
-        raise ValueError("fmn.rerank: this process is not a member of process_group")
