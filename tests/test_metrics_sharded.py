@@ -12,7 +12,6 @@ sharded fmn.rerank(topk=m); bad uses, each one error the same on every rank. The
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -26,20 +25,11 @@ from fmn.cli import main
 from fmn.metrics import euclidean_distance, evaluate_from_features, evaluate_topk
 from fmn_kernels.rerank import rerank
 from test_rerank import clustered_feats
+from test_rerank_distributed import _bounds, _free_port
 from tests.test_cli_errors import one_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUERY_KEYS = ("qf", "qp", "qc", "values", "indices")      # split by q_sizes; the others by g_sizes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _bounds(sizes, r):
-    return sum(sizes[:r]), sum(sizes[:r + 1])
 
 
 # --------------------------------------------------------------------------------------------
