@@ -63,6 +63,7 @@ def _peak_bytes(fn):
 def _run_case(rank, folder, n, case):
     q = torch.load(os.path.join(folder, f"case{n}_q{rank}.pt"))
     g = torch.load(os.path.join(folder, f"case{n}_g{rank}.pt"))
+    q, g = q.to(case.get("device", "cpu")), g.to(case.get("device", "cpu"))
     saved = {}
     for (mod, attr), value in case.get("patch", {}).items():
         target = rd if mod == "rd" else rerank_sparse
@@ -89,7 +90,8 @@ def _run_case(rank, folder, n, case):
         if case.get("profile"):
             record["result"], record["peak"], record["largest"] = _peak_bytes(call)
         else:
-            record["result"] = call()
+            out = call()
+            record["result"] = tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu()
     except ValueError as exc:
         record["error"] = (type(exc).__name__, str(exc))
     finally:
@@ -115,7 +117,7 @@ def run_group(tmp_path, world: int, cases: list[dict]) -> list[list[dict]]:
     """Runs the cases in one gloo group of ``world`` processes; returns [case][rank] records.
     A case: q, g (whole features, split here by q_sizes / g_sizes; per-rank overrides in
     "per_rank": {rank: (q_slice, g_slice)}), kwargs (per-rank overrides in "rank_kwargs"),
-    patch ({("rd" | "sparse", attr): value} set in the workers), profile."""
+    patch ({("rd" | "sparse", attr): value} set in the workers), profile, device (of the slices)."""
     folder = str(tmp_path)
     per_rank_cases = {r: [] for r in range(world)}
     for n, case in enumerate(cases):
@@ -128,7 +130,7 @@ def run_group(tmp_path, world: int, cases: list[dict]) -> list[list[dict]]:
             torch.save(gs, os.path.join(folder, f"case{n}_g{r}.pt"))
             kwargs = dict(case.get("kwargs", {}), **case.get("rank_kwargs", {}).get(r, {}))
             per_rank_cases[r].append({"kwargs": kwargs, "patch": case.get("patch", {}),
-                                      "profile": case.get("profile", False)})
+                                      "profile": case.get("profile", False), "device": case.get("device", "cpu")})
     for r in range(world):
         torch.save(per_rank_cases[r], os.path.join(folder, f"cases_r{r}.pt"))
     mp.spawn(_worker, args=(world, _free_port(), folder, len(cases)), nprocs=world)
@@ -291,6 +293,21 @@ def test_four_ranks_idle_ranks_torch_engine_and_bad_group_use(tmp_path):
         kind, text = errors.pop()
         assert message in text, (message, text)
     assert_topk_equal(records[-1], q, g, {"topk": 5})  # the group still works after them
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_two_ranks_sharing_one_cuda_device(tmp_path):
+    # CUDA slices: the torch building blocks (Triton's overlap where it runs) on the GPU, the
+    # collectives over gloo through the CPU; both ranks share the one device (nccl needs a device
+    # per rank). Compared with one CPU process.
+    q, g = clustered_feats(60, 300, 32, 11)
+    split = dict(q=q, g=g, q_sizes=[25, 35], g_sizes=[170, 130], device="cuda")
+    cases = [dict(split, kwargs={}), dict(split, kwargs={"topk": 15}),
+             dict(split, kwargs={"topk": 15, "backend": "torch"})]
+    records = run_group(tmp_path, 2, cases)
+    for case, recs in zip(cases, records):
+        check = assert_topk_equal if "topk" in case["kwargs"] else assert_dense_equal
+        check(recs, q, g, case["kwargs"])
 
 
 def test_process_group_without_torch_distributed():
