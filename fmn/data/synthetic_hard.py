@@ -278,197 +278,259 @@ def _scene(seed: int, c: int, cam: HardCamera, H: int, W: int) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
 
 
-def _draw_person(draw, ident: HardIdentity, view: str, facing: int, P: float, cx: float, y0: float,
-                 rng: np.random.Generator, label: Optional[Dict[str, int]] = None,
-                 kp: Optional[np.ndarray] = None) -> None:
-    """Draw a pedestrian of height ``P`` (canvas pixels) with the top of the head at ``y0``.
+class _Figure:
+    """The state one pedestrian drawing shares: identity, pose, geometry, colours and the draw call."""
 
-    ``draw(kind, xy, color, label, **kw)`` draws on the picture and, when ``label`` is not None,
-    on the mask. ``label`` maps part names to mask labels (None: the picture only). ``facing``
-    (+1 / -1) is the image direction a side view looks at. ``kp`` receives the keypoints."""
-    lab = (lambda part: None) if label is None else (lambda part: label[part])
-    bw = ident.build_w
-    swing = rng.uniform(-0.07, 0.07) * P
-    stride = rng.uniform(0.0, 0.08) * P
-    lean = rng.uniform(-0.025, 0.025) * P
-    Y = lambda f: y0 + f * P
-    head_r = 0.062 * P
-    hx, hy = cx + lean, Y(0.075)
-    side = view == "side"
-    sh_w = (0.085 if side else 0.15) * P * bw
-    hip_w = (0.075 if side else 0.115) * P * bw
-    sh_y, hip_y, knee_y, ankle_y = Y(0.17), Y(0.5), Y(0.72), Y(0.93)
-    upper = _vary(rng, ident.upper, 10)
-    lower = _vary(rng, ident.lower, 10)
-    skin = _vary(rng, ident.skin, 5)
-    shade = lambda col: tuple(int(v * 0.75) for v in col)
-    limb = max(2, int(0.07 * P * bw))
-    leg = max(2, int(0.09 * P * bw))
-    fore_col = lambda col: col if ident.sleeves == "long" else skin
-    bag_col = _vary(rng, ident.bag_color, 6)
-    pts: Dict[str, Tuple[float, float, float]] = {}
+    def __init__(self, draw, ident: HardIdentity, view: str, facing: int, P: float, cx: float, y0: float,
+                 rng: np.random.Generator, label: Optional[Dict[str, int]]):
+        self.draw, self.ident, self.view, self.facing = draw, ident, view, facing
+        self.P, self.cx, self.y0, self.label = P, cx, y0, label
+        self.bw = bw = ident.build_w
+        self.swing = rng.uniform(-0.07, 0.07) * P
+        self.stride = rng.uniform(0.0, 0.08) * P
+        self.lean = rng.uniform(-0.025, 0.025) * P
+        self.head_r = 0.062 * P
+        self.hx, self.hy = cx + self.lean, self.Y(0.075)
+        self.side = side = view == "side"
+        self.sh_w = (0.085 if side else 0.15) * P * bw
+        self.hip_w = (0.075 if side else 0.115) * P * bw
+        self.sh_y, self.hip_y, self.knee_y, self.ankle_y = self.Y(0.17), self.Y(0.5), self.Y(0.72), self.Y(0.93)
+        self.upper = _vary(rng, ident.upper, 10)
+        self.lower = _vary(rng, ident.lower, 10)
+        self.skin = _vary(rng, ident.skin, 5)
+        self.limb = max(2, int(0.07 * P * bw))
+        self.leg = max(2, int(0.09 * P * bw))
+        self.bag_col = _vary(rng, ident.bag_color, 6)
+        self.near = None
 
-    if side:
-        near = "right" if facing > 0 else "left"
-        far = "left" if near == "right" else "right"
-        sx = cx + lean * 0.5
-        sh = {near: (sx + facing * 0.01 * P, sh_y), far: (sx - facing * 0.01 * P, sh_y)}
-        hips = {near: (cx + facing * 0.005 * P, hip_y), far: (cx - facing * 0.005 * P, hip_y)}
-        sw = {near: swing, far: -swing}
-        st = {near: stride, far: -stride}
-        elbows = {s: (sh[s][0] + sw[s] * 0.5, Y(0.33)) for s in sh}
-        wrists = {s: (elbows[s][0] + sw[s] * 0.8 + facing * 0.02 * P, Y(0.48)) for s in sh}
-        knees = {s: (hips[s][0] + st[s] * 0.5 + facing * 0.01 * P, knee_y) for s in hips}
-        ankles = {s: (hips[s][0] + st[s], ankle_y) for s in hips}
-        if ident.hair == "long":
-            draw("rectangle", _sorted_box(hx - facing * head_r * 1.0, hy, hx - facing * head_r * 0.1, Y(0.22)),
-                 ident.hair_color, lab("head"))
-        # the far limbs first, in shade
-        draw("line", [hips[far], knees[far]], shade(lower), lab("lower"), width=leg)
-        draw("line", [knees[far], ankles[far]], shade(lower if ident.legwear == "trousers" else skin), lab("lower"),
-             width=leg)
-        draw("line", [sh[far], elbows[far]], shade(upper), lab("upper"), width=limb)
-        draw("line", [elbows[far], wrists[far]], shade(fore_col(upper)), lab("upper"), width=limb)
-        for s, col in ((far, shade(ident.shoes)), (near, _vary(rng, ident.shoes, 5))):
-            if s == near:
-                draw("line", [hips[near], knees[near]], lower, lab("lower"), width=leg)
-                draw("line", [knees[near], ankles[near]], lower if ident.legwear == "trousers" else skin,
-                     lab("lower"), width=leg)
-            ax, ay = ankles[s]
-            draw("ellipse", [ax - 0.05 * P + facing * 0.02 * P, ay - 0.025 * P, ax + 0.05 * P + facing * 0.03 * P,
-                             ay + 0.05 * P], col, lab("shoes"))
-        if ident.legwear == "skirt":
-            draw("polygon", [(cx - hip_w, hip_y - 0.02 * P), (cx + hip_w, hip_y - 0.02 * P),
-                             (cx + hip_w * 1.6, Y(0.68)), (cx - hip_w * 1.6, Y(0.68))], lower, lab("lower"))
-        if ident.bag == "backpack":
-            bx = sx - facing * sh_w
-            draw("rounded_rectangle", _sorted_box(bx, Y(0.19), bx - facing * 0.09 * P, Y(0.43)), bag_col, lab("bag"),
-                 radius=int(0.02 * P))
-        torso = [(sx - sh_w, sh_y - 0.02 * P), (sx + sh_w, sh_y - 0.02 * P), (cx + hip_w, hip_y + 0.02 * P),
-                 (cx - hip_w, hip_y + 0.02 * P)]
-    else:
-        front = view == "front"
-        L, R = (1, -1) if front else (-1, 1)
-        sx = cx + lean * 0.5
-        sh = {s: (sx + sgn * sh_w, sh_y) for s, sgn in (("left", L), ("right", R))}
-        hips = {s: (cx + sgn * hip_w * 0.55, hip_y) for s, sgn in (("left", L), ("right", R))}
-        sw = {"left": swing, "right": -swing}
-        elbows = {s: (sh[s][0] + sgn * 0.03 * P, Y(0.34) + sw[s] * 0.3) for s, sgn in (("left", L), ("right", R))}
-        wrists = {s: (elbows[s][0] + sw[s] * 0.5 + sgn * 0.01 * P, Y(0.5)) for s, sgn in (("left", L), ("right", R))}
-        st = {"left": stride * 0.4, "right": -stride * 0.4}
-        knees = {s: (hips[s][0] + st[s] * 0.5, knee_y) for s in hips}
-        ankles = {s: (hips[s][0] + st[s], ankle_y - abs(st[s]) * 0.3) for s in hips}
-        if ident.hair == "long":
-            draw("rectangle", [hx - head_r * 1.05, hy, hx + head_r * 1.05, Y(0.24)], ident.hair_color, lab("head"))
-        for s in ("left", "right"):
-            draw("line", [hips[s], knees[s]], lower, lab("lower"), width=leg)
-            draw("line", [knees[s], ankles[s]], lower if ident.legwear == "trousers" else skin, lab("lower"),
-                 width=leg)
-        if ident.legwear == "skirt":
-            draw("polygon", [(cx - hip_w, hip_y - 0.02 * P), (cx + hip_w, hip_y - 0.02 * P),
-                             (cx + hip_w * 1.5, Y(0.68)), (cx - hip_w * 1.5, Y(0.68))], lower, lab("lower"))
-        shoes = _vary(rng, ident.shoes, 5)
-        for s in ("left", "right"):
-            ax, ay = ankles[s]
-            draw("ellipse", [ax - 0.065 * P, ay - 0.025 * P, ax + 0.065 * P, ay + 0.055 * P], shoes, lab("shoes"))
-        torso = [(sx - sh_w, sh_y - 0.02 * P), (sx + sh_w, sh_y - 0.02 * P), (cx + hip_w, hip_y + 0.02 * P),
-                 (cx - hip_w, hip_y + 0.02 * P)]
+    def Y(self, f):
+        """The canvas y of a fraction ``f`` of the body height."""
+        return self.y0 + f * self.P
 
-    # Torso and its pattern.
-    draw("polygon", torso, upper, lab("upper"))
+    def lab(self, part):
+        """The mask label of ``part`` (None: the picture only)."""
+        return None if self.label is None else self.label[part]
+
+    @staticmethod
+    def shade(col):
+        """A colour in shade (the far limbs of a side view)."""
+        return tuple(int(v * 0.75) for v in col)
+
+    def fore_col(self, col):
+        """The forearm colour: the sleeve's for long sleeves, else skin."""
+        return col if self.ident.sleeves == "long" else self.skin
+
+    def shin_col(self):
+        """The lower-leg colour: the leg wear's for trousers, else skin."""
+        return self.lower if self.ident.legwear == "trousers" else self.skin
+
+    def torso(self):
+        """The torso polygon (shoulders to hips)."""
+        sx, P = self.sx, self.P
+        return [(sx - self.sh_w, self.sh_y - 0.02 * P), (sx + self.sh_w, self.sh_y - 0.02 * P),
+                (self.cx + self.hip_w, self.hip_y + 0.02 * P), (self.cx - self.hip_w, self.hip_y + 0.02 * P)]
+
+
+def _side_skeleton(f: _Figure) -> None:
+    """Joint positions of a side view, facing ``f.facing``."""
+    facing, P, cx, swing, stride = f.facing, f.P, f.cx, f.swing, f.stride
+    f.near = near = "right" if facing > 0 else "left"
+    f.far = far = "left" if near == "right" else "right"
+    f.sx = sx = cx + f.lean * 0.5
+    f.sh = sh = {near: (sx + facing * 0.01 * P, f.sh_y), far: (sx - facing * 0.01 * P, f.sh_y)}
+    f.hips = hips = {near: (cx + facing * 0.005 * P, f.hip_y), far: (cx - facing * 0.005 * P, f.hip_y)}
+    sw = {near: swing, far: -swing}
+    st = {near: stride, far: -stride}
+    f.elbows = elbows = {s: (sh[s][0] + sw[s] * 0.5, f.Y(0.33)) for s in sh}
+    f.wrists = {s: (elbows[s][0] + sw[s] * 0.8 + facing * 0.02 * P, f.Y(0.48)) for s in sh}
+    f.knees = {s: (hips[s][0] + st[s] * 0.5 + facing * 0.01 * P, f.knee_y) for s in hips}
+    f.ankles = {s: (hips[s][0] + st[s], f.ankle_y) for s in hips}
+
+
+def _draw_side_body(f: _Figure, rng: np.random.Generator) -> None:
+    """A side view's long hair, legs (the far ones in shade), shoes, skirt and backpack."""
+    draw, lab, ident, facing, P, cx, hx, hy, head_r = f.draw, f.lab, f.ident, f.facing, f.P, f.cx, f.hx, f.hy, \
+        f.head_r
+    near, far, hips, knees, ankles, lower, leg, hip_w = f.near, f.far, f.hips, f.knees, f.ankles, f.lower, f.leg, \
+        f.hip_w
+    if ident.hair == "long":
+        draw("rectangle", _sorted_box(hx - facing * head_r * 1.0, hy, hx - facing * head_r * 0.1, f.Y(0.22)),
+             ident.hair_color, lab("head"))
+    # the far limbs first, in shade
+    draw("line", [hips[far], knees[far]], f.shade(lower), lab("lower"), width=leg)
+    draw("line", [knees[far], ankles[far]], f.shade(f.shin_col()), lab("lower"), width=leg)
+    draw("line", [f.sh[far], f.elbows[far]], f.shade(f.upper), lab("upper"), width=f.limb)
+    draw("line", [f.elbows[far], f.wrists[far]], f.shade(f.fore_col(f.upper)), lab("upper"), width=f.limb)
+    for s, col in ((far, f.shade(ident.shoes)), (near, _vary(rng, ident.shoes, 5))):
+        if s == near:
+            draw("line", [hips[near], knees[near]], lower, lab("lower"), width=leg)
+            draw("line", [knees[near], ankles[near]], f.shin_col(), lab("lower"), width=leg)
+        ax, ay = ankles[s]
+        draw("ellipse", [ax - 0.05 * P + facing * 0.02 * P, ay - 0.025 * P, ax + 0.05 * P + facing * 0.03 * P,
+                         ay + 0.05 * P], col, lab("shoes"))
+    if ident.legwear == "skirt":
+        draw("polygon", [(cx - hip_w, f.hip_y - 0.02 * P), (cx + hip_w, f.hip_y - 0.02 * P),
+                         (cx + hip_w * 1.6, f.Y(0.68)), (cx - hip_w * 1.6, f.Y(0.68))], lower, lab("lower"))
+    if ident.bag == "backpack":
+        bx = f.sx - facing * f.sh_w
+        draw("rounded_rectangle", _sorted_box(bx, f.Y(0.19), bx - facing * 0.09 * P, f.Y(0.43)), f.bag_col,
+             lab("bag"), radius=int(0.02 * P))
+
+
+def _front_skeleton(f: _Figure) -> None:
+    """Joint positions of a front or back view (left / right mirrored for the back)."""
+    P, cx, swing, stride = f.P, f.cx, f.swing, f.stride
+    L, R = (1, -1) if f.view == "front" else (-1, 1)
+    f.sx = sx = cx + f.lean * 0.5
+    f.sh = sh = {s: (sx + sgn * f.sh_w, f.sh_y) for s, sgn in (("left", L), ("right", R))}
+    f.hips = hips = {s: (cx + sgn * f.hip_w * 0.55, f.hip_y) for s, sgn in (("left", L), ("right", R))}
+    sw = {"left": swing, "right": -swing}
+    f.elbows = elbows = {s: (sh[s][0] + sgn * 0.03 * P, f.Y(0.34) + sw[s] * 0.3)
+                         for s, sgn in (("left", L), ("right", R))}
+    f.wrists = {s: (elbows[s][0] + sw[s] * 0.5 + sgn * 0.01 * P, f.Y(0.5)) for s, sgn in (("left", L), ("right", R))}
+    st = {"left": stride * 0.4, "right": -stride * 0.4}
+    f.knees = {s: (hips[s][0] + st[s] * 0.5, f.knee_y) for s in hips}
+    f.ankles = {s: (hips[s][0] + st[s], f.ankle_y - abs(st[s]) * 0.3) for s in hips}
+
+
+def _draw_front_body(f: _Figure, rng: np.random.Generator) -> None:
+    """A front or back view's long hair, legs, skirt and shoes."""
+    draw, lab, ident, P, cx, hx, hy, head_r = f.draw, f.lab, f.ident, f.P, f.cx, f.hx, f.hy, f.head_r
+    hip_w, hip_y, lower = f.hip_w, f.hip_y, f.lower
+    if ident.hair == "long":
+        draw("rectangle", [hx - head_r * 1.05, hy, hx + head_r * 1.05, f.Y(0.24)], ident.hair_color, lab("head"))
+    for s in ("left", "right"):
+        draw("line", [f.hips[s], f.knees[s]], lower, lab("lower"), width=f.leg)
+        draw("line", [f.knees[s], f.ankles[s]], f.shin_col(), lab("lower"), width=f.leg)
+    if ident.legwear == "skirt":
+        draw("polygon", [(cx - hip_w, hip_y - 0.02 * P), (cx + hip_w, hip_y - 0.02 * P),
+                         (cx + hip_w * 1.5, f.Y(0.68)), (cx - hip_w * 1.5, f.Y(0.68))], lower, lab("lower"))
+    shoes = _vary(rng, ident.shoes, 5)
+    for s in ("left", "right"):
+        ax, ay = f.ankles[s]
+        draw("ellipse", [ax - 0.065 * P, ay - 0.025 * P, ax + 0.065 * P, ay + 0.055 * P], shoes, lab("shoes"))
+
+
+def _half_width(torso, y):
+    """Half the torso's width and its middle x at height ``y``."""
     top_y, bot_y = torso[0][1], torso[2][1]
+    f = (y - top_y) / max(bot_y - top_y, 1e-6)
+    return (1 - f) * (torso[1][0] - torso[0][0]) / 2 + f * (torso[2][0] - torso[3][0]) / 2, \
+        (1 - f) * (torso[0][0] + torso[1][0]) / 2 + f * (torso[2][0] + torso[3][0]) / 2
 
-    def half_width(y):
-        f = (y - top_y) / max(bot_y - top_y, 1e-6)
-        return (1 - f) * (torso[1][0] - torso[0][0]) / 2 + f * (torso[2][0] - torso[3][0]) / 2, \
-            (1 - f) * (torso[0][0] + torso[1][0]) / 2 + f * (torso[2][0] + torso[3][0]) / 2
 
+def _draw_torso(f: _Figure, rng: np.random.Generator) -> None:
+    """The torso and its pattern (stripes, checks or a chest band)."""
+    draw, lab, ident, P = f.draw, f.lab, f.ident, f.P
+    torso = f.torso()
+    draw("polygon", torso, f.upper, lab("upper"))
+    top_y, bot_y = torso[0][1], torso[2][1]
     pc = _vary(rng, ident.pattern_color, 6)
     if ident.pattern == "stripes":
         n = 5
         for k in range(n):
             y = top_y + (k + 0.5) * (bot_y - top_y) / n
-            hw, mx = half_width(y)
+            hw, mx = _half_width(torso, y)
             draw("line", [(mx - hw, y), (mx + hw, y)], pc, lab("upper"), width=max(1, int(0.025 * P)))
     elif ident.pattern == "checks":
         for k in range(4):
             y = top_y + (k + 0.5) * (bot_y - top_y) / 4
-            hw, mx = half_width(y)
+            hw, mx = _half_width(torso, y)
             draw("line", [(mx - hw, y), (mx + hw, y)], pc, lab("upper"), width=max(1, int(0.012 * P)))
-        hw, mx = half_width((top_y + bot_y) / 2)
+        hw, mx = _half_width(torso, (top_y + bot_y) / 2)
         for k in (-1, 0, 1):
             x = mx + k * hw * 0.55
             draw("line", [(x, top_y), (x, bot_y)], pc, lab("upper"), width=max(1, int(0.012 * P)))
     elif ident.pattern == "band":
-        y = Y(0.36)
-        hw, mx = half_width(y)
+        y = f.Y(0.36)
+        hw, mx = _half_width(torso, y)
         draw("rectangle", [mx - hw, y - 0.025 * P, mx + hw, y + 0.025 * P], pc, lab("upper"))
 
-    if not side and view == "back" and ident.bag == "backpack":
-        draw("rounded_rectangle", [sx - sh_w * 0.75, Y(0.2), sx + sh_w * 0.75, Y(0.44)], bag_col, lab("bag"),
-             radius=int(0.02 * P))
-    # Arms (the near arm for side views).
-    arm_sides = (near,) if side else ("left", "right")
+
+def _draw_arms(f: _Figure) -> None:
+    """A back view's backpack, then the arms (the near arm only for side views)."""
+    draw, lab, limb = f.draw, f.lab, f.limb
+    if not f.side and f.view == "back" and f.ident.bag == "backpack":
+        draw("rounded_rectangle", [f.sx - f.sh_w * 0.75, f.Y(0.2), f.sx + f.sh_w * 0.75, f.Y(0.44)], f.bag_col,
+             lab("bag"), radius=int(0.02 * f.P))
+    arm_sides = (f.near,) if f.side else ("left", "right")
     for s in arm_sides:
-        draw("line", [sh[s], elbows[s]], upper, lab("upper"), width=limb)
-        draw("line", [elbows[s], wrists[s]], fore_col(upper), lab("upper"), width=limb)
-        wx, wy = wrists[s]
-        draw("ellipse", [wx - limb * 0.6, wy - limb * 0.6, wx + limb * 0.6, wy + limb * 0.6], skin, lab("upper"))
-    # Head, hair or hat.
-    draw("ellipse", [hx - head_r * 0.9, hy - head_r, hx + head_r * 0.9, hy + head_r], skin, lab("head"))
+        draw("line", [f.sh[s], f.elbows[s]], f.upper, lab("upper"), width=limb)
+        draw("line", [f.elbows[s], f.wrists[s]], f.fore_col(f.upper), lab("upper"), width=limb)
+        wx, wy = f.wrists[s]
+        draw("ellipse", [wx - limb * 0.6, wy - limb * 0.6, wx + limb * 0.6, wy + limb * 0.6], f.skin, lab("upper"))
+
+
+def _draw_head(f: _Figure, rng: np.random.Generator) -> None:
+    """The head, then its hair or hat."""
+    draw, lab, ident, facing, hx, hy, head_r = f.draw, f.lab, f.ident, f.facing, f.hx, f.hy, f.head_r
+    draw("ellipse", [hx - head_r * 0.9, hy - head_r, hx + head_r * 0.9, hy + head_r], f.skin, lab("head"))
     hc = _vary(rng, ident.hair_color, 5)
     box = [hx - head_r * 0.95, hy - head_r * 1.08, hx + head_r * 0.95, hy + head_r * 1.1]
     if ident.hair in ("short", "long"):
-        if side:
+        if f.side:
             draw("chord", box, hc, lab("head"), start=110 if facing > 0 else 240, end=300 if facing > 0 else 430)
-        elif view == "front":
+        elif f.view == "front":
             draw("chord", [box[0], box[1], box[2], hy + head_r * 0.35], hc, lab("head"), start=180, end=360)
         else:
             draw("ellipse", box, hc, lab("head"))
     elif ident.hair == "hat":
         draw("chord", [hx - head_r, hy - head_r * 1.25, hx + head_r, hy + head_r * 0.5], hc, lab("head"),
              start=180, end=360)
-        if side:
+        if f.side:
             draw("rectangle", _sorted_box(hx, hy - head_r * 0.2, hx + facing * head_r * 1.6, hy - head_r * 0.02), hc,
                  lab("head"))
         else:
             draw("rectangle", [hx - head_r * 1.25, hy - head_r * 0.2, hx + head_r * 1.25, hy - head_r * 0.02], hc,
                  lab("head"))
-    # Logo: front only.
-    if view == "front" and ident.logo != "none":
-        lc = _vary(rng, ident.logo_color, 5)
-        lx, ly, ls = sx, Y(0.27), 0.045 * P
-        if ident.logo == "square":
-            draw("rectangle", [lx - ls, ly - ls, lx + ls, ly + ls], lc, lab("upper"))
-        elif ident.logo == "circle":
-            draw("ellipse", [lx - ls, ly - ls, lx + ls, ly + ls], lc, lab("upper"))
+
+
+def _draw_logo(f: _Figure, rng: np.random.Generator) -> None:
+    """The chest logo, seen from the front only."""
+    if f.view == "front" and f.ident.logo != "none":
+        lc = _vary(rng, f.ident.logo_color, 5)
+        lx, ly, ls = f.sx, f.Y(0.27), 0.045 * f.P
+        if f.ident.logo == "square":
+            f.draw("rectangle", [lx - ls, ly - ls, lx + ls, ly + ls], lc, f.lab("upper"))
+        elif f.ident.logo == "circle":
+            f.draw("ellipse", [lx - ls, ly - ls, lx + ls, ly + ls], lc, f.lab("upper"))
         else:
-            draw("rectangle", [lx - sh_w * 0.8, ly - ls * 0.4, lx + sh_w * 0.8, ly + ls * 0.4], lc, lab("upper"))
-    # Bags in front of the body.
-    if ident.bag == "backpack" and not side and view == "front":
+            f.draw("rectangle", [lx - f.sh_w * 0.8, ly - ls * 0.4, lx + f.sh_w * 0.8, ly + ls * 0.4], lc,
+                   f.lab("upper"))
+
+
+def _draw_bag(f: _Figure, rng: np.random.Generator) -> None:
+    """The bag parts in front of the body: backpack straps, a handbag, a shoulder bag and its strap."""
+    draw, lab, ident, facing, P, sx, sh_w, sh_y, bag_col = f.draw, f.lab, f.ident, f.facing, f.P, f.sx, f.sh_w, \
+        f.sh_y, f.bag_col
+    side = f.side
+    if ident.bag == "backpack" and not side and f.view == "front":
         strap = max(1, int(0.025 * P))
         for sgn in (-1, 1):
-            draw("line", [(sx + sgn * sh_w * 0.6, sh_y - 0.02 * P), (sx + sgn * sh_w * 0.55, Y(0.42))], bag_col,
+            draw("line", [(sx + sgn * sh_w * 0.6, sh_y - 0.02 * P), (sx + sgn * sh_w * 0.55, f.Y(0.42))], bag_col,
                  lab("bag"), width=strap)
     elif ident.bag == "backpack" and side:
-        draw("line", [(sx + facing * sh_w * 0.3, sh_y - 0.02 * P), (sx + facing * sh_w * 0.2, Y(0.36))], bag_col,
+        draw("line", [(sx + facing * sh_w * 0.3, sh_y - 0.02 * P), (sx + facing * sh_w * 0.2, f.Y(0.36))], bag_col,
              lab("bag"), width=max(1, int(0.02 * P)))
     elif ident.bag == "handbag":
-        s = near if side else _pick(rng, ("left", "right"))
-        wx, wy = wrists[s]
+        s = f.near if side else _pick(rng, ("left", "right"))
+        wx, wy = f.wrists[s]
         draw("rectangle", [wx - 0.06 * P, wy, wx + 0.06 * P, wy + 0.1 * P], bag_col, lab("bag"))
     elif ident.bag == "shoulder":
         sgn = -facing if side else _pick(rng, (-1, 1))
         strap = max(1, int(0.022 * P))
-        draw("line", [(sx - sgn * sh_w * 0.7, sh_y - 0.01 * P), (sx + sgn * sh_w * 1.05, Y(0.46))], bag_col,
+        draw("line", [(sx - sgn * sh_w * 0.7, sh_y - 0.01 * P), (sx + sgn * sh_w * 1.05, f.Y(0.46))], bag_col,
              lab("bag"), width=strap)
-        bx, by = sx + sgn * sh_w * 1.1, Y(0.46)
+        bx, by = sx + sgn * sh_w * 1.1, f.Y(0.46)
         draw("rectangle", [bx - 0.06 * P, by - 0.035 * P, bx + 0.06 * P, by + 0.06 * P], bag_col, lab("bag"))
 
-    if kp is None:
-        return
-    # Keypoints: the face from the front (the near half from the side), ears unless the face is
-    # turned away, the far arm and hip of a side view are behind the body.
+
+def _keypoints(f: _Figure, kp: np.ndarray) -> None:
+    """Fill ``kp`` with the figure's COCO-17 keypoints and their visibility."""
+    # The face from the front (the near half from the side), ears unless the face is turned away,
+    # the far arm and hip of a side view are behind the body.
+    side, near, facing, view, hx, hy, head_r = f.side, f.near, f.facing, f.view, f.hx, f.hy, f.head_r
+    pts: Dict[str, Tuple[float, float, float]] = {}
     near_x = facing if side else 0
     pts["nose"] = (hx + near_x * head_r * 0.9, hy + head_r * 0.15, 0.0 if view == "back" else 1.0)
     if side:
@@ -485,14 +547,38 @@ def _draw_person(draw, ident: HardIdentity, view: str, facing: int, P: float, cx
             pts[f"{s}_ear"] = (hx + sgn * head_r * 0.85, hy, 1.0)
     for s in ("left", "right"):
         hidden = side and s != near
-        pts[f"{s}_shoulder"] = (*sh[s], 0.0 if hidden else 1.0)
-        pts[f"{s}_elbow"] = (*elbows[s], 0.0 if hidden else 1.0)
-        pts[f"{s}_wrist"] = (*wrists[s], 0.0 if hidden else 1.0)
-        pts[f"{s}_hip"] = (*hips[s], 0.0 if hidden else 1.0)
-        pts[f"{s}_knee"] = (*knees[s], 1.0)
-        pts[f"{s}_ankle"] = (*ankles[s], 1.0)
+        pts[f"{s}_shoulder"] = (*f.sh[s], 0.0 if hidden else 1.0)
+        pts[f"{s}_elbow"] = (*f.elbows[s], 0.0 if hidden else 1.0)
+        pts[f"{s}_wrist"] = (*f.wrists[s], 0.0 if hidden else 1.0)
+        pts[f"{s}_hip"] = (*f.hips[s], 0.0 if hidden else 1.0)
+        pts[f"{s}_knee"] = (*f.knees[s], 1.0)
+        pts[f"{s}_ankle"] = (*f.ankles[s], 1.0)
     for i, name in enumerate(KEYPOINT_NAMES):
         kp[i] = pts[name]
+
+
+def _draw_person(draw, ident: HardIdentity, view: str, facing: int, P: float, cx: float, y0: float,
+                 rng: np.random.Generator, label: Optional[Dict[str, int]] = None,
+                 kp: Optional[np.ndarray] = None) -> None:
+    """Draw a pedestrian of height ``P`` (canvas pixels) with the top of the head at ``y0``.
+
+    ``draw(kind, xy, color, label, **kw)`` draws on the picture and, when ``label`` is not None,
+    on the mask. ``label`` maps part names to mask labels (None: the picture only). ``facing``
+    (+1 / -1) is the image direction a side view looks at. ``kp`` receives the keypoints."""
+    f = _Figure(draw, ident, view, facing, P, cx, y0, rng, label)
+    if f.side:
+        _side_skeleton(f)
+        _draw_side_body(f, rng)
+    else:
+        _front_skeleton(f)
+        _draw_front_body(f, rng)
+    _draw_torso(f, rng)
+    _draw_arms(f)
+    _draw_head(f, rng)
+    _draw_logo(f, rng)
+    _draw_bag(f, rng)
+    if kp is not None:
+        _keypoints(f, kp)
 
 
 def _sorted_box(x0, y0, x1, y1):
@@ -506,36 +592,27 @@ def _pick_view(rng, cam: HardCamera) -> str:
     return VIEWS[int(rng.choice(3, p=np.array(cam.views) / sum(cam.views)))]
 
 
-def render_hard(ident: HardIdentity, cam: HardCamera, scene: Image.Image, rng: np.random.Generator, height: int,
-                width: int, seed: int = 0, junk: bool = False) -> Tuple[Image.Image, np.ndarray, np.ndarray]:
-    """One image of ``ident`` seen by ``cam`` in ``scene``: (RGB image, mask HxW uint8, keypoints
-    (17, 3) float32). ``junk``: a bad detection (mostly background, a piece of the person)."""
-    S = 2
-    H, W = height * S, width * S
-    # Background: a window of the camera's scene, with other pedestrians behind the person.
+def _background(scene: Image.Image, rng: np.random.Generator, W: int, H: int) -> Image.Image:
+    """A random window of the camera's scene, resized to the W x H canvas."""
     zoom = rng.uniform(0.55, 1.0)
     wh, ww = scene.height * zoom * 0.5, scene.width * zoom / 3
     x0, y0 = rng.uniform(0, scene.width - ww), rng.uniform(0, scene.height - wh)
-    img = scene.resize((W, H), Image.BILINEAR, box=(x0, y0, x0 + ww, y0 + wh))
-    msk = Image.new("L", (W, H), 0)
-    di, dm = ImageDraw.Draw(img), ImageDraw.Draw(msk)
+    return scene.resize((W, H), Image.BILINEAR, box=(x0, y0, x0 + ww, y0 + wh))
 
-    def draw(kind, xy, color, label, **kw):
-        getattr(di, kind)(xy, fill=color, **kw)
-        if label is not None:
-            getattr(dm, kind)(xy, fill=label, **kw)
 
-    def other_person(front_of=False):
-        o = _random_identity(seed, 10**7 + int(rng.integers(1 << 30)), 1)
-        P2 = H * rng.uniform(0.5, 0.95) * (1.15 if front_of else 1.0)
-        cx2 = W * (0.5 + rng.choice([-1, 1]) * rng.uniform(0.35, 0.7))
-        y2 = H * rng.uniform(-0.1, 0.15) + (0 if front_of else (H - P2) * 0.3)
-        draw_other = (lambda kind, xy, color, label, **kw: draw(kind, xy, color, 0, **kw)) if front_of else draw
-        _draw_person(draw_other, o, _pick(rng, VIEWS), int(rng.choice([-1, 1])), P2, cx2, y2, rng)
+def _other_person(draw, rng: np.random.Generator, seed: int, W: int, H: int, front_of: bool = False) -> None:
+    """Another pedestrian: behind the person, or in front of it (``front_of``, masked out as 0)."""
+    o = _random_identity(seed, 10**7 + int(rng.integers(1 << 30)), 1)
+    P2 = H * rng.uniform(0.5, 0.95) * (1.15 if front_of else 1.0)
+    cx2 = W * (0.5 + rng.choice([-1, 1]) * rng.uniform(0.35, 0.7))
+    y2 = H * rng.uniform(-0.1, 0.15) + (0 if front_of else (H - P2) * 0.3)
+    draw_other = (lambda kind, xy, color, label, **kw: draw(kind, xy, color, 0, **kw)) if front_of else draw
+    _draw_person(draw_other, o, _pick(rng, VIEWS), int(rng.choice([-1, 1])), P2, cx2, y2, rng)
 
-    for _ in range(int(rng.poisson(cam.people))):
-        other_person()
 
+def _placement(ident: HardIdentity, cam: HardCamera, rng: np.random.Generator, W: int, H: int,
+               junk: bool) -> Tuple[float, float, float]:
+    """The person's height, centre x and top y on the canvas (a bad detection's for ``junk``)."""
     P = H * cam.scale * ident.build_h * rng.uniform(0.93, 1.05)
     cx = W * (0.5 + cam.x_bias + rng.uniform(-0.08, 0.08))
     ytop = (H - P) * 0.5 + H * (cam.y_bias + rng.uniform(-0.05, 0.05))
@@ -543,12 +620,12 @@ def render_hard(ident: HardIdentity, cam: HardCamera, scene: Image.Image, rng: n
         P *= rng.uniform(1.4, 2.2)
         cx += rng.choice([-1, 1]) * rng.uniform(0.3, 0.6) * W
         ytop -= rng.uniform(0.0, 0.5) * P
-    view = _pick_view(rng, cam)
-    facing = int(rng.choice([-1, 1]))
-    kp = np.zeros((len(KEYPOINT_NAMES), 3), np.float64)
-    _draw_person(draw, ident, view, facing, P, cx, ytop, rng, label=_LABELS, kp=kp)
+    return P, cx, ytop
 
-    # Occluders in front: a pole, a railing or low wall, a parked object, a passer-by.
+
+def _draw_occluder(di, dm, other_person, cam: HardCamera, rng: np.random.Generator, P: float, cx: float,
+                   ytop: float, W: int, H: int) -> None:
+    """Maybe an occluder in front: a pole, a railing or low wall, a parked object, a passer-by."""
     if rng.random() < cam.occluder_p:
         kind = int(rng.integers(4))
         col = _vary(rng, _pick(rng, cam.palette), 15)
@@ -572,7 +649,10 @@ def render_hard(ident: HardIdentity, cam: HardCamera, scene: Image.Image, rng: n
                 for xb in np.arange(box[0], box[2], W * rng.uniform(0.08, 0.15)):
                     di.line([(xb, box[1]), (xb, H)], fill=_vary(rng, col, 25), width=2)
 
-    # Mask and keypoints at the output size.
+
+def _output_mask_and_keypoints(msk: Image.Image, kp: np.ndarray, S: int, height: int,
+                               width: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The mask at the output size, and the keypoints scaled to it, hidden outside it or under occluders."""
     mask = np.asarray(msk.resize((width, height), Image.NEAREST), dtype=np.uint8)
     kp[:, :2] = np.round(kp[:, :2] / S, 2)                       # as save_parts writes them
     for i in range(len(kp)):
@@ -581,10 +661,11 @@ def render_hard(ident: HardIdentity, cam: HardCamera, scene: Image.Image, rng: n
             kp[i, 2] = 0.0
         elif kp[i, 2] > 0 and mask[max(0, int(y) - 1):int(y) + 2, max(0, int(x) - 1):int(x) + 2].max() == 0:
             kp[i, 2] = 0.0                                       # under an occluder
+    return mask, kp
 
-    # Capture at a low native resolution: light, colour, blur, noise, the stream's JPEG.
-    nh = int(round(height * float(np.clip(cam.resolution * rng.uniform(0.85, 1.15), 0.25, 1.0))))
-    nw = max(4, int(round(nh * width / height)))
+
+def _camera_light(img: Image.Image, cam: HardCamera, rng: np.random.Generator, nh: int, nw: int) -> Image.Image:
+    """The canvas at the native nw x nh size, through the camera's light, colour, gamma and saturation."""
     arr = np.asarray(img.resize((nw, nh), Image.BOX), np.float32) / 255.0
     gain = np.array(cam.gain, np.float32) * np.float32(rng.uniform(0.8, 1.2)) * \
         (1 + rng.uniform(-0.06, 0.06, size=3)).astype(np.float32)
@@ -596,7 +677,12 @@ def render_hard(ident: HardIdentity, cam: HardCamera, scene: Image.Image, rng: n
     arr = np.clip(arr * gain[None, None, :], 0, 1) ** np.float32(cam.gamma)
     grey = arr.mean(axis=2, keepdims=True)
     arr = grey + (arr - grey) * np.float32(cam.saturation)
-    pic = Image.fromarray(np.clip(arr * 255 + 0.5, 0, 255).astype(np.uint8))
+    return Image.fromarray(np.clip(arr * 255 + 0.5, 0, 255).astype(np.uint8))
+
+
+def _camera_degrade(pic: Image.Image, cam: HardCamera, rng: np.random.Generator, nh: int, height: int,
+                    width: int) -> Image.Image:
+    """Focus and motion blur, sensor noise and the stream's JPEG, then upsampling to the output size."""
     radius = cam.blur * rng.uniform(0.7, 1.3) * nh / height
     if radius > 0.1:
         pic = pic.filter(ImageFilter.GaussianBlur(radius))
@@ -611,7 +697,47 @@ def render_hard(ident: HardIdentity, cam: HardCamera, scene: Image.Image, rng: n
         buf, "JPEG", quality=int(np.clip(cam.jpeg_quality + rng.integers(-5, 6), 10, 95)))
     buf.seek(0)
     with Image.open(buf) as im:
-        out = im.convert("RGB").resize((width, height), Image.BILINEAR)
+        return im.convert("RGB").resize((width, height), Image.BILINEAR)
+
+
+def _capture(img: Image.Image, cam: HardCamera, rng: np.random.Generator, height: int, width: int) -> Image.Image:
+    """Capture at a low native resolution: light, colour, blur, noise, the stream's JPEG."""
+    nh = int(round(height * float(np.clip(cam.resolution * rng.uniform(0.85, 1.15), 0.25, 1.0))))
+    nw = max(4, int(round(nh * width / height)))
+    pic = _camera_light(img, cam, rng, nh, nw)
+    return _camera_degrade(pic, cam, rng, nh, height, width)
+
+
+def render_hard(ident: HardIdentity, cam: HardCamera, scene: Image.Image, rng: np.random.Generator, height: int,
+                width: int, seed: int = 0, junk: bool = False) -> Tuple[Image.Image, np.ndarray, np.ndarray]:
+    """One image of ``ident`` seen by ``cam`` in ``scene``: (RGB image, mask HxW uint8, keypoints
+    (17, 3) float32). ``junk``: a bad detection (mostly background, a piece of the person)."""
+    S = 2
+    H, W = height * S, width * S
+    # Background: a window of the camera's scene, with other pedestrians behind the person.
+    img = _background(scene, rng, W, H)
+    msk = Image.new("L", (W, H), 0)
+    di, dm = ImageDraw.Draw(img), ImageDraw.Draw(msk)
+
+    def draw(kind, xy, color, label, **kw):
+        getattr(di, kind)(xy, fill=color, **kw)
+        if label is not None:
+            getattr(dm, kind)(xy, fill=label, **kw)
+
+    def other_person(front_of=False):
+        _other_person(draw, rng, seed, W, H, front_of=front_of)
+
+    for _ in range(int(rng.poisson(cam.people))):
+        other_person()
+
+    P, cx, ytop = _placement(ident, cam, rng, W, H, junk)
+    view = _pick_view(rng, cam)
+    facing = int(rng.choice([-1, 1]))
+    kp = np.zeros((len(KEYPOINT_NAMES), 3), np.float64)
+    _draw_person(draw, ident, view, facing, P, cx, ytop, rng, label=_LABELS, kp=kp)
+    _draw_occluder(di, dm, other_person, cam, rng, P, cx, ytop, W, H)
+    mask, kp = _output_mask_and_keypoints(msk, kp, S, height, width)
+    out = _capture(img, cam, rng, height, width)
     return out, mask, kp.astype(np.float32)
 
 
@@ -629,23 +755,9 @@ def _per_cam_range(value) -> Tuple[int, int]:
     return lo, hi
 
 
-def generate_hard(out_dir: str, num_ids: int = HARD_DEFAULTS["num_ids"], num_cams: int = HARD_DEFAULTS["num_cams"],
-                  seed: int = 0, images_per_id_per_cam: Union[int, Tuple[int, int]] = HARD_DEFAULTS[
-                      "images_per_id_per_cam"], height: int = HARD_DEFAULTS["height"],
-                  width: int = HARD_DEFAULTS["width"], progress: bool = True,
-                  group_size: int = HARD_DEFAULTS["group_size"], num_distractors: Optional[int] = None,
-                  num_junk: Optional[int] = None, with_parts: bool = True) -> str:
-    """Write the hard preset to ``out_dir`` (created; must be empty or absent, or hold what an
-    interrupted generate left there, which is cleared and written again). Returns ``out_dir``.
-
-    ``images_per_id_per_cam``: an integer, or a (min, max) range drawn per identity and camera
-    (both >= 2). ``num_cams``: 2-6. ``num_distractors`` / ``num_junk`` default to a quarter /
-    an eighth of ``num_ids``. Defaults: see the module docstring; 4,465 images for seed 0, about
-    15 s on one core (13 s measured; the default preset's 1,216 images: 3.3 s).
-    """
-    from tqdm.auto import tqdm
-
-    per_cam = _per_cam_range(images_per_id_per_cam)
+def _check_hard_args(num_ids: int, num_cams: int, height: int, width: int, group_size: int,
+                     num_distractors: Optional[int], num_junk: Optional[int]) -> Tuple[int, int]:
+    """Validate generate_hard's sizes; returns (num_distractors, num_junk) with their defaults filled in."""
     if not 2 <= num_ids <= 9999:
         raise ValueError(f"num_ids must be in 2..9999 (four-digit Market-1501 identities), got {num_ids}")
     if not 2 <= num_cams <= MAX_CAMS:
@@ -661,21 +773,21 @@ def generate_hard(out_dir: str, num_ids: int = HARD_DEFAULTS["num_ids"], num_cam
         num_junk = num_ids // 8
     if num_distractors < 0 or num_junk < 0:
         raise ValueError("num_distractors and num_junk must be >= 0")
-    out_dir = os.path.abspath(os.path.expanduser(str(out_dir)))
-    _prepare_out_dir(out_dir)
-    for f in SPLIT_FOLDERS.values():
-        os.makedirs(os.path.join(out_dir, f), exist_ok=True)
+    return num_distractors, num_junk
 
-    ids = _make_identities(seed, num_ids, group_size, num_cams, per_cam)
-    cams = _make_cameras(seed, num_cams)
-    scenes = [_scene(seed, c, cams[c], height, width) for c in range(num_cams)]
+
+def _train_pids(ids: List[HardIdentity]) -> set:
+    """The training identities: whole groups, alternating (half the identities if there is one group)."""
     num_groups = max(i.group for i in ids) + 1
     if num_groups >= 2:
-        train_pids = {i.pid for i in ids if i.group % 2 == 0}
-    else:
-        train_pids = {i.pid for i in ids[: len(ids) // 2]}
+        return {i.pid for i in ids if i.group % 2 == 0}
+    return {i.pid for i in ids[: len(ids) // 2]}
 
-    jobs = []                                   # (split, identity, cam, k, pid written)
+
+def _make_jobs(seed: int, ids: List[HardIdentity], train_pids: set, num_cams: int, num_distractors: int,
+               num_junk: int) -> List[Tuple]:
+    """Every image to write, in frame order: (split, identity, cam, k, pid written)."""
+    jobs = []
     for ident in ids:
         for c, n in zip(ident.cams, ident.images):
             for k in range(n):
@@ -689,6 +801,13 @@ def generate_hard(out_dir: str, num_ids: int = HARD_DEFAULTS["num_ids"], num_cam
         jobs.append(("gallery", d, d.cams[0], j % 100, -1))
     if len(jobs) > 999999:
         raise ValueError(f"{len(jobs)} images: more than the 999,999 frame numbers of Market-1501 names")
+    return jobs
+
+
+def _write_images(out_dir: str, jobs: List[Tuple], cams: List[HardCamera], scenes: List[Image.Image], seed: int,
+                  height: int, width: int, progress: bool, with_parts: bool) -> Dict[str, int]:
+    """Render and save every job (and its parts file); returns the image count per split."""
+    from tqdm.auto import tqdm
 
     counts = {"train": 0, "query": 0, "gallery": 0}
     for frame, (split, ident, c, k, pid) in enumerate(tqdm(jobs, desc="synthesise (hard)", disable=not progress,
@@ -701,6 +820,46 @@ def generate_hard(out_dir: str, num_ids: int = HARD_DEFAULTS["num_ids"], num_cam
         if with_parts:
             save_parts(path, mask, kp)
         counts[split] += 1
+    return counts
+
+
+def _write_hard_marker(out_dir: str, meta: dict) -> None:
+    """Write synthetic.json atomically: last, it marks the dataset complete."""
+    def write_marker(tmp):
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+
+    atomic_write(os.path.join(out_dir, MARKER), write_marker)
+
+
+def generate_hard(out_dir: str, num_ids: int = HARD_DEFAULTS["num_ids"], num_cams: int = HARD_DEFAULTS["num_cams"],
+                  seed: int = 0, images_per_id_per_cam: Union[int, Tuple[int, int]] = HARD_DEFAULTS[
+                      "images_per_id_per_cam"], height: int = HARD_DEFAULTS["height"],
+                  width: int = HARD_DEFAULTS["width"], progress: bool = True,
+                  group_size: int = HARD_DEFAULTS["group_size"], num_distractors: Optional[int] = None,
+                  num_junk: Optional[int] = None, with_parts: bool = True) -> str:
+    """Write the hard preset to ``out_dir`` (created; must be empty or absent, or hold what an
+    interrupted generate left there, which is cleared and written again). Returns ``out_dir``.
+
+    ``images_per_id_per_cam``: an integer, or a (min, max) range drawn per identity and camera
+    (both >= 2). ``num_cams``: 2-6. ``num_distractors`` / ``num_junk`` default to a quarter /
+    an eighth of ``num_ids``. Defaults: see the module docstring; 4,465 images for seed 0, about
+    15 s on one core (13 s measured; the default preset's 1,216 images: 3.3 s).
+    """
+    per_cam = _per_cam_range(images_per_id_per_cam)
+    num_distractors, num_junk = _check_hard_args(num_ids, num_cams, height, width, group_size, num_distractors,
+                                                 num_junk)
+    out_dir = os.path.abspath(os.path.expanduser(str(out_dir)))
+    _prepare_out_dir(out_dir)
+    for f in SPLIT_FOLDERS.values():
+        os.makedirs(os.path.join(out_dir, f), exist_ok=True)
+
+    ids = _make_identities(seed, num_ids, group_size, num_cams, per_cam)
+    cams = _make_cameras(seed, num_cams)
+    scenes = [_scene(seed, c, cams[c], height, width) for c in range(num_cams)]
+    train_pids = _train_pids(ids)
+    jobs = _make_jobs(seed, ids, train_pids, num_cams, num_distractors, num_junk)
+    counts = _write_images(out_dir, jobs, cams, scenes, seed, height, width, progress, with_parts)
 
     meta = {
         "generator": "fmn.data.synthetic",
@@ -717,12 +876,7 @@ def generate_hard(out_dir: str, num_ids: int = HARD_DEFAULTS["num_ids"], num_cam
         "identities": [asdict(i) for i in ids],
         "cameras": [asdict(c) for c in cams],
     }
-
-    def write_marker(tmp):
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-
-    atomic_write(os.path.join(out_dir, MARKER), write_marker)   # last: the dataset is complete
+    _write_hard_marker(out_dir, meta)                          # last: the dataset is complete
     return out_dir
 
 
