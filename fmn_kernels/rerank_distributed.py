@@ -649,14 +649,12 @@ def _overlap(qcols, qvals, index, t0: int, t1: int, n: int, engine: str, use_tri
     """S (rows, t1 - t0) of a chunk of query rows against the owned gallery items [t0, t1): the
     C++ loop of the single process on the cpu engine (any item range), written into ``out``; else
     over the whole owned gallery (t0 = 0, t1 = g_r) in pieces of at most the pair budget (pairs =
-    query entries times index entries sharing a column), a new tensor."""
-    col_ptr, item, val = index
+    query entries times index entries sharing a column), a new tensor. ``index``: (col_ptr, item,
+    val) on the cpu engine, the torch pipeline's (ptr, count, int64 item, val) else."""
     if engine == "cpu":
-        torch.ops.fmn.rerank_overlap(qcols, qvals, col_ptr, item, val, t0, t1, out)
+        torch.ops.fmn.rerank_overlap(qcols, qvals, *index, t0, t1, out)
         return out
-    g_r = t1
-    count = col_ptr[1:] - col_ptr[:-1]
-    full = (col_ptr, count, item.long(), val)
+    g_r, count = t1, index[1]
     pairs = torch.where(qcols < n, count[qcols.clamp_max(n - 1)], torch.zeros_like(qcols)).sum(dim=1).tolist()
     s = torch.empty(qcols.shape[0], g_r, dtype=torch.float32, device=qcols.device)
     budget = _sparse._pair_budget(qcols.device)
@@ -669,9 +667,9 @@ def _overlap(qcols, qvals, index, t0: int, t1: int, n: int, engine: str, use_tri
         if use_triton:
             from fmn_kernels.triton.rerank import jaccard_overlap
 
-            s[r0:r1] = jaccard_overlap(qcols, qvals, r0, r1, full, g_r, n)
+            s[r0:r1] = jaccard_overlap(qcols, qvals, r0, r1, index, g_r, n)
         else:
-            s[r0:r1] = _sparse._overlap_chunk(qcols, qvals, r0, r1, full, g_r, n)
+            s[r0:r1] = _sparse._overlap_chunk(qcols, qvals, r0, r1, index, g_r, n)
         r0 = r1
     return s
 
@@ -787,6 +785,9 @@ def _output_stream(comm: _Comm, lay: _Layout, own: _Own, rowmax, qrows, index, m
     starts[1:] = lengths.cpu().cumsum(0)
     g_max, m = max(lay.g_sizes), topk
     rows, tile = _output_rows(lay, d, topk, engine)
+    if engine != "cpu":                  # the torch pipeline's form, once
+        col_ptr, item, val = index
+        index = (col_ptr, col_ptr[1:] - col_ptr[:-1], item.long(), val)
     out = (torch.empty(q_r, lay.g, device=dev) if m is None
            else (torch.empty(q_r, m, device=dev), torch.empty(q_r, m, dtype=torch.long, device=dev)))
 
