@@ -13,8 +13,8 @@ import torch
 
 import fmn
 from fmn.cli import main
-from fmn.data.synthetic import generate
 from fmn.engine import export as fexport
+from tests.test_cli_errors import one_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,19 +30,6 @@ TINY = ["--set", "model.base_width=8", "--set", "data.height=64", "--set", "data
 RUNS = {"fmn": ["--set", "train.stage2.epochs=1"], "fmn_stage1": ["--set", "train.stage2.epochs=0"],
         "mmga": ["--model", "mmga"], "mgran": ["--model", "mgran"], "pmm": ["--model", "pmm"]}
 MODELS = list(RUNS)
-
-
-def one_error(capsys, command):
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(f"fmn {command}: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("export") / "synth")
-    generate(root, num_ids=8, num_cams=2, images_per_id_per_cam=2, height=64, width=32, progress=False)
-    return root
 
 
 @pytest.fixture(scope="module")

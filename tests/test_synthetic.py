@@ -118,9 +118,11 @@ def _files(root):
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
-def _interrupted(out, monkeypatch, after):
-    """generate(out) stopped by an error after ``after`` images (a kill or Ctrl-C part-way)."""
-    real, calls = synthetic.save_parts, []
+def _interrupted(out, monkeypatch, after, module=synthetic, **gen):
+    """generate(out, **gen) (default: seed 3, SMALL) stopped by an error after ``after`` images
+    (a kill or Ctrl-C part-way); ``module`` is the generator whose save_parts is interrupted."""
+    gen = gen or dict(seed=3, **SMALL)
+    real, calls = module.save_parts, []
 
     def dying(*args, **kwargs):
         if len(calls) == after:
@@ -129,9 +131,9 @@ def _interrupted(out, monkeypatch, after):
         return real(*args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(synthetic, "save_parts", dying)
+        m.setattr(module, "save_parts", dying)
         with pytest.raises(KeyboardInterrupt):
-            generate(out, seed=3, **SMALL)
+            generate(out, **gen)
     return out
 
 

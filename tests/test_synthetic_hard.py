@@ -15,6 +15,7 @@ from fmn.data.masks import KEYPOINT_NAMES, parts_paths
 from fmn.data.synthetic import generate, is_complete
 from fmn.data.synthetic_hard import (HARD_DEFAULTS, _make_identities, detail_distance, generate_hard,
                                      identity_details, trivial_baselines)
+from tests.test_synthetic import _interrupted
 
 SMALL = dict(num_ids=24, num_cams=3, images_per_id_per_cam=(2, 4), height=64, width=32, progress=False,
              num_distractors=3, num_junk=2)
@@ -174,19 +175,7 @@ def test_bad_arguments(tmp_path):
 
 @pytest.mark.parametrize("after", [0, 40])
 def test_interrupted_generate_is_rerun_to_the_same_dataset(hard, tmp_path, monkeypatch, after):
-    out = str(tmp_path / "a")
-    real, calls = synthetic_hard.save_parts, []
-
-    def dying(*args, **kwargs):
-        if len(calls) == after:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(synthetic_hard, "save_parts", dying)
-        with pytest.raises(KeyboardInterrupt):
-            generate(out, preset="hard", seed=5, **SMALL)
+    out = _interrupted(str(tmp_path / "a"), monkeypatch, after, synthetic_hard, preset="hard", seed=5, **SMALL)
     assert not is_complete(out) and os.listdir(out)
     assert generate(out, preset="hard", seed=5, **SMALL) == out
     assert is_complete(out) and _digest(out) == _digest(hard)
