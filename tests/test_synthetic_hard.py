@@ -1,7 +1,6 @@
 """The hard synthetic preset: layout and counts, determinism, masks and keypoints, look-alike
 identities, interrupted runs, and trivial descriptors doing much worse than on the default preset."""
 import collections
-import hashlib
 import json
 import os
 
@@ -15,23 +14,11 @@ from fmn.data.masks import KEYPOINT_NAMES, parts_paths
 from fmn.data.synthetic import generate, is_complete
 from fmn.data.synthetic_hard import (HARD_DEFAULTS, _make_identities, detail_distance, generate_hard,
                                      identity_details, trivial_baselines)
-from tests.test_synthetic import _interrupted
+from tests.test_synthetic import _digest, _interrupted
 
 SMALL = dict(num_ids=24, num_cams=3, images_per_id_per_cam=(2, 4), height=64, width=32, progress=False,
              num_distractors=3, num_junk=2)
 FOLDERS = ("bounding_box_train", "query", "bounding_box_test")
-
-
-def _digest(root):
-    h = hashlib.sha256()
-    for dirpath, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for f in sorted(files):
-            p = os.path.join(dirpath, f)
-            h.update(os.path.relpath(p, root).encode())
-            with open(p, "rb") as fh:
-                h.update(fh.read())
-    return h.hexdigest()
 
 
 def _meta(root):
